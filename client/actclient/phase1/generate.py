@@ -1,0 +1,216 @@
+"""Fill in Phase 1 responses through the server's OpenAI route, resumably.
+
+Each finished record is appended to the output JSONL at once (flush + fsync), so a crash or
+Ctrl-C loses at most the requests in flight; a rerun skips every id already in the output with
+a response. Requests run `concurrency` at a time (the server batches them) and retry 429, 5xx
+and timeouts with exponential backoff, jitter and `Retry-After`, because a cold or busy GPU
+server answers those routinely. The API key goes only into the Authorization header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from actclient.phase1.dataset import Phase1Record
+from actclient.phase1.ingest import load_records
+from actclient.progress import Progress
+
+DEFAULT_TIMEOUT_S = 600.0
+MAX_ATTEMPTS = 5
+_BACKOFF_BASE_S = 1.0
+_BACKOFF_CAP_S = 60.0
+_RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx, including proxies' 520-524
+
+
+@dataclass
+class GenerateSummary:
+    """What a generate run did; `errors` holds one line per failed record."""
+
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class GenerateError(RuntimeError):
+    """The run cannot start: bad input records, or the server gave no model."""
+
+
+def finished_ids(out_path: str | os.PathLike[str]) -> set[str]:
+    """Ids in an output JSONL that already have a response (a torn last line is ignored)."""
+    path = Path(out_path)
+    if not path.exists():
+        return set()
+    done = set()
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("response"), str) and obj.get("id"):
+            done.add(obj["id"])
+    return done
+
+
+def _api_base(server_url: str) -> str:
+    """`http://host:8000`, `.../` or `.../v1` all name the same OpenAI route root."""
+    base = server_url.rstrip("/")
+    return base[: -len("/v1")] if base.endswith("/v1") else base
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(float(response.headers["retry-after"]), 0.0)
+    except (KeyError, ValueError):
+        return None
+
+
+def _backoff(attempt: int, hint: float | None) -> float:
+    """Seconds before retry `attempt` (1-based): the server's hint, or capped full jitter."""
+    if hint is not None:
+        return min(hint, _BACKOFF_CAP_S)
+    return random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt))
+
+
+class _Appender:
+    """Appends finished records to the output JSONL durably, one line at a time."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a+", encoding="utf-8")
+        # A crash mid-write can leave a torn last line: start on a fresh line after it.
+        self._file.seek(0, os.SEEK_END)
+        if self._file.tell() > 0:
+            self._file.seek(self._file.tell() - 1)
+            if self._file.read(1) != "\n":
+                self._file.write("\n")
+
+    def write(self, record: Phase1Record) -> None:
+        self._file.write(record.to_json() + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+async def _pick_model(client: httpx.AsyncClient, base: str) -> str:
+    response = await client.get(f"{base}/v1/models")
+    response.raise_for_status()
+    models = response.json().get("data") or []
+    if not models:
+        raise GenerateError(f"{base}/v1/models lists no model; pass --model")
+    return str(models[0]["id"])
+
+
+async def _complete(client: httpx.AsyncClient, base: str, model: str, record: Phase1Record) -> str:
+    """The response text for one record; raises after MAX_ATTEMPTS retryable failures."""
+    body = {"model": model, "messages": record.messages(), "max_tokens": record.max_tokens}
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        hint = None
+        try:
+            response = await client.post(f"{base}/v1/chat/completions", json=body)
+        except (httpx.TimeoutException, httpx.TransportError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        else:
+            if response.status_code == 200:
+                return str(response.json()["choices"][0]["message"]["content"])
+            problem = f"HTTP {response.status_code}: {response.text[:200]}"
+            retryable = response.status_code in _RETRY_STATUS or response.status_code >= 500
+            if not retryable:
+                raise RuntimeError(problem)
+            hint = _retry_after(response)
+        if attempt == MAX_ATTEMPTS:
+            raise RuntimeError(f"{problem} (gave up after {MAX_ATTEMPTS} attempts)")
+        await asyncio.sleep(_backoff(attempt, hint))
+    raise AssertionError("unreachable")
+
+
+async def _run(
+    todo: list[Phase1Record],
+    out_path: Path,
+    base: str,
+    api_key: str | None,
+    model: str | None,
+    concurrency: int,
+    timeout: float,
+    summary: GenerateSummary,
+) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency)
+    # `read` bounds the wait for the whole (non-streamed) answer, so it must cover a long one.
+    timeouts = httpx.Timeout(connect=10.0, read=timeout, write=60.0, pool=None)
+    transport = httpx.AsyncHTTPTransport(retries=2, limits=limits)  # connect errors only
+    async with httpx.AsyncClient(headers=headers, timeout=timeouts, transport=transport) as client:
+        model = model or await _pick_model(client, base)
+        appender = _Appender(out_path)
+        semaphore = asyncio.Semaphore(concurrency)
+        with Progress(len(todo), desc="phase1 generate", unit="rec") as bar:
+
+            async def one(record: Phase1Record) -> None:
+                async with semaphore:
+                    try:
+                        text = await _complete(client, base, model, record)
+                    except Exception as e:  # one record's failure must not stop the run
+                        summary.failed += 1
+                        summary.errors.append(f"{record.id}: {e}")
+                        bar.write(f"failed {record.id}: {e}")
+                    else:
+                        record.response = text
+                        appender.write(record)
+                        summary.done += 1
+                    bar.update(1, done=summary.done, failed=summary.failed)
+
+            try:
+                await asyncio.gather(*(one(r) for r in todo))
+            finally:
+                appender.close()
+
+
+def generate(
+    records_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    server_url: str,
+    api_key: str | None = None,
+    model: str | None = None,
+    concurrency: int = 4,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> GenerateSummary:
+    """Generate a response for every record in `records_path` not yet answered in `out_path`.
+
+    `records_path` is anything `load_records` reads. Raises GenerateError when it has errors.
+    The model defaults to the first one `GET {server_url}/v1/models` lists.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    loaded = load_records(records_path)
+    if loaded.errors:
+        raise GenerateError(
+            f"{len(loaded.errors)} problem(s) in the records:\n" + "\n".join(loaded.errors)
+        )
+    out = Path(out_path)
+    already = finished_ids(out)
+    todo = [r for r in loaded.records if r.id not in already]
+    summary = GenerateSummary(skipped=len(loaded.records) - len(todo))
+    if todo:
+        asyncio.run(
+            _run(todo, out, _api_base(server_url), api_key, model, concurrency, timeout, summary)
+        )
+    return summary
+
+
+def print_summary(summary: GenerateSummary, out_path: str | os.PathLike[str]) -> None:
+    """One line for the user on stderr."""
+    print(
+        f"phase1 generate: {summary.done} done, {summary.skipped} skipped (already in "
+        f"{out_path}), {summary.failed} failed",
+        file=sys.stderr,
+    )

@@ -1,0 +1,280 @@
+"""Open Location Code (Plus Code) encoding, decoding and validation, written from the public spec.
+
+Phase 1 prompts name a tour stop by its Plus Code, so the client must check codes and turn them
+into coordinates without network access or extra dependencies. The PyPI `openlocationcode`
+package is a 2019 snapshot that has drifted from the spec and only says "not valid"; this module
+follows the current spec (integer arithmetic, `floor`) and `validate` names the exact rule a
+code breaks.
+
+Spec: https://github.com/google/open-location-code/blob/main/Documentation/Specification/specification.md
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+ALPHABET = "23456789CFGHJMPQRVWX"
+SEPARATOR = "+"
+SEPARATOR_POSITION = 8
+PADDING = "0"
+PAIR_CODE_LENGTH = 10
+MAX_DIGIT_COUNT = 15
+MIN_CODE_LENGTH = 2
+LATITUDE_MAX = 90
+LONGITUDE_MAX = 180
+
+_BASE = len(ALPHABET)
+_GRID_ROWS = 5
+_GRID_COLUMNS = 4
+_GRID_LENGTH = MAX_DIGIT_COUNT - PAIR_CODE_LENGTH
+# Coordinates are handled as integers in units of the finest cell, so no digit suffers rounding.
+_PAIR_PRECISION = _BASE**3
+_LAT_PRECISION = _PAIR_PRECISION * _GRID_ROWS**_GRID_LENGTH
+_LNG_PRECISION = _PAIR_PRECISION * _GRID_COLUMNS**_GRID_LENGTH
+_VALUES = {c: i for i, c in enumerate(ALPHABET)}
+_VALID_CHARS = set(ALPHABET) | {SEPARATOR, PADDING}
+_PADDING_RUN = re.compile(PADDING + "+")
+
+
+class PlusCodeError(ValueError):
+    """A Plus Code that is malformed, not full, or short without a reference location."""
+
+
+@dataclass(frozen=True)
+class CodeArea:
+    """The cell a Plus Code names: its bounds in degrees and the number of digits in the code."""
+
+    south: float
+    west: float
+    north: float
+    east: float
+    code_length: int
+
+    @property
+    def center_lat(self) -> float:
+        """Latitude of the cell centre (capped at 90, as the spec requires)."""
+        return min(self.south + (self.north - self.south) / 2, LATITUDE_MAX)
+
+    @property
+    def center_lng(self) -> float:
+        """Longitude of the cell centre (capped at 180, as the spec requires)."""
+        return min(self.west + (self.east - self.west) / 2, LONGITUDE_MAX)
+
+    def contains(self, lat: float, lng: float) -> bool:
+        """True when (lat, lng) lies in the cell (south/west edges inclusive)."""
+        return self.south <= lat < self.north and self.west <= lng < self.east
+
+
+def _problem(code: str) -> str | None:
+    """Return the first spec rule `code` breaks as a phrase, or None when it is a valid code."""
+    if not code:
+        return "code is empty"
+    if any(c.isspace() for c in code):
+        return (
+            "whitespace is not allowed (locality suffixes such as '9G8F+6X Zurich' are not "
+            "supported; give a full code)"
+        )
+    for i, c in enumerate(code):
+        if c.upper() not in _VALID_CHARS:
+            return (
+                f"invalid character {c!r} at position {i} "
+                f"(allowed: {ALPHABET}, separator '+', padding '0')"
+            )
+    count = code.count(SEPARATOR)
+    if count == 0:
+        return "separator '+' is missing"
+    if count > 1:
+        return f"separator '+' must appear exactly once, found {count}"
+    if len(code) == 1:
+        return "code has no digits"
+    sep = code.index(SEPARATOR)
+    if sep > SEPARATOR_POSITION or sep % 2 == 1:
+        return (
+            f"separator '+' must be at position {SEPARATOR_POSITION} "
+            f"(or at position 0, 2, 4 or 6 in a short code), found at position {sep}"
+        )
+    if PADDING in code:
+        pad = code.index(PADDING)
+        if sep < SEPARATOR_POSITION:
+            return "padding '0' is not allowed in a short code"
+        if pad == 0:
+            return "padding '0' cannot start a code"
+        runs = _PADDING_RUN.findall(code)
+        if len(runs) > 1:
+            return "padding '0' must be a single run of characters"
+        if len(runs[0]) % 2 == 1:
+            return f"padding '0' must come in pairs, found a run of {len(runs[0])}"
+        if not code.endswith(SEPARATOR):
+            return "a padded code must end with the separator '+' (no digits after padding)"
+    if len(code) - sep - 1 == 1:
+        return "a single character after '+' is not allowed (use none, or two or more)"
+    return None
+
+
+def _range_problem(code: str) -> str | None:
+    """For a valid code with '+' at position 8, say which leading digit is out of range."""
+    first = code[0].upper()
+    if _VALUES[first] * _BASE >= 2 * LATITUDE_MAX:
+        return (
+            f"first character {first!r} puts latitude out of range (must be one of "
+            f"{ALPHABET[: 2 * LATITUDE_MAX // _BASE]})"
+        )
+    second = code[1].upper()
+    if _VALUES[second] * _BASE >= 2 * LONGITUDE_MAX:
+        return (
+            f"second character {second!r} puts longitude out of range (must be one of "
+            f"{ALPHABET[: 2 * LONGITUDE_MAX // _BASE]})"
+        )
+    return None
+
+
+def is_valid(code: str) -> bool:
+    """True when `code` is a syntactically valid full or short Plus Code (case-insensitive)."""
+    return _problem(code) is None
+
+
+def is_short(code: str) -> bool:
+    """True when `code` is valid and short (its '+' comes before position 8, e.g. '9G8F+6X')."""
+    return is_valid(code) and code.index(SEPARATOR) < SEPARATOR_POSITION
+
+
+def is_full(code: str) -> bool:
+    """True when `code` is valid, not short, and its first two digits are within lat/lng range."""
+    return is_valid(code) and not is_short(code) and _range_problem(code) is None
+
+
+def validate(code: str, reference: tuple[float, float] | None = None) -> None:
+    """Raise PlusCodeError naming `code` and the rule it breaks; return None when usable.
+
+    A short code is usable only with a `reference` (lat, lng) to recover the full code from.
+    """
+    problem = _problem(code)
+    if problem is None and code.index(SEPARATOR) == SEPARATOR_POSITION:
+        problem = _range_problem(code)
+    if problem is None and is_short(code) and reference is None:
+        problem = "short code needs a reference location (lat, lng) to recover the full code"
+    if problem is not None:
+        raise PlusCodeError(f"{code!r} is not a valid Plus Code: {problem}")
+
+
+def parse(code: str, reference: tuple[float, float] | None = None) -> str:
+    """Return the full, upper-case form of `code` (trimmed), recovering a short code near
+    `reference`; raise PlusCodeError otherwise."""
+    code = code.strip()
+    validate(code, reference)
+    if is_short(code):
+        assert reference is not None  # validate() guarantees it
+        return recover_nearest(code, *reference)
+    return code.upper()
+
+
+def _check_coordinates(lat: float, lng: float) -> None:
+    if not (math.isfinite(lat) and math.isfinite(lng)):
+        raise PlusCodeError(f"lat/lng must be finite numbers, got ({lat!r}, {lng!r})")
+
+
+def encode(lat: float, lng: float, code_length: int = PAIR_CODE_LENGTH) -> str:
+    """Encode a location as a full Plus Code of `code_length` digits (2-8 even, or 10-15).
+
+    Latitude is clipped to [-90, 90] and longitude wrapped into [-180, 180), as the spec says.
+    """
+    _check_coordinates(lat, lng)
+    if code_length < MIN_CODE_LENGTH or (code_length < PAIR_CODE_LENGTH and code_length % 2):
+        raise PlusCodeError(f"code_length must be 2, 4, 6, 8 or 10-15, got {code_length}")
+    code_length = min(code_length, MAX_DIGIT_COUNT)
+    # floor(round(x, 6)) absorbs float noise such as 47.0 * P == 1174999999.9999998.
+    lat_val = math.floor(round(lat * _LAT_PRECISION, 6)) + LATITUDE_MAX * _LAT_PRECISION
+    lat_val = min(max(lat_val, 0), 2 * LATITUDE_MAX * _LAT_PRECISION - 1)
+    lng_val = math.floor(round(lng * _LNG_PRECISION, 6)) + LONGITUDE_MAX * _LNG_PRECISION
+    lng_val %= 2 * LONGITUDE_MAX * _LNG_PRECISION
+
+    digits: list[str] = []
+    if code_length > PAIR_CODE_LENGTH:
+        for _ in range(_GRID_LENGTH):
+            digits.append(
+                ALPHABET[(lat_val % _GRID_ROWS) * _GRID_COLUMNS + lng_val % _GRID_COLUMNS]
+            )
+            lat_val //= _GRID_ROWS
+            lng_val //= _GRID_COLUMNS
+    else:
+        lat_val //= _GRID_ROWS**_GRID_LENGTH
+        lng_val //= _GRID_COLUMNS**_GRID_LENGTH
+    for _ in range(PAIR_CODE_LENGTH // 2):
+        digits.append(ALPHABET[lng_val % _BASE])
+        digits.append(ALPHABET[lat_val % _BASE])
+        lat_val //= _BASE
+        lng_val //= _BASE
+    full = "".join(reversed(digits))[:code_length]
+    if code_length < SEPARATOR_POSITION:
+        return full + PADDING * (SEPARATOR_POSITION - code_length) + SEPARATOR
+    return full[:SEPARATOR_POSITION] + SEPARATOR + full[SEPARATOR_POSITION:]
+
+
+def decode(code: str) -> CodeArea:
+    """Decode a full Plus Code into the cell it names; raise PlusCodeError for anything else."""
+    validate(code)
+    if is_short(code):
+        raise PlusCodeError(
+            f"{code!r} is not a valid Plus Code: short code needs a reference location "
+            "(lat, lng) to recover the full code; use recover_nearest()"
+        )
+    digits = code.upper().replace(SEPARATOR, "").replace(PADDING, "")[:MAX_DIGIT_COUNT]
+    lat_val = lng_val = 0
+    lat_place = _BASE ** (PAIR_CODE_LENGTH // 2 - 1) * _GRID_ROWS**_GRID_LENGTH
+    lng_place = _BASE ** (PAIR_CODE_LENGTH // 2 - 1) * _GRID_COLUMNS**_GRID_LENGTH
+    pairs = digits[:PAIR_CODE_LENGTH]
+    for i in range(0, len(pairs), 2):
+        if i:
+            lat_place //= _BASE
+            lng_place //= _BASE
+        lat_val += _VALUES[pairs[i]] * lat_place
+        lng_val += _VALUES[pairs[i + 1]] * lng_place
+    for c in digits[PAIR_CODE_LENGTH:]:
+        lat_place //= _GRID_ROWS
+        lng_place //= _GRID_COLUMNS
+        row, col = divmod(_VALUES[c], _GRID_COLUMNS)
+        lat_val += row * lat_place
+        lng_val += col * lng_place
+    # Shift to signed integers before dividing, so each bound is the double nearest the exact value.
+    lat_val -= LATITUDE_MAX * _LAT_PRECISION
+    lng_val -= LONGITUDE_MAX * _LNG_PRECISION
+    return CodeArea(
+        south=lat_val / _LAT_PRECISION,
+        west=lng_val / _LNG_PRECISION,
+        north=(lat_val + lat_place) / _LAT_PRECISION,
+        east=(lng_val + lng_place) / _LNG_PRECISION,
+        code_length=len(digits),
+    )
+
+
+def recover_nearest(short_code: str, ref_lat: float, ref_lng: float) -> str:
+    """Return the full code nearest (ref_lat, ref_lng) whose suffix is `short_code`.
+
+    A full code comes back upper-cased and unchanged; an invalid code raises PlusCodeError.
+    """
+    _check_coordinates(ref_lat, ref_lng)
+    if is_full(short_code):
+        return short_code.upper()
+    if not is_short(short_code):
+        validate(short_code)  # raises with the precise rule
+        raise PlusCodeError(f"{short_code!r} is not a valid Plus Code: not a short code")
+    ref_lat = min(max(ref_lat, -LATITUDE_MAX), LATITUDE_MAX)
+    ref_lng = (ref_lng + LONGITUDE_MAX) % (2 * LONGITUDE_MAX) - LONGITUDE_MAX
+    code = short_code.upper()
+    padding_length = SEPARATOR_POSITION - code.index(SEPARATOR)
+    resolution = float(_BASE ** (2 - padding_length // 2))
+    half = resolution / 2
+    area = decode(encode(ref_lat, ref_lng)[:padding_length] + code)
+    lat, lng = area.center_lat, area.center_lng
+    # The reference's cell may be one cell off from the nearest match: move by one if so.
+    if ref_lat + half < lat and lat - resolution >= -LATITUDE_MAX:
+        lat -= resolution
+    elif ref_lat - half > lat and lat + resolution <= LATITUDE_MAX:
+        lat += resolution
+    if ref_lng + half < lng:
+        lng -= resolution
+    elif ref_lng - half > lng:
+        lng += resolution
+    return encode(lat, lng, area.code_length)

@@ -1,0 +1,486 @@
+"""Request side of capture: a KV connector that attributes buffer rows to requests and writes
+one HDF5 shard per capture request.
+
+Why a KV connector: it is vLLM's public per-step extension point on both sides of the process
+boundary, called in every runner and CUDA-graph mode, with no monkey-patching.
+- Scheduler side (engine core): `on_new_request` reads the capture spec from the request's
+  `kv_transfer_params["capture"]`, validates it, and turns off prefix-cache READS for that
+  request (cached blocks are never recomputed, so their activations would be missing; the
+  request still populates the cache for others). `build_connector_meta` ships, each step, the
+  block table of every scheduled capture request and the requests that finished.
+  `request_finished` returns the shard path to the client as `kv_transfer_params`.
+- Worker side (TP rank 0 only; the residual stream is replicated across TP ranks):
+  `wait_for_save` runs after each forward, inside the forward context. Each batch row's KV slot
+  (`forward_context.slot_mapping`) gives its block, the block table gives (request, block
+  index), so the row's absolute position is `block_index * block_size + slot % block_size`.
+  This holds under any batch order, chunked prefill and preemption (rows are keyed by
+  position, so a recomputed row replaces the old one). Finished requests are handed to a
+  writer thread that checks every expected position is present and writes the shard
+  atomically, or writes `<capture_id>.error.json` saying what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from vllm_activations.spec import CaptureSpec, CaptureSpecError
+
+logger = logging.getLogger("vllm_activations.connector")
+
+CAPTURE_KEY = "capture"
+CAPTURE_ID_KEY = "capture_id"
+CAPTURE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_SHARD_DIR = "shards"
+_TORCH_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def shard_path(shard_dir: str | os.PathLike[str], capture_id: str) -> Path:
+    return Path(shard_dir) / f"{capture_id}.h5"
+
+
+def error_path(shard_dir: str | os.PathLike[str], capture_id: str) -> Path:
+    return Path(shard_dir) / f"{capture_id}.error.json"
+
+
+def validate_capture_id(capture_id: object) -> str:
+    """A capture id is a file name stem: letters, digits, '.', '_', '-', at most 128 chars."""
+    if not isinstance(capture_id, str) or not CAPTURE_ID_RE.match(capture_id):
+        raise CaptureSpecError(
+            "capture_id",
+            f"{capture_id!r} is not allowed; use 1-128 characters from [A-Za-z0-9._-], "
+            "starting with a letter or digit",
+        )
+    return capture_id
+
+
+@dataclass
+class NewCapture:
+    """Sent once per request, the first step it is scheduled."""
+
+    capture_id: str
+    spec: dict[str, Any]
+    layers: list[int]
+    prompt_token_ids: list[int]
+    sampling_params: dict[str, Any]
+
+
+@dataclass
+class FinishedCapture:
+    """Sent the step after a capture request finished."""
+
+    output_token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class CaptureStepMetadata(KVConnectorMetadata):
+    """Scheduler -> worker, once per step."""
+
+    new: dict[str, NewCapture] = field(default_factory=dict)
+    block_tables: dict[str, list[int]] = field(default_factory=dict)
+    finished: dict[str, FinishedCapture] = field(default_factory=dict)
+
+
+@dataclass
+class _SchedulerRequest:
+    capture_id: str
+    spec: CaptureSpec
+    layers: list[int]
+    block_ids: list[int] = field(default_factory=list)
+    announced: bool = False
+
+
+@dataclass
+class _WorkerRequest:
+    """Rows captured so far for one request, as (positions, activations) chunks."""
+
+    new: NewCapture
+    spec: CaptureSpec
+    columns: torch.Tensor | None = None
+    chunks: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+class ActivationCaptureConnector(KVConnectorBase_V1):
+    """Maps captured residual-stream rows to requests and writes one shard per request."""
+
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self.shard_dir = Path(extra.get("shard_dir", DEFAULT_SHARD_DIR)).resolve()
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+        if len(groups) != 1:
+            raise ValueError(
+                f"vllm-activations supports models with one KV cache group, got {len(groups)}"
+            )
+        self.block_size = groups[0].kv_cache_spec.block_size
+        hf_config = vllm_config.model_config.hf_config
+        self.num_layers = hf_config.num_hidden_layers
+        self.model_attrs = _model_attrs(vllm_config)
+        if role == KVConnectorRole.SCHEDULER:
+            self._requests: dict[str, _SchedulerRequest] = {}
+            self._errors: dict[str, str] = {}
+            self._finished: dict[str, FinishedCapture] = {}
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self.is_writer = get_tensor_model_parallel_rank() == 0
+            self._active: dict[str, _WorkerRequest] = {}
+            self._writer = _ShardWriterThread(vllm_config, self.model_attrs)
+
+    # ---------------------------------------------------------------- scheduler side
+
+    def on_new_request(self, request) -> None:
+        """Validate the capture spec and turn off prefix-cache reads for capture requests."""
+        params = request.kv_transfer_params or {}
+        if CAPTURE_KEY not in params:
+            return
+        try:
+            spec = CaptureSpec.from_dict(params[CAPTURE_KEY])
+            layers = spec.resolve_layers(self.num_layers)
+            capture_id = validate_capture_id(
+                params.get(CAPTURE_ID_KEY) or _sanitize(request.request_id)
+            )
+            if shard_path(self.shard_dir, capture_id).exists() or any(
+                r.capture_id == capture_id for r in self._requests.values()
+            ):
+                raise CaptureSpecError("capture_id", f"{capture_id!r} is already in use")
+        except CaptureSpecError as exc:
+            self._errors[request.request_id] = str(exc)
+            return
+        request.skip_reading_prefix_cache = True
+        self._requests[request.request_id] = _SchedulerRequest(capture_id, spec, layers)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        return None
+
+    def build_connector_meta(self, scheduler_output) -> CaptureStepMetadata:
+        meta = CaptureStepMetadata(finished=self._finished)
+        self._finished = {}
+        for new_req in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new_req.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new_req.block_ids[0])
+            if not state.announced:
+                state.announced = True
+                meta.new[new_req.req_id] = NewCapture(
+                    capture_id=state.capture_id,
+                    spec=state.spec.to_dict(),
+                    layers=state.layers,
+                    prompt_token_ids=list(new_req.prompt_token_ids or []),
+                    sampling_params=_sampling_attrs(new_req.sampling_params),
+                )
+            meta.block_tables[new_req.req_id] = state.block_ids
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            meta.block_tables[req_id] = list(state.block_ids)
+        return meta
+
+    def request_finished(self, request, block_ids: list[int]):
+        """Tell the client where its shard will be; the worker writes it next step."""
+        req_id = request.request_id
+        if req_id in self._errors:
+            return False, {"capture_error": self._errors.pop(req_id)}
+        state = self._requests.pop(req_id, None)
+        if state is None:
+            return False, None
+        reason = request.get_finished_reason()
+        self._finished[req_id] = FinishedCapture(
+            output_token_ids=list(request.output_token_ids),
+            finish_reason=str(reason) if reason is not None else None,
+        )
+        return False, {
+            CAPTURE_ID_KEY: state.capture_id,
+            "shard_path": str(shard_path(self.shard_dir, state.capture_id)),
+            "error_path": str(error_path(self.shard_dir, state.capture_id)),
+            "capture": state.spec.to_dict(),
+        }
+
+    # ---------------------------------------------------------------- worker side
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return None
+
+    def wait_for_save(self) -> None:
+        """After the forward: copy this step's capture rows out, then hand finished requests
+        to the writer."""
+        if not self.is_writer or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, CaptureStepMetadata)
+        for req_id, new in meta.new.items():
+            self._active[req_id] = _WorkerRequest(new=new, spec=CaptureSpec.from_dict(new.spec))
+        if meta.block_tables:
+            self._collect_rows(meta.block_tables)
+        for req_id, fin in meta.finished.items():
+            state = self._active.pop(req_id, None)
+            if state is not None:
+                self._writer.submit(self.shard_dir, state, fin)
+
+    def _collect_rows(self, block_tables: dict[str, list[int]]) -> None:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        from vllm_activations.capture import capture_state
+
+        if not is_forward_context_available():
+            return
+        slot_mappings = get_forward_context().slot_mapping
+        if not slot_mappings:
+            return
+        if isinstance(slot_mappings, list):
+            raise RuntimeError("vllm-activations does not support micro-batching (--enable-dbo)")
+        slots = next(iter(slot_mappings.values())).cpu().numpy()
+        rows = np.flatnonzero(slots >= 0)
+        blocks = slots[rows] // self.block_size
+        offsets = slots[rows] % self.block_size
+        block_owner: dict[int, tuple[str, int]] = {}
+        for req_id, table in block_tables.items():
+            for index, block in enumerate(table):
+                block_owner[block] = (req_id, index)
+        owners: dict[str, list[int]] = {}
+        positions: dict[str, list[int]] = {}
+        for row, block, offset in zip(rows.tolist(), blocks.tolist(), offsets.tolist()):
+            owner = block_owner.get(block)
+            if owner is None:
+                continue
+            req_id, index = owner
+            owners.setdefault(req_id, []).append(row)
+            positions.setdefault(req_id, []).append(index * self.block_size + offset)
+        if not owners:
+            return
+        buffer = capture_state().buffer
+        for req_id, req_rows in owners.items():
+            state = self._active.get(req_id)
+            if state is None:
+                continue
+            pos = np.asarray(positions[req_id], dtype=np.int64)
+            num_prompt = len(state.new.prompt_token_ids)
+            keep = np.array([state.spec.keeps_position(int(p), num_prompt) for p in pos])
+            if state.spec.positions == "last":
+                keep = pos == pos.max()
+            if not keep.any():
+                continue
+            row_index = torch.as_tensor(np.asarray(req_rows)[keep], device=buffer.device)
+            if state.columns is None:
+                state.columns = _site_columns(state.new.layers, state.spec.sites, buffer.device)
+            # [T, L*S, H] -> storage dtype on the device, then one copy to host.
+            data = buffer.index_select(0, row_index).index_select(1, state.columns)
+            stored = data.to(_TORCH_STORAGE[state.spec.dtype])
+            if state.spec.dtype == "bfloat16":
+                host = stored.view(torch.int16).cpu().numpy().view(np.uint16)
+            else:
+                host = stored.cpu().numpy()
+            if state.spec.positions == "last":
+                state.chunks = [(pos[keep], host)]
+            else:
+                state.chunks.append((pos[keep], host))
+
+    def get_finished(self, finished_req_ids: set[str]):
+        return None, None
+
+    def shutdown(self) -> None:
+        if self.role == KVConnectorRole.WORKER:
+            self._writer.close()
+
+
+def _site_columns(layers: list[int], sites: list[str], device) -> torch.Tensor:
+    from vllm_activations.spec import SITES
+
+    offsets = [SITES.index(s) for s in sites]
+    cols = [2 * layer + off for off in offsets for layer in layers]
+    return torch.as_tensor(cols, dtype=torch.long, device=device)
+
+
+class _ShardWriterThread:
+    """Assembles and writes shards off the engine's step loop, in submission order."""
+
+    def __init__(self, vllm_config, model_attrs: dict[str, Any]) -> None:
+        self._queue: queue.Queue = queue.Queue()
+        self._model_attrs = model_attrs
+        self._tokenizer_name = vllm_config.model_config.tokenizer
+        self._tokenizer_revision = vllm_config.model_config.tokenizer_revision
+        self._trust_remote_code = vllm_config.model_config.trust_remote_code
+        self._tokenizer = None
+        self._thread = threading.Thread(target=self._run, name="vllm-activations-writer")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def submit(self, shard_dir: Path, state: _WorkerRequest, fin: FinishedCapture) -> None:
+        self._queue.put((shard_dir, state, fin))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            shard_dir, state, fin = item
+            try:
+                self._write(shard_dir, state, fin)
+            except Exception as exc:  # noqa: BLE001 - reported to the client via the error file
+                logger.exception("vllm-activations: shard %s failed", state.new.capture_id)
+                _write_error(shard_dir, state.new.capture_id, f"shard write failed: {exc}")
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self._tokenizer_name,
+                revision=self._tokenizer_revision,
+                trust_remote_code=self._trust_remote_code,
+            )
+        return self._tokenizer.decode(token_ids)
+
+    def _write(self, shard_dir: Path, state: _WorkerRequest, fin: FinishedCapture) -> None:
+        from vllm_activations.shard import write_shard
+
+        new, spec = state.new, state.spec
+        expected = spec.expected_positions(len(new.prompt_token_ids), len(fin.output_token_ids))
+        if state.chunks:
+            positions = np.concatenate([p for p, _ in state.chunks])
+            data = np.concatenate([d for _, d in state.chunks])
+            # A recomputed row (preemption) replaces the older copy of the same position.
+            order = np.argsort(positions, kind="stable")
+            positions, data = positions[order], data[order]
+            last = np.r_[positions[1:] != positions[:-1], True]
+            positions, data = positions[last], data[last]
+        else:
+            positions = np.zeros(0, dtype=np.int64)
+            data = None
+        if positions.tolist() != expected:
+            missing = sorted(set(expected) - set(positions.tolist()))
+            _write_error(
+                shard_dir,
+                new.capture_id,
+                f"incomplete capture (finish_reason={fin.finish_reason}): "
+                f"{len(missing)} of {len(expected)} positions missing, first {missing[:8]}",
+            )
+            return
+        num_layers, num_sites = len(new.layers), len(spec.sites)
+        hidden = self._model_attrs["hidden_size"]
+        if data is None:
+            data = np.zeros((0, num_sites * num_layers, hidden), dtype=np.float32)
+        # [T, S*L, H] -> per site [L, T, H]
+        per_site = data.reshape(len(positions), num_sites, num_layers, hidden)
+        outputs = {
+            site: np.ascontiguousarray(per_site[:, i].transpose(1, 0, 2))
+            for i, site in enumerate(spec.sites)
+        }
+        attrs = dict(self._model_attrs)
+        attrs.update(
+            capture_id=new.capture_id,
+            capture_spec=spec.to_dict(),
+            sampling_params=new.sampling_params,
+            finish_reason=fin.finish_reason or "",
+            prompt=self._decode(new.prompt_token_ids),
+            completion=self._decode(fin.output_token_ids),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        write_shard(
+            shard_path(shard_dir, new.capture_id),
+            input_tokens=new.prompt_token_ids,
+            output_tokens=fin.output_token_ids,
+            positions=positions,
+            layers=new.layers,
+            layer_outputs=outputs,
+            dtype=spec.dtype,
+            attrs=attrs,
+        )
+
+
+def _write_error(shard_dir: Path, capture_id: str, message: str) -> None:
+    path = error_path(shard_dir, capture_id)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps({"capture_id": capture_id, "error": message}))
+    os.replace(tmp, path)
+
+
+def _sanitize(request_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", request_id)[:128].lstrip("._-") or "capture"
+
+
+def _sampling_attrs(params) -> dict[str, Any]:
+    if params is None:
+        return {}
+    keys = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "min_tokens")
+    return {k: getattr(params, k, None) for k in keys}
+
+
+def _model_attrs(vllm_config) -> dict[str, Any]:
+    import vllm
+
+    from vllm_activations import __version__
+
+    model_config = vllm_config.model_config
+    hf = model_config.hf_config
+    config = {
+        key: getattr(hf, key, None)
+        for key in (
+            "num_hidden_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "tie_word_embeddings",
+            "rms_norm_eps",
+        )
+    }
+    original = getattr(hf, "architectures", None) or []
+    return {
+        "model": _served_name(model_config),
+        "model_path": model_config.model,
+        "model_revision": model_config.revision or "",
+        "architectures": list(original),
+        "model_config": config,
+        "num_hidden_layers": hf.num_hidden_layers,
+        "hidden_size": hf.hidden_size,
+        "model_dtype": str(model_config.dtype).replace("torch.", ""),
+        "vllm_version": vllm.__version__,
+        "package_version": __version__,
+    }
+
+
+def _served_name(model_config) -> str:
+    name = model_config.served_model_name or model_config.model
+    return name[0] if isinstance(name, (list, tuple)) else str(name)

@@ -1,0 +1,28 @@
+"""The `vllm.general_plugins` entry point: register the capture architectures.
+
+vLLM runs `register()` in every process (API server, engine core, each worker), so it must be
+idempotent and cheap: the lazy "module:Class" form keeps vllm's model code (and CUDA) out of
+processes that never build a model. Pure-Python names live here so the launcher can use them
+without importing vllm.
+"""
+
+from __future__ import annotations
+
+# Stock architecture -> capture architecture registered by this plugin.
+CAPTURE_ARCHITECTURES: dict[str, str] = {
+    "Qwen3ForCausalLM": "CaptureQwen3ForCausalLM",
+    "Qwen2ForCausalLM": "CaptureQwen2ForCausalLM",
+    "LlamaForCausalLM": "CaptureLlamaForCausalLM",
+}
+CONNECTOR_NAME = "ActivationCaptureConnector"
+CONNECTOR_MODULE = "vllm_activations.connector"
+
+
+def register() -> None:
+    """Register the capture model classes under new names (plain serving is untouched)."""
+    from vllm import ModelRegistry
+
+    supported = set(ModelRegistry.get_supported_archs())
+    for capture_arch in CAPTURE_ARCHITECTURES.values():
+        if capture_arch not in supported:
+            ModelRegistry.register_model(capture_arch, f"vllm_activations.models:{capture_arch}")

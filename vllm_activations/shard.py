@@ -1,0 +1,306 @@
+"""The activation shard: one HDF5 file per request. Schema, atomic writer and float32 reader.
+
+The single definition of the on-disk contract, imported by the vLLM connector (writer), the
+sidecar (serving files) and the client (reader, analyzer). It needs only numpy and h5py, never
+vllm or torch, so a laptop can read shards.
+
+Layout (schema version 1):
+    input_tokens                 int32 [P]
+    output_tokens                int32 [G]
+    positions                    int32 [T]   absolute positions captured, ascending
+    layers                       int32 [L]   decoder layer indices, ascending
+    layer_outputs/post_attention [L, T, H]   residual after the attention add
+    layer_outputs/post_mlp       [L, T, H]   residual after the MLP add (the layer's output)
+HDF5 has no bfloat16: bf16 is stored as its raw bits in uint16 with attribute dtype="bfloat16"
+(float16 would overflow on massive activations). Files are written under a hidden temporary
+name, fsynced, then renamed, so a reader never sees a partial shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from vllm_activations.spec import SITES
+
+SCHEMA_VERSION = 1
+SHARD_SUFFIX = ".h5"
+_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+_REQUIRED = ("input_tokens", "output_tokens", "positions", "layers")
+
+
+class ShardError(ValueError):
+    """A file that is not a complete, valid activation shard."""
+
+
+def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest even) and return the raw bits as uint16."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bits (uint16) to float32 exactly."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert float activations to the stored representation of `dtype`."""
+    if dtype == "bfloat16":
+        return float32_to_bf16_bits(x)
+    return np.asarray(x, dtype=_STORAGE[dtype])
+
+
+def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert a stored array back to float32."""
+    if dtype == "bfloat16":
+        return bf16_bits_to_float32(x)
+    return np.asarray(x, dtype=np.float32)
+
+
+@dataclass
+class Shard:
+    """A shard read into memory; activations are float32 [L, T, H] keyed by site."""
+
+    path: Path
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    positions: np.ndarray
+    layers: np.ndarray
+    layer_outputs: dict[str, np.ndarray]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The token id at every captured position."""
+        return np.concatenate([self.input_tokens, self.output_tokens])[self.positions]
+
+
+def write_shard(
+    path: str | os.PathLike[str],
+    *,
+    input_tokens: Sequence[int] | np.ndarray,
+    output_tokens: Sequence[int] | np.ndarray,
+    positions: Sequence[int] | np.ndarray,
+    layers: Sequence[int] | np.ndarray,
+    layer_outputs: Mapping[str, np.ndarray],
+    dtype: str,
+    attrs: Mapping[str, Any] | None = None,
+    extra: Mapping[str, np.ndarray] | None = None,
+) -> Path:
+    """Write a shard atomically and return its final path.
+
+    `layer_outputs[site]` is [L, T, H], either float32 (converted here) or already in the
+    storage representation of `dtype` (uint16 bits for bfloat16). `attrs` values that are not
+    HDF5 scalars or strings are stored as JSON. `extra` holds further named datasets (e.g.
+    per-channel statistics) written as given.
+    """
+    path = Path(path)
+    positions = np.asarray(positions, dtype=np.int32)
+    layers = np.asarray(layers, dtype=np.int32)
+    if dtype not in _STORAGE:
+        raise ShardError(f"dtype {dtype!r} is not one of {list(_STORAGE)}")
+    if not layer_outputs:
+        raise ShardError("layer_outputs is empty")
+    for site, arr in layer_outputs.items():
+        if site not in SITES:
+            raise ShardError(f"unknown site {site!r}; allowed: {list(SITES)}")
+        if arr.ndim != 3 or arr.shape[:2] != (len(layers), len(positions)):
+            raise ShardError(
+                f"layer_outputs/{site} has shape {arr.shape}, expected "
+                f"[{len(layers)}, {len(positions)}, H]"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("input_tokens", data=np.asarray(input_tokens, dtype=np.int32))
+            f.create_dataset("output_tokens", data=np.asarray(output_tokens, dtype=np.int32))
+            f.create_dataset("positions", data=positions)
+            f.create_dataset("layers", data=layers)
+            group = f.create_group("layer_outputs")
+            for site in SITES:
+                if site not in layer_outputs:
+                    continue
+                arr = layer_outputs[site]
+                stored = arr if arr.dtype == _STORAGE[dtype] else to_storage(arr, dtype)
+                ds = group.create_dataset(site, data=stored)
+                ds.attrs["dtype"] = dtype
+            for name, arr in (extra or {}).items():
+                f.create_dataset(name, data=arr)
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["dtype"] = dtype
+            f.attrs.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = _attr_value(value)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_shard(
+    path: str | os.PathLike[str],
+    *,
+    sites: Sequence[str] | None = None,
+    layers: Sequence[int] | None = None,
+) -> Shard:
+    """Read a shard (optionally only some sites and layer indices) as float32 arrays."""
+    with ShardReader(path) as reader:
+        wanted_sites = list(sites) if sites is not None else reader.sites
+        rows = reader.layer_rows(layers)
+        outputs = {site: reader.read(site, rows) for site in wanted_sites}
+        return Shard(
+            path=reader.path,
+            input_tokens=reader.input_tokens,
+            output_tokens=reader.output_tokens,
+            positions=reader.positions,
+            layers=reader.layers[rows],
+            layer_outputs=outputs,
+            attrs=reader.attrs,
+        )
+
+
+class ShardReader:
+    """Streaming access to one shard: metadata up front, activations one layer at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise ShardError(f"{self.path}: not a readable HDF5 shard ({exc})") from exc
+        try:
+            self._validate()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _validate(self) -> None:
+        f = self._file
+        version = f.attrs.get("schema_version")
+        if version is None:
+            raise ShardError(f"{self.path}: no schema_version attribute; not an activation shard")
+        if int(version) > SCHEMA_VERSION:
+            raise ShardError(
+                f"{self.path}: schema version {version} is newer than this reader "
+                f"({SCHEMA_VERSION}); upgrade vllm-activations"
+            )
+        missing = [name for name in _REQUIRED if name not in f]
+        if "layer_outputs" not in f:
+            missing.append("layer_outputs")
+        if missing:
+            raise ShardError(f"{self.path}: missing datasets {missing}")
+        self.input_tokens = f["input_tokens"][()].astype(np.int64)
+        self.output_tokens = f["output_tokens"][()].astype(np.int64)
+        self.positions = f["positions"][()].astype(np.int64)
+        self.layers = f["layers"][()].astype(np.int64)
+        self.sites = [s for s in SITES if s in f["layer_outputs"]]
+        for site in self.sites:
+            shape = f["layer_outputs"][site].shape
+            if shape[:2] != (len(self.layers), len(self.positions)):
+                raise ShardError(f"{self.path}: layer_outputs/{site} has shape {shape}")
+        self.attrs = {key: _decode_attr(value) for key, value in f.attrs.items()}
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._file["layer_outputs"][self.sites[0]].shape[2])
+
+    def layer_rows(self, layers: Sequence[int] | None) -> np.ndarray:
+        """Row indices into [L] for the requested absolute layer indices."""
+        if layers is None:
+            return np.arange(len(self.layers))
+        index = {int(x): i for i, x in enumerate(self.layers)}
+        missing = [x for x in layers if int(x) not in index]
+        if missing:
+            raise ShardError(
+                f"{self.path}: layers {missing} were not captured (has {self.layers.tolist()})"
+            )
+        return np.array([index[int(x)] for x in layers], dtype=np.int64)
+
+    def read(self, site: str, rows: np.ndarray | int | None = None) -> np.ndarray:
+        """float32 activations of `site` for layer rows (all when None)."""
+        if site not in self.sites:
+            raise ShardError(f"{self.path}: site {site!r} not captured (has {self.sites})")
+        ds = self._file["layer_outputs"][site]
+        dtype = _decode_attr(ds.attrs.get("dtype", "float32"))
+        if rows is None:
+            data = ds[()]
+        elif isinstance(rows, (int, np.integer)):
+            data = ds[int(rows)]
+        else:
+            rows = np.asarray(rows)
+            # h5py fancy indexing needs increasing indices.
+            order = np.argsort(rows)
+            data = ds[rows[order].tolist()] if len(rows) else ds[0:0]
+            data = data[np.argsort(order)]
+        return from_storage(data, dtype)
+
+    def dataset(self, name: str) -> np.ndarray:
+        return self._file[name][()]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_shard_paths(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Complete shard files in a directory, sorted by name (temporary files are hidden)."""
+    for path in sorted(Path(directory).glob(f"*{SHARD_SUFFIX}")):
+        if not path.name.startswith("."):
+            yield path
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,169 @@
+"""The per-request capture spec: which layers, sites, positions and storage dtype to record.
+
+One definition shared by the vLLM plugin (server side), the HTTP sidecar and the client. Pure
+Python: it imports without vllm, torch or numpy. Every validation error names the field and the
+values it allows, so an HTTP 400 can pass the message through unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SITES: tuple[str, ...] = ("post_attention", "post_mlp")
+DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+POSITION_MODES: tuple[str, ...] = ("all", "prompt", "generated", "last", "every:K")
+DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
+SPEC_FIELDS: tuple[str, ...] = ("layers", "sites", "positions", "dtype")
+
+
+class CaptureSpecError(ValueError):
+    """A capture spec that cannot be honoured; `field` names the offending field."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"capture.{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What to record for one request.
+
+    layers: decoder layer indices (None = all layers of the model); negative indices count
+        from the end, as in Python.
+    sites: residual-stream sites per layer: `post_attention` (residual after the attention
+        add) and/or `post_mlp` (residual after the MLP add, i.e. the layer output).
+    positions: `all` forwarded positions, `prompt` positions, `generated` (forwarded positions
+        of generated tokens), `last` forwarded position, or `every:K` (positions p with p % K == 0).
+    dtype: storage dtype of the shard.
+    """
+
+    layers: tuple[int, ...] | None = None
+    sites: tuple[str, ...] = SITES
+    positions: str = "all"
+    dtype: str = "bfloat16"
+    every: int = field(default=0, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.layers is not None:
+            if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Iterable):
+                raise CaptureSpecError("layers", "must be a list of integers or null for all")
+            layers = tuple(self.layers)
+            if not layers:
+                raise CaptureSpecError("layers", "must not be empty (use null for all layers)")
+            for x in layers:
+                if isinstance(x, bool) or not isinstance(x, int):
+                    raise CaptureSpecError("layers", f"{x!r} is not an integer layer index")
+            if len(set(layers)) != len(layers):
+                raise CaptureSpecError("layers", "contains duplicates")
+            object.__setattr__(self, "layers", layers)
+        if isinstance(self.sites, str) or not isinstance(self.sites, Iterable):
+            raise CaptureSpecError("sites", f"must be a list drawn from {list(SITES)}")
+        sites = tuple(self.sites)
+        if not sites:
+            raise CaptureSpecError("sites", f"must not be empty; allowed: {list(SITES)}")
+        for s in sites:
+            if s not in SITES:
+                raise CaptureSpecError("sites", f"{s!r} is not a site; allowed: {list(SITES)}")
+        if len(set(sites)) != len(sites):
+            raise CaptureSpecError("sites", "contains duplicates")
+        # Canonical order, so shards from equal specs have equal layouts.
+        object.__setattr__(self, "sites", tuple(s for s in SITES if s in sites))
+        if self.dtype not in DTYPES:
+            raise CaptureSpecError(
+                "dtype", f"{self.dtype!r} is not allowed; allowed: {list(DTYPES)}"
+            )
+        object.__setattr__(self, "every", _parse_positions(self.positions))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> CaptureSpec:
+        """Build a spec from JSON-like data, rejecting unknown fields by name."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise CaptureSpecError(
+                "(spec)", "must be an object with fields " + ", ".join(SPEC_FIELDS)
+            )
+        unknown = sorted(set(data) - set(SPEC_FIELDS))
+        if unknown:
+            raise CaptureSpecError(
+                unknown[0], f"unknown field; allowed fields: {', '.join(SPEC_FIELDS)}"
+            )
+        kwargs: dict[str, Any] = {}
+        if data.get("layers") is not None:
+            kwargs["layers"] = data["layers"]
+        if data.get("sites") is not None:
+            kwargs["sites"] = data["sites"]
+        if data.get("positions") is not None:
+            kwargs["positions"] = data["positions"]
+        if data.get("dtype") is not None:
+            kwargs["dtype"] = data["dtype"]
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers) if self.layers is not None else None,
+            "sites": list(self.sites),
+            "positions": self.positions,
+            "dtype": self.dtype,
+        }
+
+    def resolve_layers(self, num_layers: int) -> list[int]:
+        """Absolute, ascending layer indices for a model with `num_layers` decoder layers."""
+        if self.layers is None:
+            return list(range(num_layers))
+        out = []
+        for x in self.layers:
+            idx = x + num_layers if x < 0 else x
+            if not 0 <= idx < num_layers:
+                raise CaptureSpecError(
+                    "layers",
+                    f"{x} is out of range; this model has {num_layers} layers "
+                    f"(allowed: 0..{num_layers - 1} or -{num_layers}..-1)",
+                )
+            out.append(idx)
+        if len(set(out)) != len(out):
+            raise CaptureSpecError("layers", "names the same layer twice")
+        return sorted(out)
+
+    def keeps_position(self, position: int, num_prompt_tokens: int) -> bool:
+        """Whether a forwarded position is recorded (`last` is resolved when the request ends)."""
+        mode = self.positions
+        if mode == "prompt":
+            return position < num_prompt_tokens
+        if mode == "generated":
+            return position >= num_prompt_tokens
+        if self.every:
+            return position % self.every == 0
+        return True
+
+    def expected_positions(self, num_prompt_tokens: int, num_output_tokens: int) -> list[int]:
+        """The positions a complete shard holds: forwarded positions are 0..P+G-2."""
+        forwarded = num_prompt_tokens + max(num_output_tokens, 1) - 1
+        if self.positions == "last":
+            return [forwarded - 1]
+        return [p for p in range(forwarded) if self.keeps_position(p, num_prompt_tokens)]
+
+    def estimate_bytes(self, num_positions: int, num_layers: int, hidden_size: int) -> int:
+        """Bytes of activations a shard holds (what capture limits are checked against)."""
+        layers = len(self.resolve_layers(num_layers))
+        if self.positions == "last":
+            num_positions = min(num_positions, 1)
+        elif self.every:
+            num_positions = (num_positions + self.every - 1) // self.every
+        return num_positions * layers * len(self.sites) * hidden_size * DTYPE_BYTES[self.dtype]
+
+
+def _parse_positions(value: object) -> int:
+    """Validate `positions`; return K for `every:K`, else 0."""
+    allowed = f"allowed: {list(POSITION_MODES)} with K a positive integer"
+    if not isinstance(value, str):
+        raise CaptureSpecError("positions", f"{value!r} is not a string; {allowed}")
+    if value in ("all", "prompt", "generated", "last"):
+        return 0
+    if value.startswith("every:"):
+        k = value.split(":", 1)[1]
+        if k.isdigit() and int(k) > 0:
+            return int(k)
+    raise CaptureSpecError("positions", f"{value!r} is not allowed; {allowed}")
