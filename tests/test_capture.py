@@ -1,0 +1,248 @@
+"""Capture against a real vLLM CPU engine, checked against Hugging Face transformers.
+
+Every captured layer and site must equal the residual stream HF computes for the same token
+ids: post_mlp[l] == HF hidden_states[l+1] (the pre-final-norm residual for the last layer),
+post_attention[l] == the input of HF's post_attention_layernorm of layer l.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+import httpx
+import numpy as np
+import pytest
+from hf_reference import hf_residuals
+
+from vllm_activations.openai_capture import (
+    CaptureFailed,
+    capture_params,
+    completion_body,
+    wait_for_shard,
+)
+from vllm_activations.shard import ShardError, ShardReader, iter_shard_paths, read_shard
+from vllm_activations.spec import CaptureSpec
+
+pytestmark = pytest.mark.integration
+
+# (server, min cosine, max |diff| / max |ref|): bf16 servers at the issue's tolerance,
+# the float32 server much tighter.
+TOLERANCES = {
+    "tiny-qwen3-tied": (0.99999, 1e-4),
+    "tiny-qwen3-untied": (0.999, 2e-2),
+    "smollm2": (0.999, 2e-2),
+}
+
+
+def token_ids(n: int, seed: int, vocab: int = 1000) -> list[int]:
+    return np.random.default_rng(seed).integers(3, vocab, size=n).tolist()
+
+
+def capture(server, prompt, max_tokens=8, spec=None, capture_id=None, timeout=300, **kw):
+    body = completion_body(
+        model="model",
+        prompt=prompt,
+        spec=spec or CaptureSpec(),
+        capture_id=capture_id,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        ignore_eos=True,
+        **kw,
+    )
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=timeout)
+    r.raise_for_status()
+    response = r.json()
+    return response, wait_for_shard(capture_params(response))
+
+
+def assert_matches_hf(shard, model_dir, min_cos, max_rel, dtype="float32"):
+    ids = np.concatenate([shard.input_tokens, shard.output_tokens]).tolist()
+    forwarded = ids[: len(ids) - 1]
+    ref = hf_residuals(model_dir, forwarded, dtype=dtype)
+    for site, got in shard.layer_outputs.items():
+        want = ref[site][shard.layers][:, shard.positions]
+        assert got.shape == want.shape, site
+        cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        rel = np.abs(got - want).max() / np.abs(want).max()
+        assert cos.min() >= min_cos, f"{site}: min cosine {cos.min()} at {np.argmin(cos)}"
+        assert rel <= max_rel, f"{site}: max|diff|/max|ref| = {rel}"
+    return ref
+
+
+@pytest.mark.parametrize("name", list(TOLERANCES))
+def test_every_layer_and_site_matches_hf(servers, embedded_models, name):
+    server = servers.get(name)
+    min_cos, max_rel = TOLERANCES[name]
+    dtype = "float32" if server.dtype == "float32" else "bfloat16"
+    # Longer than max_num_batched_tokens (128): the prefill is chunked.
+    for n, seed in ((37, 1), (300, 2)):
+        response, path = capture(
+            server, token_ids(n, seed), max_tokens=12, spec=CaptureSpec(dtype=dtype)
+        )
+        shard = read_shard(path)
+        assert len(shard.input_tokens) == n
+        assert len(shard.output_tokens) == 12
+        assert shard.layers.tolist() == list(range(shard.attrs["num_hidden_layers"]))
+        assert shard.positions.tolist() == list(range(n + 12 - 1))
+        assert_matches_hf(shard, embedded_models[name], min_cos, max_rel)
+
+
+def test_float32_storage_is_tighter_than_bfloat16(servers, embedded_models):
+    server = servers.get("tiny-qwen3-tied")
+    prompt = token_ids(50, 3)
+    _, p32 = capture(server, prompt, spec=CaptureSpec(dtype="float32"))
+    _, p16 = capture(server, prompt, spec=CaptureSpec(dtype="bfloat16"))
+    s32, s16 = read_shard(p32), read_shard(p16)
+    ref = hf_residuals(
+        embedded_models["tiny-qwen3-tied"],
+        np.concatenate([s32.input_tokens, s32.output_tokens])[:-1].tolist(),
+    )
+    err32 = np.abs(s32.layer_outputs["post_mlp"] - ref["post_mlp"]).max()
+    err16 = np.abs(s16.layer_outputs["post_mlp"] - ref["post_mlp"]).max()
+    assert err32 < err16 / 10, (err32, err16)
+    with ShardReader(p16) as reader:
+        assert reader.attrs["dtype"] == "bfloat16"
+        assert reader._file["layer_outputs/post_mlp"].dtype == np.uint16
+
+
+def test_concurrent_requests_equal_solo_runs(servers):
+    """Mixed lengths, chunked prefill and 64+ token generations, all at once, then alone."""
+    server = servers.get("tiny-qwen3-tied")
+    jobs = [
+        (token_ids(n, 100 + i), g)
+        for i, (n, g) in enumerate(
+            [
+                (5, 70),
+                (300, 8),
+                (64, 64),
+                (129, 3),
+                (17, 100),
+                (250, 40),
+                (1, 65),
+                (90, 1),
+                (200, 20),
+                (33, 80),
+            ]
+        )
+    ]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        batched = list(pool.map(lambda j: capture(server, j[0], max_tokens=j[1]), jobs))
+    for (prompt, gen), (response, path) in zip(jobs, batched, strict=True):
+        together = read_shard(path)
+        _, solo_path = capture(server, prompt, max_tokens=gen)
+        solo = read_shard(solo_path)
+        assert together.input_tokens.tolist() == prompt
+        assert together.output_tokens.tolist() == solo.output_tokens.tolist()
+        assert together.positions.tolist() == list(range(len(prompt) + gen - 1))
+        for site in ("post_attention", "post_mlp"):
+            a, b = together.layer_outputs[site], solo.layer_outputs[site]
+            cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+            assert cos.min() > 0.9999, (len(prompt), gen, site, cos.min())
+    # No row of one request appears in another's shard: every first-layer row is unique to
+    # its own request (different random prompts give different residuals).
+    rows = {}
+    for _, path in batched:
+        shard = read_shard(path, layers=[0], sites=["post_attention"])
+        for row in shard.layer_outputs["post_attention"][0]:
+            key = row.tobytes()
+            assert rows.setdefault(key, path) == path, "a row appears in two shards"
+
+
+def test_same_prompt_twice_gives_two_complete_shards(servers):
+    server = servers.get("tiny-qwen3-untied")
+    prompt = token_ids(200, 7)  # over one KV block: a prefix-cache hit would drop positions
+    (r1, p1), (r2, p2) = capture(server, prompt), capture(server, prompt)
+    assert p1 != p2
+    s1, s2 = read_shard(p1), read_shard(p2)
+    assert s1.positions.tolist() == s2.positions.tolist() == list(range(200 + 8 - 1))
+    np.testing.assert_array_equal(s1.layer_outputs["post_mlp"], s2.layer_outputs["post_mlp"])
+
+
+@pytest.mark.parametrize(
+    "spec_dict, expected",
+    [
+        ({"positions": "all"}, lambda p, g: list(range(p + g - 1))),
+        ({"positions": "prompt"}, lambda p, g: list(range(p))),
+        ({"positions": "generated"}, lambda p, g: list(range(p, p + g - 1))),
+        ({"positions": "last"}, lambda p, g: [p + g - 2]),
+        ({"positions": "every:4"}, lambda p, g: list(range(0, p + g - 1, 4))),
+    ],
+)
+def test_position_subsets(servers, embedded_models, spec_dict, expected):
+    server = servers.get("tiny-qwen3-tied")
+    p, g = 150, 20
+    spec = CaptureSpec.from_dict({**spec_dict, "dtype": "float32"})
+    _, path = capture(server, token_ids(p, 11), max_tokens=g, spec=spec)
+    shard = read_shard(path)
+    assert shard.positions.tolist() == expected(p, g)
+    assert shard.layer_outputs["post_mlp"].shape[1] == len(expected(p, g))
+    assert_matches_hf(shard, embedded_models["tiny-qwen3-tied"], *TOLERANCES["tiny-qwen3-tied"])
+
+
+def test_layer_site_and_dtype_subsets(servers, embedded_models):
+    server = servers.get("smollm2")
+    spec = CaptureSpec(layers=(0, 7, -1), sites=("post_attention",), dtype="float16")
+    _, path = capture(server, token_ids(40, 12), spec=spec)
+    shard = read_shard(path)
+    assert shard.layers.tolist() == [0, 7, 29]
+    assert list(shard.layer_outputs) == ["post_attention"]
+    assert shard.attrs["capture_spec"]["dtype"] == "float16"
+    assert_matches_hf(shard, embedded_models["smollm2"], *TOLERANCES["smollm2"])
+
+
+@pytest.mark.parametrize(
+    "spec, field, allowed",
+    [
+        ({"layers": [0, 99]}, "layers", "0..3"),
+        ({"sites": ["post_attn"]}, "sites", "post_attention"),
+        ({"positions": "every:0"}, "positions", "every:K"),
+        ({"dtype": "int8"}, "dtype", "bfloat16"),
+        ({"stride": 2}, "stride", "layers, sites, positions, dtype"),
+    ],
+)
+def test_bad_spec_is_rejected_and_writes_nothing(servers, spec, field, allowed):
+    server = servers.get("tiny-qwen3-tied")
+    before = set(server.shard_dir.iterdir())
+    body = {
+        "model": "model",
+        "prompt": token_ids(10, 5),
+        "max_tokens": 2,
+        "kv_transfer_params": {"capture": spec, "capture_id": "bad-spec"},
+    }
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    r.raise_for_status()
+    with pytest.raises(CaptureFailed) as info:
+        capture_params(r.json())
+    message = str(info.value)
+    assert f"capture.{field}" in message and allowed in message, message
+    assert set(server.shard_dir.iterdir()) == before
+
+
+def test_killed_server_leaves_no_readable_shard(embedded_models, tmp_path):
+    from server import CaptureServer
+
+    server = CaptureServer(embedded_models["tiny-qwen3-untied"], tmp_path, max_model_len=4096)
+    try:
+        server.wait_ready()
+        body = completion_body(
+            model="model",
+            prompt=token_ids(300, 9),
+            spec=CaptureSpec(),
+            max_tokens=3000,
+            ignore_eos=True,
+            capture_id="killed",
+        )
+        with cf.ThreadPoolExecutor(1) as pool:
+            future = pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=600)
+            # Let it generate for a while, then crash the whole server.
+            time.sleep(5)
+            assert not future.done()
+            server.kill()
+            with pytest.raises(httpx.HTTPError):
+                future.result()
+    finally:
+        server.stop()
+    assert list(iter_shard_paths(server.shard_dir)) == []
+    for path in server.shard_dir.iterdir():
+        with pytest.raises(ShardError):
+            ShardReader(path)

@@ -1,0 +1,88 @@
+"""Capture through vLLM's OpenAI-compatible API: the request body and the wait for the shard.
+
+The capture spec travels in the completion's `kv_transfer_params` (vLLM hands it to the KV
+connector untouched); the response's `kv_transfer_params` names the shard. The shard is written
+by the worker one engine step after the response is produced, atomically, so waiting means
+waiting for the final file name (or `<id>.error.json`) to appear.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vllm_activations.spec import CaptureSpec
+
+
+class CaptureFailed(RuntimeError):
+    """The engine rejected the capture spec or could not write the shard."""
+
+
+@dataclass
+class CaptureResult:
+    response: dict[str, Any]
+    capture_id: str
+    shard_path: Path
+
+
+def completion_body(
+    *,
+    model: str,
+    prompt: str | list[int],
+    spec: CaptureSpec,
+    capture_id: str | None = None,
+    **sampling: Any,
+) -> dict[str, Any]:
+    """A /v1/completions body that asks for capture (prompt as text or token ids)."""
+    params: dict[str, Any] = {"capture": spec.to_dict()}
+    if capture_id is not None:
+        params["capture_id"] = capture_id
+    body = {"model": model, "prompt": prompt, "kv_transfer_params": params}
+    body.update({k: v for k, v in sampling.items() if v is not None})
+    return body
+
+
+def capture_params(response: dict[str, Any]) -> dict[str, Any]:
+    """The connector's answer in a completion response; raises if it rejected the spec."""
+    params = response.get("kv_transfer_params") or {}
+    if "capture_error" in params:
+        raise CaptureFailed(params["capture_error"])
+    if "shard_path" not in params:
+        raise CaptureFailed(
+            "the server did not capture this request: is it running `vllm-activations serve` "
+            "(capture architecture and connector configured)?"
+        )
+    return params
+
+
+def _check(params: dict[str, Any]) -> Path | None:
+    shard = Path(params["shard_path"])
+    if shard.exists():
+        return shard
+    error = Path(params["error_path"])
+    if error.exists():
+        raise CaptureFailed(json.loads(error.read_text())["error"])
+    return None
+
+
+def wait_for_shard(params: dict[str, Any], timeout: float = 120.0) -> Path:
+    """Block until the shard named in `params` is complete."""
+    deadline = time.monotonic() + timeout
+    while (path := _check(params)) is None:
+        if time.monotonic() > deadline:
+            raise CaptureFailed(f"shard {params['shard_path']} not written after {timeout} s")
+        time.sleep(0.02)
+    return path
+
+
+async def wait_for_shard_async(params: dict[str, Any], timeout: float = 120.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while (path := _check(params)) is None:
+        if time.monotonic() > deadline:
+            raise CaptureFailed(f"shard {params['shard_path']} not written after {timeout} s")
+        await asyncio.sleep(0.02)
+    return path
