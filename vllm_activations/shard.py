@@ -35,6 +35,7 @@ from vllm_activations.spec import SITES
 SCHEMA_VERSION = 1
 SHARD_SUFFIX = ".h5"
 _STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+_JSON_START = ("{", "[", '"')
 _REQUIRED = ("input_tokens", "output_tokens", "positions", "layers")
 
 
@@ -280,7 +281,11 @@ def iter_shard_paths(directory: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _attr_value(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool, np.integer, np.floating)):
+    # Strings that could be mistaken for JSON, or hold NULs (HDF5 strings cannot), are stored
+    # JSON-encoded; _decode_attr undoes exactly that.
+    if isinstance(value, str) and not (value[:1] in _JSON_START or "\x00" in value):
+        return value
+    if isinstance(value, (int, float, bool, np.integer, np.floating)):
         return value
     return json.dumps(value, sort_keys=True)
 
@@ -290,7 +295,7 @@ def _decode_attr(value: Any) -> Any:
         value = value.decode()
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, str) and value[:1] in "{[":
+    if isinstance(value, str) and value[:1] in _JSON_START:
         try:
             return json.loads(value)
         except json.JSONDecodeError:

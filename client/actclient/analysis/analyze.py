@@ -253,7 +253,8 @@ def protected_layers(metrics: dict, layout: SiteLayout) -> list[dict]:
 
 
 def redundant_layers(metrics: dict, protected: set[int]) -> tuple[list[dict], list[dict]]:
-    """Layers (and sub-blocks) whose scores are at most REDUNDANT_FACTOR x the median."""
+    """Redundant layers: the lowest quarter by block influence, plus any layer whose BI is at
+    most REDUNDANT_FACTOR x the median ("strong"); sub-blocks by the same factor rule."""
     layers = metrics["layers"]
 
     def low(key: str) -> dict[int, tuple[float, float]]:
@@ -274,25 +275,28 @@ def redundant_layers(metrics: dict, protected: set[int]) -> tuple[list[dict], li
         if v is not None
     )
     rank = {layer: k + 1 for k, (_, layer) in enumerate(ranked)}
+    quarter = max(1, round(len(ranked) / 4))
+    median_bi = float(np.median([v for v, _ in ranked])) if ranked else 0.0
     gromov_reasons: dict[int, list[str]] = {}
     for best in metrics["best_blocks"]:
-        row = [d for d in metrics["angular_distance"][str(best["n"])] if d is not None]
-        median = float(np.median(row))
-        if len(row) > 1 and best["distance"] <= REDUNDANT_FACTOR * median:
-            for layer in best["drop"]:
-                gromov_reasons.setdefault(layer, []).append(
-                    f"inside the best Gromov block of {best['n']} layers "
-                    f"[{best['start']}, {best['start'] + best['n']}) with angular distance "
-                    f"{best['distance']:.4g} (median {median:.4g})"
-                )
+        if best["n"] > quarter:
+            continue
+        for layer in best["drop"]:
+            gromov_reasons.setdefault(layer, []).append(
+                f"inside the best Gromov block of {best['n']} layers "
+                f"[{best['start']}, {best['start'] + best['n']}) (angular distance "
+                f"{best['distance']:.4g})"
+            )
     redundant, sub_blocks = [], []
     for layer in layers:
         reasons = []
-        if layer in bi:
-            v, med = bi[layer]
+        if layer in rank and (rank[layer] <= quarter or layer in bi):
+            v = ranked[rank[layer] - 1][0]
+            strong = layer in bi
             reasons.append(
-                f"block influence {v:.4g} is at most {REDUNDANT_FACTOR} x the median {med:.4g} "
-                f"(rank {rank[layer]} of {len(ranked)}, lowest first)"
+                f"block influence {v:.4g} ranks {rank[layer]} of {len(ranked)} (lowest first; "
+                f"median {median_bi:.4g})"
+                + (f"; at most {REDUNDANT_FACTOR} x the median" if strong else "")
             )
         if not reasons:
             for kind, table in (("attention", attn), ("MLP", mlp)):
@@ -315,7 +319,8 @@ def redundant_layers(metrics: dict, protected: set[int]) -> tuple[list[dict], li
         reasons.extend(gromov_reasons.get(layer, []))
         entry = {
             "layer": layer,
-            "block_influence": bi[layer][0],
+            "block_influence": ranked[rank[layer] - 1][0],
+            "strong": layer in bi,
             "reasons": reasons,
             "protected": layer in protected,
         }

@@ -37,7 +37,10 @@ def _fraction(value: str) -> float:
 def _analyze(args: argparse.Namespace) -> int:
     try:
         analysis = analyze(
-            args.shards_dir, args.out, args.model, special_ids=args.special_tokens,
+            args.shards_dir,
+            args.out,
+            args.model,
+            special_ids=args.special_tokens,
             rule=MassiveRule(threshold=args.massive_threshold, ratio=args.massive_ratio),
             pictures=not args.no_pictures,
         )
@@ -45,8 +48,11 @@ def _analyze(args: argparse.Namespace) -> int:
         print(f"analyze: {exc}", file=sys.stderr)
         return 2
     flagged = [e["layer"] for e in analysis["redundant_layers"]]
-    print(f"analyze: {analysis['num_shards']} shards, {analysis['tokens']['all']} tokens; "
-          f"redundant layers {flagged or 'none'}", file=sys.stderr)
+    print(
+        f"analyze: {analysis['num_shards']} shards, {analysis['tokens']['all']} tokens; "
+        f"redundant layers {flagged or 'none'}",
+        file=sys.stderr,
+    )
     print(f"analyze: report at {Path(args.out) / 'report.md'}")
     return 0
 
@@ -54,9 +60,14 @@ def _analyze(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     try:
         plan = make_plan(
-            args.analysis, target_layers=args.target_layers, drop=args.drop, model_dir=args.model,
-            tokens=args.tokens, mlp_fraction=args.mlp_fraction,
-            head_fraction=args.head_fraction, head_rule=args.head_rule,
+            args.analysis,
+            target_layers=args.target_layers,
+            drop=args.drop,
+            model_dir=args.model,
+            tokens=args.tokens,
+            mlp_fraction=args.mlp_fraction,
+            head_fraction=args.head_fraction,
+            head_rule=args.head_rule,
         )
     except (PlanError, ModelFilesError, OSError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
@@ -77,44 +88,82 @@ def _plan(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `analyze` and `plan` to the top-level `actclient` parser."""
     p = subparsers.add_parser(
-        "analyze", help="layer similarity, statistics and redundant layers of a shard directory",
+        "analyze",
+        help="layer similarity, statistics and redundant layers of a shard directory",
         description="Stream activation shards into analysis.json, arrays/*.npy, PNGs and "
-                    "report.md (read report.md first).",
+        "report.md (read report.md first).",
     )
     p.add_argument("shards_dir", metavar="SHARDS_DIR", help="directory of *.h5 shards")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--model", metavar="DIR", help="HF model dir with safetensors: rebuilds the "
-                   "embedding (layer 0's input) and reads the special tokens")
-    p.add_argument("--special-tokens", type=_ids, metavar="IDS", help="comma-separated token "
-                   "ids excluded from content tokens (default: the model's special tokens)")
-    p.add_argument("--massive-threshold", type=float, default=MassiveRule.threshold,
-                   help="absolute |x| a massive activation exceeds (default %(default)s)")
-    p.add_argument("--massive-ratio", type=float, default=MassiveRule.ratio,
-                   help="times the token's median |x| it exceeds (default %(default)s)")
+    p.add_argument(
+        "--model",
+        metavar="DIR",
+        help="HF model dir with safetensors: rebuilds the "
+        "embedding (layer 0's input) and reads the special tokens",
+    )
+    p.add_argument(
+        "--special-tokens",
+        type=_ids,
+        metavar="IDS",
+        help="comma-separated token "
+        "ids excluded from content tokens (default: the model's special tokens)",
+    )
+    p.add_argument(
+        "--massive-threshold",
+        type=float,
+        default=MassiveRule.threshold,
+        help="absolute |x| a massive activation exceeds (default %(default)s)",
+    )
+    p.add_argument(
+        "--massive-ratio",
+        type=float,
+        default=MassiveRule.ratio,
+        help="times the token's median |x| it exceeds (default %(default)s)",
+    )
     p.add_argument("--no-pictures", action="store_true", help="skip the PNGs")
     p.set_defaults(func=_analyze)
 
     q = subparsers.add_parser(
-        "plan", help="layer and neuron pruning plans from an analysis",
+        "plan",
+        help="layer and neuron pruning plans from an analysis",
         description="Write a JSON pruning plan: layers by block influence, Gromov block, "
-                    "alternating and U-shaped baselines; neurons and heads from channel stats.",
+        "alternating and U-shaped baselines; neurons and heads from channel stats.",
     )
     q.add_argument("analysis", metavar="ANALYSIS", help="analysis dir or analysis.json")
     size = q.add_mutually_exclusive_group(required=True)
     size.add_argument("--target-layers", type=int, metavar="N", help="layers to keep")
     size.add_argument("--drop", type=int, metavar="K", help="layers to drop")
-    q.add_argument("--model", metavar="DIR", help="HF model dir: Wanda-style scores from the "
-                   "down_proj / o_proj weights (default: the analysis's model, else "
-                   "activation-only)")
+    q.add_argument(
+        "--model",
+        metavar="DIR",
+        help="HF model dir: Wanda-style scores from the "
+        "down_proj / o_proj weights (default: the analysis's model, else "
+        "activation-only)",
+    )
     q.add_argument("--out", metavar="PATH", help="write the plan here (default: stdout)")
-    q.add_argument("--tokens", choices=("all", "content", "last"), default="all",
-                   help="token population whose scores rank layers (default %(default)s)")
-    q.add_argument("--mlp-fraction", type=_fraction, default=0.2,
-                   help="fraction of MLP neurons to prune per layer (default %(default)s)")
-    q.add_argument("--head-fraction", type=_fraction, default=0.25,
-                   help="fraction of attention heads (or KV groups) to prune (default "
-                        "%(default)s)")
-    q.add_argument("--head-rule", choices=HEAD_RULES, default="per-group",
-                   help="per-group: equal query heads from every KV group; whole-groups: "
-                        "whole KV groups (default %(default)s)")
+    q.add_argument(
+        "--tokens",
+        choices=("all", "content", "last"),
+        default="all",
+        help="token population whose scores rank layers (default %(default)s)",
+    )
+    q.add_argument(
+        "--mlp-fraction",
+        type=_fraction,
+        default=0.2,
+        help="fraction of MLP neurons to prune per layer (default %(default)s)",
+    )
+    q.add_argument(
+        "--head-fraction",
+        type=_fraction,
+        default=0.25,
+        help="fraction of attention heads (or KV groups) to prune (default %(default)s)",
+    )
+    q.add_argument(
+        "--head-rule",
+        choices=HEAD_RULES,
+        default="per-group",
+        help="per-group: equal query heads from every KV group; whole-groups: "
+        "whole KV groups (default %(default)s)",
+    )
     q.set_defaults(func=_plan)

@@ -45,8 +45,9 @@ def load_analysis(path: str | Path) -> tuple[dict, Path]:
 
 
 def _num_layers(analysis: dict) -> int:
-    return int(analysis.get("model_config", {}).get("num_hidden_layers")
-               or max(analysis["layers"]) + 1)
+    return int(
+        analysis.get("model_config", {}).get("num_hidden_layers") or max(analysis["layers"]) + 1
+    )
 
 
 def layer_plan(analysis: dict, drop: int, tokens: str = "all") -> dict:
@@ -71,27 +72,33 @@ def layer_plan(analysis: dict, drop: int, tokens: str = "all") -> dict:
     plans: dict[str, dict] = {}
     if len(scored) >= drop:
         plans["block_influence"] = _layer_entry(
-            metrics, [layer for _, layer in scored[:drop]],
+            metrics,
+            [layer for _, layer in scored[:drop]],
             "the K unprotected layers with the lowest block influence",
         )
     else:
-        plans["block_influence"] = {"skipped": "too few layers have a block influence "
-                                               "(layer 0 needs --model at analyze time)"}
+        plans["block_influence"] = {
+            "skipped": "too few layers have a block influence "
+            "(layer 0 needs --model at analyze time)"
+        }
     plans["gromov"] = _gromov(metrics, drop, set(protected))
     odd = [layer for layer in free if layer % 2 == 1]
     pool = odd if len(odd) >= drop else free
     pick = np.unique(np.round(np.linspace(0, len(pool) - 1, drop)).astype(int))
     plans["alternating"] = _layer_entry(
-        metrics, [pool[i] for i in pick],
+        metrics,
+        [pool[i] for i in pick],
         "every second layer (odd indices), spread evenly over depth; baseline",
     )
     end = max(1, round(total / 8))
     middle = [layer for layer in free if end <= layer < total - end]
-    middle_scored = sorted((bi[layer] if bi[layer] is not None else np.inf, layer)
-                           for layer in middle)
+    middle_scored = sorted(
+        (bi[layer] if bi[layer] is not None else np.inf, layer) for layer in middle
+    )
     if len(middle) >= drop:
         plans["u_shaped"] = _layer_entry(
-            metrics, [layer for _, layer in middle_scored[:drop]],
+            metrics,
+            [layer for _, layer in middle_scored[:drop]],
             f"keep the first and last {end} layers, drop the K lowest-BI middle layers; baseline",
         )
     else:
@@ -109,14 +116,16 @@ def layer_plan(analysis: dict, drop: int, tokens: str = "all") -> dict:
 def _gromov(metrics: dict, drop: int, protected: set[int]) -> dict:
     row = metrics["angular_distance"].get(str(drop), [])
     options = [
-        (d, start) for start, d in enumerate(row)
+        (d, start)
+        for start, d in enumerate(row)
         if d is not None and not protected & set(range(start, start + drop))
     ]
     if not options:
         return {"skipped": f"no contiguous block of {drop} unprotected layers has a distance"}
     distance, start = min(options)
     entry = _layer_entry(
-        metrics, list(range(start, start + drop)),
+        metrics,
+        list(range(start, start + drop)),
         "the contiguous unprotected block [l, l+K) with the smallest angular distance "
         "between its input and its output",
     )
@@ -172,8 +181,10 @@ def channel_scores(
     for k, layer in enumerate(layers):
         name = checkpoint.find(f"layers.{int(layer)}.{module}.weight")
         if checkpoint.shape(name)[1] != rms.shape[1]:
-            raise PlanError(f"{name} has shape {checkpoint.shape(name)}, but the statistics "
-                            f"have {rms.shape[1]} channels")
+            raise PlanError(
+                f"{name} has shape {checkpoint.shape(name)}, but the statistics "
+                f"have {rms.shape[1]} channels"
+            )
         weight[k] = column_abs_mean(checkpoint, name)
     return layers, weight * rms, "Wanda-sp: mean_i |W_ij| * sqrt(E[x_j^2])"
 
@@ -194,23 +205,30 @@ def neuron_plan(
         raise PlanError("pruning fractions must lie in [0, 1)")
     stats = analysis.get("channel_stats") or {}
     if not stats:
-        return {"skipped": "the shards hold no channel_stats (per-neuron sums of the down_proj "
-                           "and o_proj inputs); capture them to get a neuron-level plan"}
+        return {
+            "skipped": "the shards hold no channel_stats (per-neuron sums of the down_proj "
+            "and o_proj inputs); capture them to get a neuron-level plan"
+        }
     checkpoint = Checkpoint(model_dir) if model_dir is not None else None
     cfg = analysis.get("model_config", {})
     out: dict = {"widths": {}}
     if "mlp_intermediate" in stats:
-        layers, scores, how = channel_scores(analysis_dir, "mlp_intermediate", "mlp.down_proj",
-                                             checkpoint)
+        layers, scores, how = channel_scores(
+            analysis_dir, "mlp_intermediate", "mlp.down_proj", checkpoint
+        )
         width = scores.shape[1]
         prune = int(round(mlp_fraction * width))
         entries = []
         for k, layer in enumerate(layers):
             order = np.argsort(scores[k], kind="stable")
             entries.append(_prune_entry(int(layer), order[:prune], scores[k]))
-        out["mlp"] = {"score": how, "fraction": mlp_fraction,
-                      "intermediate_size_before": width, "intermediate_size_after": width - prune,
-                      "layers": entries}
+        out["mlp"] = {
+            "score": how,
+            "fraction": mlp_fraction,
+            "intermediate_size_before": width,
+            "intermediate_size_after": width - prune,
+            "layers": entries,
+        }
         out["widths"]["intermediate_size"] = width - prune
     if "attn_heads" in stats:
         out["heads"] = _head_plan(analysis_dir, cfg, checkpoint, head_fraction, head_rule)
@@ -231,17 +249,20 @@ def _prune_entry(layer: int, pruned: np.ndarray, scores: np.ndarray) -> dict:
 def _head_plan(
     analysis_dir: Path, cfg: dict, checkpoint: Checkpoint | None, fraction: float, rule: str
 ) -> dict:
-    layers, scores, how = channel_scores(analysis_dir, "attn_heads", "self_attn.o_proj",
-                                         checkpoint)
+    layers, scores, how = channel_scores(analysis_dir, "attn_heads", "self_attn.o_proj", checkpoint)
     heads = cfg.get("num_attention_heads")
     kv = cfg.get("num_key_value_heads", heads)
     if not heads or not kv:
-        raise PlanError("the analysis has no num_attention_heads / num_key_value_heads; pass "
-                        "--model or record shards whose attrs carry the model config")
+        raise PlanError(
+            "the analysis has no num_attention_heads / num_key_value_heads; pass "
+            "--model or record shards whose attrs carry the model config"
+        )
     head_dim = int(cfg.get("head_dim") or scores.shape[1] // heads)
     if heads * head_dim != scores.shape[1] or heads % kv:
-        raise PlanError(f"{heads} heads x {head_dim} dims with {kv} KV heads do not match "
-                        f"{scores.shape[1]} o_proj input channels")
+        raise PlanError(
+            f"{heads} heads x {head_dim} dims with {kv} KV heads do not match "
+            f"{scores.shape[1]} o_proj input channels"
+        )
     group = heads // kv
     head_scores = scores.reshape(len(layers), heads, head_dim).sum(2)
     entries = []
@@ -249,31 +270,48 @@ def _head_plan(
         per_group = int(round(fraction * group))
         for k, layer in enumerate(layers):
             by_group = head_scores[k].reshape(kv, group)
-            pruned = [g * group + int(h) for g in range(kv)
-                      for h in np.argsort(by_group[g], kind="stable")[:per_group]]
+            pruned = [
+                g * group + int(h)
+                for g in range(kv)
+                for h in np.argsort(by_group[g], kind="stable")[:per_group]
+            ]
             entries.append(_prune_entry(int(layer), np.array(pruned, dtype=int), head_scores[k]))
         widths = {"num_attention_heads": kv * (group - per_group), "num_key_value_heads": kv}
-        desc = (f"remove the {per_group} lowest-scoring query heads of each of the {kv} KV "
-                "groups; K/V projections unchanged")
+        desc = (
+            f"remove the {per_group} lowest-scoring query heads of each of the {kv} KV "
+            "groups; K/V projections unchanged"
+        )
     else:
         drop_groups = int(round(fraction * kv))
         for k, layer in enumerate(layers):
             group_scores = head_scores[k].reshape(kv, group).sum(1)
             gone = np.argsort(group_scores, kind="stable")[:drop_groups]
             entry = _prune_entry(
-                int(layer), np.array([g * group + h for g in gone for h in range(group)],
-                                     dtype=int), head_scores[k])
+                int(layer),
+                np.array([g * group + h for g in gone for h in range(group)], dtype=int),
+                head_scores[k],
+            )
             entry["pruned_kv_groups"] = sorted(int(g) for g in gone)
             entries.append(entry)
-        widths = {"num_attention_heads": (kv - drop_groups) * group,
-                  "num_key_value_heads": kv - drop_groups}
-        desc = (f"remove the {drop_groups} lowest-scoring whole KV groups (each {group} query "
-                "heads and one K/V head)")
+        widths = {
+            "num_attention_heads": (kv - drop_groups) * group,
+            "num_key_value_heads": kv - drop_groups,
+        }
+        desc = (
+            f"remove the {drop_groups} lowest-scoring whole KV groups (each {group} query "
+            "heads and one K/V head)"
+        )
     widths["head_dim"] = head_dim
-    return {"score": how + "; head score = sum over the head's channels", "rule": rule,
-            "description": desc, "fraction": fraction,
-            "num_attention_heads_before": heads, "num_key_value_heads_before": kv,
-            "widths": widths, "layers": entries}
+    return {
+        "score": how + "; head score = sum over the head's channels",
+        "rule": rule,
+        "description": desc,
+        "fraction": fraction,
+        "num_attention_heads_before": heads,
+        "num_key_value_heads_before": kv,
+        "widths": widths,
+        "layers": entries,
+    }
 
 
 def make_plan(
@@ -301,8 +339,14 @@ def make_plan(
     if model_dir is not None and not Path(model_dir).is_dir():
         raise PlanError(f"model directory {model_dir} does not exist")
     try:
-        neurons = neuron_plan(analysis, analysis_dir, model_dir, mlp_fraction=mlp_fraction,
-                              head_fraction=head_fraction, head_rule=head_rule)
+        neurons = neuron_plan(
+            analysis,
+            analysis_dir,
+            model_dir,
+            mlp_fraction=mlp_fraction,
+            head_fraction=head_fraction,
+            head_rule=head_rule,
+        )
     except ModelFilesError as exc:
         raise PlanError(str(exc)) from exc
     plan = {

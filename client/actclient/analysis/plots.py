@@ -104,6 +104,7 @@ def _influence(plt, analysis: dict, path: Path) -> Path:  # noqa: ANN001
     top.set_xlabel("layer")
     top.set_ylabel("1 - mean cos (higher = layer changes more)")
     top.set_yscale("symlog", linthresh=1e-3)
+    top.set_ylim(bottom=0)
     top.set_title("Block Influence and sub-block scores (red: flagged redundant)")
     top.legend(fontsize=7, ncol=2)
     table = analysis["by_tokens"]["all"]["angular_distance"]

@@ -59,12 +59,15 @@ def render_report(analysis: dict) -> str:
     add("")
     add("## Redundant layers (all tokens)")
     add("")
+    add("The lowest quarter by block influence; *strong* marks a BI at most half the median.")
+    add("")
     red = analysis["redundant_layers"]
     content = {e["layer"]: e for e in analysis["by_tokens"]["content"]["redundant_layers"]}
     if not red:
-        add("No layer has a block influence at most half the median. See the ranking below.")
+        add("No layer has a block influence score. Pass --model so layer 0 gets one.")
     for entry in red:
         flag = " **(protected)**" if entry["protected"] else ""
+        flag += " strong" if entry["strong"] else ""
         agree = (
             "also flagged on content tokens"
             if entry["layer"] in content
@@ -85,7 +88,7 @@ def render_report(analysis: dict) -> str:
     add("")
     add("## Per-layer scores")
     add("")
-    add("| layer | BI all | BI content | attention all | MLP all | |Δattn|/|h| | |Δmlp|/|a| |")
+    add("| layer | BI all | BI content | attention all | MLP all | ‖Δattn‖/‖h‖ | ‖Δmlp‖/‖a‖ |")
     add("|---:|---:|---:|---:|---:|---:|---:|")
     main, cont = analysis["by_tokens"]["all"], analysis["by_tokens"]["content"]
     for k, layer in enumerate(main["layers"]):

@@ -26,7 +26,7 @@ from vllm_activations.shard import ShardError, ShardReader, from_storage
 POPULATIONS: tuple[str, ...] = ("all", "content", "last")
 CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 EMBEDDING = "embedding"
-DEFAULT_BLOCK_BYTES = 64 << 20  # float64 bytes of one token block across all sites
+DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
 TOP_EVENTS = 8  # largest massive activations kept per site
 
 
@@ -96,6 +96,57 @@ def chan_merge(
     return n, mean, m2
 
 
+class TokenBlock:
+    """Per-token quantities of one block of tokens, computed once for every population.
+
+    `x` is [sites, tokens, hidden] float64. Holds the per-token cosine matrix [T, S, S],
+    boundary angles [T, B, B] (upper triangle), norms, update ratios, kurtosis, Hoyer sparsity,
+    |x| and the massive-activation flags.
+    """
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        positions: np.ndarray,
+        tokens: np.ndarray,
+        shard: str,
+        boundary_sites: list[int],
+        rule: MassiveRule,
+    ) -> None:
+        self.x, self.positions, self.tokens, self.shard = x, positions, tokens, shard
+        num_sites, t, hidden = x.shape
+        self.sq = np.einsum("sth,sth->st", x, x)
+        self.norms = np.sqrt(self.sq)
+        safe = np.where(self.norms > 0, self.norms, 1.0)
+        unit = x / safe[..., None]
+        self.gram = np.matmul(unit.transpose(1, 0, 2), unit.transpose(1, 2, 0))
+        np.clip(self.gram, -1.0, 1.0, out=self.gram)
+        nb = len(boundary_sites)
+        self.angle = np.zeros((t, nb, nb))
+        ub = unit[boundary_sites]
+        for i in range(nb - 1):
+            self.angle[:, i, i + 1 :] = unit_angle(ub[i + 1 :], ub[i][None]).T
+        del ub, unit
+        if num_sites > 1:
+            diff = x[1:] - x[:-1]
+            self.update_ratio = np.sqrt(np.einsum("sth,sth->st", diff, diff)) / safe[:-1]
+            del diff
+        else:
+            self.update_ratio = np.zeros((0, t))
+        centred = x - x.mean(2, keepdims=True)
+        centred *= centred
+        m2 = centred.mean(2)
+        m4 = np.einsum("sth,sth->st", centred, centred) / hidden
+        del centred
+        self.kurtosis = np.where(m2 > 0, m4 / np.where(m2 > 0, m2, 1.0) ** 2 - 3.0, 0.0)
+        self.mag = np.abs(x)
+        root_h = np.sqrt(hidden)
+        ratio = np.where(self.norms > 0, self.mag.sum(2) / safe, root_h)
+        self.hoyer = (root_h - ratio) / max(root_h - 1.0, 1e-12)
+        median = np.median(self.mag, axis=2, keepdims=True)
+        self.flagged = (self.mag > rule.threshold) & (self.mag > rule.ratio * median)
+
+
 @dataclass
 class ResidualStats:
     """Residual-stream statistics of one token population over all sites.
@@ -138,57 +189,64 @@ class ResidualStats:
 
     def add(self, x: np.ndarray, positions: np.ndarray, tokens: np.ndarray, shard: str) -> None:
         """Add a token block: `x` is [sites, tokens, hidden], already float64."""
-        t = x.shape[1]
+        block = TokenBlock(x, positions, tokens, shard, self.boundary_sites, self.rule)
+        self.add_block(block, np.ones(x.shape[1], dtype=bool))
+
+    def add_block(self, block: TokenBlock, mask: np.ndarray) -> None:
+        """Add the tokens of `block` selected by `mask` (per-token values are computed once)."""
+        t = int(mask.sum())
         if t == 0:
             return
-        sq = np.einsum("sth,sth->st", x, x)
-        norms = np.sqrt(sq)
-        unit = x / np.where(norms > 0, norms, 1.0)[..., None]
-        gram = np.matmul(unit.transpose(1, 0, 2), unit.transpose(1, 2, 0))
-        np.clip(gram, -1.0, 1.0, out=gram)
+        x = block.x[:, mask]
+        gram = block.gram[mask]
         self.cos_sum += gram.sum(0)
         self.cos_sq_sum += np.einsum("tij,tij->ij", gram, gram)
-        del gram
-        ub = unit[self.boundary_sites]
-        for i in range(len(self.boundary_sites) - 1):
-            self.angle_sum[i, i + 1 :] += unit_angle(ub[i + 1 :], ub[i][None]).sum(1)
-        del ub, unit
-        self.norm_sum += norms.sum(1)
-        self.norm_sq_sum += sq.sum(1)
-        if self.num_sites > 1:
-            step = np.sqrt(np.einsum("sth,sth->st", x[1:] - x[:-1], x[1:] - x[:-1]))
-            self.update_ratio_sum += (step / np.where(norms[:-1] > 0, norms[:-1], 1.0)).sum(1)
-        centred = x - x.mean(2, keepdims=True)
-        m2 = np.einsum("sth,sth->st", centred, centred) / self.hidden_size
-        m4 = np.einsum("sth,sth->st", centred**2, centred**2) / self.hidden_size
-        self.kurtosis_sum += np.where(m2 > 0, m4 / np.where(m2 > 0, m2, 1.0) ** 2 - 3.0, 0.0).sum(1)
-        del centred
-        mag = np.abs(x)
-        l1 = mag.sum(2)
-        root_h = np.sqrt(self.hidden_size)
-        ratio = np.where(norms > 0, l1 / np.where(norms > 0, norms, 1.0), root_h)
-        self.hoyer_sum += ((root_h - ratio) / max(root_h - 1.0, 1e-12)).sum(1)
+        self.angle_sum += block.angle[mask].sum(0)
+        self.norm_sum += block.norms[:, mask].sum(1)
+        self.norm_sq_sum += block.sq[:, mask].sum(1)
+        self.update_ratio_sum += block.update_ratio[:, mask].sum(1)
+        self.kurtosis_sum += block.kurtosis[:, mask].sum(1)
+        self.hoyer_sum += block.hoyer[:, mask].sum(1)
         block_mean = x.mean(1)
-        block_m2 = np.einsum("sth,sth->sh", x - block_mean[:, None], x - block_mean[:, None])
+        centred = x - block_mean[:, None]
+        block_m2 = np.einsum("sth,sth->sh", centred, centred)
         n, self.channel_mean, self.channel_m2 = chan_merge(
             self.count, self.channel_mean, self.channel_m2, t, block_mean, block_m2
         )
         self.count = int(n)
+        mag = block.mag[:, mask]
+        positions, tokens = block.positions[mask], block.tokens[mask]
         arg = mag.argmax(1)
         peak = np.take_along_axis(mag, arg[:, None, :], 1)[:, 0, :]
-        better = peak > self.absmax
+        self._update_absmax(peak, positions[arg], tokens[arg])
+        flagged = block.flagged[:, mask]
+        if flagged.any():
+            self._add_massive(x, mag, flagged, positions, tokens, block.shard)
+
+    def _update_absmax(self, peak: np.ndarray, position: np.ndarray, token: np.ndarray) -> None:
+        # Ties go to the smaller (position, token), so the result is independent of shard order.
+        tie = (
+            (peak == self.absmax)
+            & (self.absmax_position >= 0)
+            & (
+                (position < self.absmax_position)
+                | ((position == self.absmax_position) & (token < self.absmax_token))
+            )
+        )
+        better = (peak > self.absmax) | tie
         self.absmax = np.where(better, peak, self.absmax)
-        self.absmax_position = np.where(better, positions[arg], self.absmax_position)
-        self.absmax_token = np.where(better, tokens[arg], self.absmax_token)
-        self._add_massive(x, mag, positions, tokens, shard)
+        self.absmax_position = np.where(better, position, self.absmax_position)
+        self.absmax_token = np.where(better, token, self.absmax_token)
 
     def _add_massive(
-        self, x: np.ndarray, mag: np.ndarray, positions: np.ndarray, tokens: np.ndarray, shard: str
+        self,
+        x: np.ndarray,
+        mag: np.ndarray,
+        flagged: np.ndarray,
+        positions: np.ndarray,
+        tokens: np.ndarray,
+        shard: str,
     ) -> None:
-        median = np.median(mag, axis=2, keepdims=True)
-        flagged = (mag > self.rule.threshold) & (mag > self.rule.ratio * median)
-        if not flagged.any():
-            return
         self.massive_count += flagged.sum(1)
         token_hit = flagged.any(2)  # [S, T]
         self.massive_tokens += token_hit.sum(1)
@@ -238,10 +296,7 @@ class ResidualStats:
             other.channel_m2,
         )
         self.count = int(n)
-        better = other.absmax > self.absmax
-        self.absmax = np.where(better, other.absmax, self.absmax)
-        self.absmax_position = np.where(better, other.absmax_position, self.absmax_position)
-        self.absmax_token = np.where(better, other.absmax_token, self.absmax_token)
+        self._update_absmax(other.absmax, other.absmax_position, other.absmax_token)
         self.massive_positions.update(other.massive_positions)
         self.massive_token_ids.update(other.massive_token_ids)
         for s in range(self.num_sites):
@@ -429,20 +484,23 @@ class AnalysisAccumulator:
             content = (positions != 0) & ~np.isin(tokens, special)
             last = positions == positions.max() if len(positions) else content
             masks = {"all": np.ones(len(positions), bool), "content": content, "last": last}
-            per_token = len(layout.labels) * self.hidden_size * 8 * 6  # float64 working copies
+            per_token = len(layout.labels) * self.hidden_size * 8 * 5  # x, |x|, flags, temps
             step = max(1, self.block_bytes // per_token)
             for start in range(0, len(positions), step):
                 stop = min(start + step, len(positions))
                 x = self._read_block(reader, start, stop, tokens[start:stop])
+                first = next(iter(self.populations.values()))
+                block = TokenBlock(
+                    x,
+                    positions[start:stop],
+                    tokens[start:stop],
+                    reader.path.name,
+                    first.boundary_sites,
+                    self.rule,
+                )
                 for name, stats in self.populations.items():
-                    m = masks[name][start:stop]
-                    if m.any():
-                        stats.add(
-                            x[:, m],
-                            positions[start:stop][m],
-                            tokens[start:stop][m],
-                            reader.path.name,
-                        )
+                    stats.add_block(block, masks[name][start:stop])
+                del block, x
             self.num_shards += 1
             self.bytes_read += reader.path.stat().st_size
 

@@ -1,0 +1,141 @@
+"""Unit tests: the shard format, bfloat16 storage and atomic writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from vllm_activations.shard import (
+    SCHEMA_VERSION,
+    ShardError,
+    ShardReader,
+    bf16_bits_to_float32,
+    float32_to_bf16_bits,
+    iter_shard_paths,
+    read_shard,
+    write_shard,
+)
+
+
+def make(path, dtype="bfloat16", L=3, T=5, H=8, seed=0):
+    rng = np.random.default_rng(seed)
+    acts = {
+        s: rng.normal(size=(L, T, H)).astype(np.float32) * 100
+        for s in ("post_attention", "post_mlp")
+    }
+    write_shard(
+        path,
+        input_tokens=[1, 2, 3, 4],
+        output_tokens=[5, 6],
+        positions=range(T),
+        layers=[0, 2, 5],
+        layer_outputs=acts,
+        dtype=dtype,
+        attrs={"model": "m", "capture_spec": {"positions": "all"}, "prompt": "a\x00b",
+               "completion": '"quoted"', "other": "[not json"},
+    )
+    return acts
+
+
+def test_bf16_round_trip_matches_torch_rounding():
+    import torch
+    x = np.random.default_rng(1).normal(size=10000).astype(np.float32) * 1e3
+    x[:4] = [0.0, -0.0, 3.0e38, 1e-40]
+    ours = float32_to_bf16_bits(x)
+    theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(ours, theirs)
+    back = bf16_bits_to_float32(ours)
+    np.testing.assert_array_equal(back, torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+    assert np.isnan(bf16_bits_to_float32(float32_to_bf16_bits(np.array([np.nan], np.float32))))
+
+
+@pytest.mark.parametrize("dtype, atol", [("bfloat16", 1.0), ("float16", 0.1), ("float32", 0)])
+def test_write_read_round_trip(tmp_path, dtype, atol):
+    acts = make(tmp_path / "a.h5", dtype)
+    shard = read_shard(tmp_path / "a.h5")
+    assert shard.input_tokens.tolist() == [1, 2, 3, 4]
+    assert shard.output_tokens.tolist() == [5, 6]
+    assert shard.layers.tolist() == [0, 2, 5]
+    assert shard.tokens.tolist() == [1, 2, 3, 4, 5]
+    assert shard.attrs["schema_version"] == SCHEMA_VERSION
+    assert shard.attrs["capture_spec"] == {"positions": "all"}
+    assert shard.attrs["prompt"] == "a\x00b"
+    assert shard.attrs["completion"] == '"quoted"'
+    assert shard.attrs["other"] == "[not json"
+    for site, want in acts.items():
+        got = shard.layer_outputs[site]
+        assert got.dtype == np.float32 and got.shape == (3, 5, 8)
+        np.testing.assert_allclose(got, want, atol=atol, rtol=1e-2 if atol else 0)
+    with h5py.File(tmp_path / "a.h5") as f:
+        stored = f["layer_outputs/post_mlp"]
+        assert stored.attrs["dtype"] == dtype
+        assert (
+            stored.dtype
+            == {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}[dtype]
+        )
+
+
+def test_reader_selects_layers_and_sites(tmp_path):
+    acts = make(tmp_path / "a.h5", "float32")
+    shard = read_shard(tmp_path / "a.h5", layers=[5, 0], sites=["post_mlp"])
+    assert shard.layers.tolist() == [5, 0]
+    np.testing.assert_array_equal(shard.layer_outputs["post_mlp"], acts["post_mlp"][[2, 0]])
+    with pytest.raises(ShardError, match=r"layers \[1\] were not captured"):
+        read_shard(tmp_path / "a.h5", layers=[1])
+
+
+def test_invalid_files_are_rejected(tmp_path):
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ShardError, match="not a readable HDF5 shard"):
+        ShardReader(tmp_path / "junk.h5")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(ShardError, match="schema_version"):
+        ShardReader(tmp_path / "other.h5")
+
+
+def test_shape_mismatch_refused_and_nothing_written(tmp_path):
+    with pytest.raises(ShardError, match="expected"):
+        write_shard(
+            tmp_path / "bad.h5",
+            input_tokens=[1],
+            output_tokens=[],
+            positions=[0, 1],
+            layers=[0],
+            layer_outputs={"post_mlp": np.zeros((1, 3, 4), np.float32)},
+            dtype="float32",
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+WRITER = """
+import sys, numpy as np
+from vllm_activations.shard import write_shard
+x = np.ones((64, 512, 1024), np.float32)
+print("start", flush=True)
+while True:
+    write_shard(sys.argv[1], input_tokens=[1], output_tokens=[2], positions=range(512),
+                layers=range(64), layer_outputs={"post_mlp": x, "post_attention": x},
+                dtype="float32")
+"""
+
+
+def test_killed_writer_leaves_no_partial_shard_visible(tmp_path):
+    """SIGKILL in the middle of writing: readers see either nothing or a whole shard."""
+    target = tmp_path / "big.h5"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == b"start"
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    for path in iter_shard_paths(tmp_path):
+        shard = read_shard(path, layers=[63])
+        assert shard.layer_outputs["post_mlp"].shape == (1, 512, 1024)
+    assert all(p.suffix == ".partial" for p in leftovers)
+    assert [p.name for p in iter_shard_paths(tmp_path)] in ([], ["big.h5"])

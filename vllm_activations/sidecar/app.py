@@ -1,0 +1,317 @@
+"""The sidecar's FastAPI app: capture, jobs, shard download, the /v1 passthrough and health.
+
+Auth is one bearer-key dependency on a router that holds every route but /health, so a new
+route cannot forget it. Captures are admitted in a fixed order, each step able to refuse
+before anything exists: validate and tokenize (400/413), free disk (507), a concurrency slot
+(429); only then is a job created or vLLM called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.background import BackgroundTask
+
+from vllm_activations import __version__
+from vllm_activations.sidecar.errors import ApiError, install_error_handlers
+from vllm_activations.sidecar.generate import CaptureRunner
+from vllm_activations.sidecar.jobs import CaptureSlots, JobRegistry
+from vllm_activations.sidecar.schemas import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    JobAccepted,
+    JobStatus,
+    ShardList,
+    ShardListItem,
+)
+from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings, key_matches
+from vllm_activations.sidecar.store import ShardStore, validate_shard_id
+
+# Hop-by-hop headers and ones httpx/uvicorn set themselves are not forwarded.
+_DROP_REQUEST_HEADERS = {
+    "host",
+    "authorization",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "proxy-authorization",
+}
+_DROP_RESPONSE_HEADERS = {
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "date",
+    "server",
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse}
+    for code in (400, 401, 404, 409, 413, 422, 429, 500, 502, 503, 507)
+}
+
+bearer = HTTPBearer(auto_error=False, description="an API key of this server")
+
+
+async def require_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    keys = request.app.state.settings.api_keys
+    if not keys:
+        return
+    if credentials is None or not key_matches(credentials.credentials, keys):
+        raise ApiError(
+            401,
+            "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+            "Authorization",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _retry_later(settings: Settings) -> ApiError:
+    return ApiError(
+        429,
+        f"the server is running its maximum of {settings.limits.max_concurrent_captures} "
+        f"concurrent captures; retry later (raise it with `vllm-activations serve "
+        f"{LIMIT_FLAGS['max_concurrent_captures']}`)",
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The sidecar app for one vLLM server and its shard directory."""
+    store = ShardStore(settings.shard_dir)
+    slots = CaptureSlots(settings.limits.max_concurrent_captures)
+    jobs = JobRegistry(settings.max_finished_jobs)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(settings.request_timeout_s, connect=10.0)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+            app.state.client = client
+            app.state.runner = CaptureRunner(settings, client, store)
+            yield
+            await jobs.cancel_all()
+
+    app = FastAPI(
+        title="vllm-activations",
+        version=__version__,
+        description="Generate with vLLM and capture every decoder layer's residual stream "
+        "into a downloadable HDF5 shard. Every route except /health needs "
+        "'Authorization: Bearer <key>'.",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.jobs = jobs
+    app.state.slots = slots
+    install_error_handlers(app)
+    api = APIRouter(dependencies=[Depends(require_key)], responses=_ERRORS)
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health}})
+    async def health(request: Request) -> Any:
+        """Ready (200) only when vLLM behind the sidecar answers its own /health."""
+        client: httpx.AsyncClient = request.app.state.client
+        try:
+            r = await client.get(f"{settings.vllm_url}/health", timeout=5.0)
+            ready = r.status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        body = Health(status="ok" if ready else "starting", vllm="ready" if ready else "not ready")
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    @api.post(
+        "/generate_with_activations",
+        response_model=GenerateResponse,
+        responses={202: {"model": JobAccepted, "description": "accepted (`wait: false`)"}},
+    )
+    async def generate_with_activations(body: GenerateRequest, request: Request) -> Any:
+        """Generate (or teacher-force) with capture; answers when the shard is complete and
+        hashed, or at once with 202 and a job URL when `wait` is false."""
+        runner: CaptureRunner = request.app.state.runner
+        prepared = await runner.prepare(body)
+        runner.check_disk(prepared.estimated_bytes)
+        if not slots.try_acquire():
+            raise _retry_later(settings)
+        if body.wait:
+            try:
+                return await runner.execute(prepared)
+            finally:
+                slots.release()
+
+        async def work() -> GenerateResponse:
+            try:
+                return await runner.execute(prepared)
+            finally:
+                slots.release()
+
+        job = jobs.start(prepared.capture_id, work, _job_error)
+        accepted = JobAccepted(
+            id=job.id,
+            status="running",
+            job_url=f"/jobs/{job.id}",
+            shard_url=f"/shards/{job.id}",
+        )
+        return JSONResponse(
+            accepted.model_dump(), status_code=202, headers={"Location": accepted.job_url}
+        )
+
+    @api.get("/jobs/{job_id}", response_model=JobStatus)
+    async def get_job(job_id: str) -> JobStatus:
+        """A background capture's status; when succeeded, `result` is the full response."""
+        validate_shard_id(job_id)
+        job = jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no job with id {job_id!r}", "id")
+        return JobStatus(
+            id=job.id,
+            status=job.status,
+            created=job.created,
+            finished=job.finished,
+            result=job.result,
+            error=job.error,
+        )
+
+    @api.get(
+        "/shards/{shard_id}",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"application/x-hdf5": {}}, "description": "the shard file"},
+            206: {"content": {"application/x-hdf5": {}}, "description": "a byte range"},
+        },
+    )
+    async def get_shard(shard_id: str) -> FileResponse:
+        """Download a shard. Supports `Range`; `X-Content-SHA256` is the whole file's hash."""
+        path = store.existing(shard_id)
+        sha256 = await asyncio.to_thread(store.sha256, path)
+        return FileResponse(
+            path,
+            media_type="application/x-hdf5",
+            filename=path.name,
+            headers={"X-Content-SHA256": sha256, "X-Shard-Id": shard_id},
+        )
+
+    @api.delete("/shards/{shard_id}", status_code=204, response_class=Response)
+    async def delete_shard(shard_id: str) -> Response:
+        """Delete a shard file (409 while its capture is still running)."""
+        validate_shard_id(shard_id)
+        if shard_id in jobs.running_ids():
+            raise ApiError(409, f"shard {shard_id!r} is still being captured", "id")
+        store.delete(shard_id)
+        jobs.forget(shard_id)
+        return Response(status_code=204)
+
+    @api.get("/shards", response_model=ShardList)
+    async def list_shards(
+        after: Annotated[str | None, Query(description="list ids after this one")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> ShardList:
+        """Complete shards in id order, one page at a time."""
+        entries, next_after = await asyncio.to_thread(store.list, after, limit)
+        return ShardList(
+            shards=[
+                ShardListItem(
+                    id=e.id,
+                    url=f"/shards/{e.id}",
+                    bytes=e.bytes,
+                    modified=e.modified,
+                    sha256=e.sha256,
+                )
+                for e in entries
+            ],
+            next_after=next_after,
+        )
+
+    async def openai_passthrough(path: str, request: Request) -> StreamingResponse:
+        """Forwarded to vLLM unchanged. A request carrying `kv_transfer_params.capture`
+        takes a capture slot (429 when full) and needs the free-disk reserve (507)."""
+        client: httpx.AsyncClient = request.app.state.client
+        content = await request.body()
+        captures = _is_capture_request(content)
+        if captures:
+            request.app.state.runner.check_disk(0)
+            if not slots.try_acquire():
+                raise _retry_later(settings)
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS
+        }
+        upstream = client.build_request(
+            request.method,
+            f"{settings.vllm_url}/v1/{path}",
+            params=request.query_params,
+            headers=headers,
+            content=content,
+        )
+        try:
+            response = await client.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            if captures:
+                slots.release()
+            raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
+
+        async def close() -> None:
+            await response.aclose()
+            if captures:
+                slots.release()
+
+        return StreamingResponse(
+            response.aiter_raw(),
+            status_code=response.status_code,
+            headers={
+                k: v for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS
+            },
+            background=BackgroundTask(close),
+        )
+
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        api.add_api_route(
+            "/v1/{path:path}",
+            openai_passthrough,
+            methods=[method],
+            operation_id=f"openai_passthrough_{method.lower()}",
+            summary="vLLM's OpenAI-compatible API, passed through (streaming included)",
+            response_class=StreamingResponse,
+        )
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema() -> JSONResponse:
+        """The schema is served behind the key like every other route but /health."""
+        return JSONResponse(app.openapi())
+
+    app.include_router(api)
+    return app
+
+
+def _is_capture_request(content: bytes) -> bool:
+    if b"kv_transfer_params" not in content:
+        return False
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return False
+    params = body.get("kv_transfer_params") if isinstance(body, dict) else None
+    return isinstance(params, dict) and "capture" in params
+
+
+def _job_error(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ApiError):
+        return exc.body()["error"]
+    return {"status": 500, "field": None, "message": f"{type(exc).__name__}: {exc}"}

@@ -1,0 +1,294 @@
+"""The capture pipeline behind POST /generate_with_activations: prepare, then execute.
+
+`prepare` does everything that can reject a request before any work or file exists: it
+tokenizes through vLLM's /tokenize (the same tokenizer and chat template the engine uses, and
+exact token ids for teacher forcing), validates the capture spec against the model, and
+checks the token and capture-byte limits. `execute` sends the token ids to /v1/completions
+with the spec in `kv_transfer_params`, waits for the connector's shard, then reads its
+tokens and positions and hashes it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from vllm_activations.openai_capture import (
+    CaptureFailed,
+    capture_params,
+    completion_body,
+    wait_for_shard_async,
+)
+from vllm_activations.shard import ShardReader
+from vllm_activations.sidecar.errors import ApiError
+from vllm_activations.sidecar.schemas import GenerateRequest, GenerateResponse, ShardInfo, Timings
+from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings
+from vllm_activations.sidecar.store import ShardStore
+from vllm_activations.spec import CaptureSpec, CaptureSpecError
+
+
+@dataclass
+class PreparedCapture:
+    """A request that passed every check; nothing has run and nothing is on disk yet."""
+
+    capture_id: str
+    request: GenerateRequest
+    spec: CaptureSpec
+    prompt_ids: list[int]
+    text_start: int | None
+    max_tokens: int
+    estimated_bytes: int
+    tokenize_s: float
+
+
+def estimate_capture_bytes(
+    spec: CaptureSpec, prompt_tokens: int, max_tokens: int, num_layers: int, hidden_size: int
+) -> int:
+    """Upper bound of a shard's activation bytes: forwarded positions are P + G - 1."""
+    if spec.positions == "prompt":
+        positions = prompt_tokens
+    elif spec.positions == "generated":
+        positions = max(max_tokens - 1, 0)
+    else:
+        positions = prompt_tokens + max_tokens - 1
+    return spec.estimate_bytes(positions, num_layers, hidden_size)
+
+
+def check_inputs(req: GenerateRequest) -> None:
+    """Exactly one of prompt / messages, none of them empty (400 naming the field)."""
+    if (req.prompt is None) == (req.messages is None):
+        raise ApiError(400, "give exactly one of `prompt` or `messages`", "prompt")
+    if req.messages is not None and not req.messages:
+        raise ApiError(400, "must not be empty", "messages")
+    if req.text is not None and not req.text:
+        raise ApiError(400, "must not be empty (omit it to generate)", "text")
+
+
+def limit_message(what: str, value: int, limit_name: str, limit: int) -> str:
+    return (
+        f"{what} is {value}; the server's limit is {limit} "
+        f"(raise it with `vllm-activations serve {LIMIT_FLAGS[limit_name]}`)"
+    )
+
+
+def vllm_error(response: httpx.Response) -> ApiError:
+    """vLLM's error answer as ours: client errors keep their status, others become 502."""
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500]
+    status = response.status_code if 400 <= response.status_code < 500 else 502
+    return ApiError(status, f"vLLM: {message}")
+
+
+class CaptureRunner:
+    def __init__(self, settings: Settings, client: httpx.AsyncClient, store: ShardStore) -> None:
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self._model_name = settings.model_name
+
+    async def model_name(self) -> str:
+        if self._model_name is None:
+            try:
+                r = await self.client.get(f"{self.settings.vllm_url}/v1/models")
+                r.raise_for_status()
+                self._model_name = r.json()["data"][0]["id"]
+            except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+                raise ApiError(503, f"vLLM is not ready: {exc}") from exc
+        return self._model_name
+
+    async def _tokenize(self, payload: dict[str, Any], field: str) -> tuple[list[int], int]:
+        payload = {"model": await self.model_name(), **payload}
+        try:
+            r = await self.client.post(f"{self.settings.vllm_url}/tokenize", json=payload)
+        except httpx.HTTPError as exc:
+            raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
+        if r.status_code != 200:
+            error = vllm_error(r)
+            error.field = field
+            raise error
+        data = r.json()
+        return list(data["tokens"]), int(data["max_model_len"])
+
+    async def prepare(self, req: GenerateRequest) -> PreparedCapture:
+        """Validate and tokenize; raises ApiError (400/413/...) with nothing left behind."""
+        settings, limits = self.settings, self.settings.limits
+        check_inputs(req)
+        try:
+            spec = CaptureSpec.from_dict(req.capture.model_dump(exclude_none=True))
+            spec.resolve_layers(settings.num_layers)
+        except CaptureSpecError as exc:
+            raise ApiError(400, str(exc), f"capture.{exc.field}") from exc
+        start = time.perf_counter()
+        if req.messages is not None:
+            messages = [m.model_dump() for m in req.messages]
+            ids, max_model_len = await self._tokenize(
+                {"messages": messages, "add_generation_prompt": True}, "messages"
+            )
+            prompt_field = "messages"
+        else:
+            ids, max_model_len = await self._tokenize(
+                {"prompt": req.prompt, "add_special_tokens": True}, "prompt"
+            )
+            prompt_field = "prompt"
+        text_start = None
+        if req.text is not None:
+            # Tokenized apart from the prompt so `text_start` is an exact token boundary.
+            text_ids, _ = await self._tokenize(
+                {"prompt": req.text, "add_special_tokens": False}, "text"
+            )
+            text_start = len(ids)
+            ids = ids + text_ids
+            prompt_field = "text"
+        tokenize_s = time.perf_counter() - start
+        if not ids:
+            raise ApiError(400, "the prompt is empty after tokenization", prompt_field)
+        if len(ids) > limits.max_prompt_tokens:
+            raise ApiError(
+                413,
+                limit_message(
+                    "the prompt length in tokens",
+                    len(ids),
+                    "max_prompt_tokens",
+                    limits.max_prompt_tokens,
+                ),
+                prompt_field,
+            )
+        max_tokens = 1 if req.text is not None else req.max_tokens
+        if max_tokens > limits.max_tokens:
+            raise ApiError(
+                413,
+                limit_message("max_tokens", max_tokens, "max_tokens", limits.max_tokens),
+                "max_tokens",
+            )
+        if len(ids) + max_tokens > max_model_len:
+            raise ApiError(
+                400,
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                f"context of {max_model_len} tokens",
+                "max_tokens" if req.text is None else prompt_field,
+            )
+        estimate = estimate_capture_bytes(
+            spec, len(ids), max_tokens, settings.num_layers, settings.hidden_size
+        )
+        if estimate > limits.max_capture_bytes:
+            raise ApiError(
+                413,
+                limit_message(
+                    "the estimated capture size in bytes (tokens x layers x sites x hidden x "
+                    "dtype bytes)",
+                    estimate,
+                    "max_capture_bytes",
+                    limits.max_capture_bytes,
+                )
+                + "; or capture fewer layers, sites or positions",
+                "capture",
+            )
+        return PreparedCapture(
+            capture_id=uuid.uuid4().hex,
+            request=req,
+            spec=spec,
+            prompt_ids=ids,
+            text_start=text_start,
+            max_tokens=max_tokens,
+            estimated_bytes=estimate,
+            tokenize_s=tokenize_s,
+        )
+
+    def check_disk(self, estimated_bytes: int) -> None:
+        """507 unless the shard directory keeps its reserve after this capture is written."""
+        free = shutil.disk_usage(self.store.root).free
+        reserve = self.settings.limits.min_free_disk_bytes
+        if free - estimated_bytes < reserve:
+            raise ApiError(
+                507,
+                f"the shard directory has {free} bytes free; this capture needs about "
+                f"{estimated_bytes} and the server keeps {reserve} free "
+                f"(free space, or lower it with `vllm-activations serve "
+                f"{LIMIT_FLAGS['min_free_disk_bytes']}`)",
+            )
+
+    async def execute(self, prepared: PreparedCapture) -> GenerateResponse:
+        """Run the capture and return the finished result (the shard is complete and hashed)."""
+        req, t0 = prepared.request, time.perf_counter()
+        if req.text is not None:
+            sampling: dict[str, Any] = {"max_tokens": 1, "temperature": 0.0}
+        else:
+            sampling = {
+                "max_tokens": prepared.max_tokens,
+                "temperature": req.temperature,
+                "top_p": req.top_p,
+                "seed": req.seed,
+                "stop": req.stop,
+                "ignore_eos": req.ignore_eos or None,
+            }
+        body = completion_body(
+            model=await self.model_name(),
+            prompt=prepared.prompt_ids,
+            spec=prepared.spec,
+            capture_id=prepared.capture_id,
+            **sampling,
+        )
+        try:
+            r = await self.client.post(f"{self.settings.vllm_url}/v1/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
+        if r.status_code != 200:
+            raise vllm_error(r)
+        completion = r.json()
+        t1 = time.perf_counter()
+        try:
+            path = await wait_for_shard_async(
+                capture_params(completion), self.settings.shard_timeout_s
+            )
+        except CaptureFailed as exc:
+            raise ApiError(500, f"capture failed: {exc}") from exc
+        t2 = time.perf_counter()
+        sha256, meta = await asyncio.to_thread(self._hash_and_read, path)
+        t3 = time.perf_counter()
+        choice = completion["choices"][0]
+        shard_id = prepared.capture_id
+        return GenerateResponse(
+            id=shard_id,
+            mode=req.mode,
+            text=choice.get("text") or "",
+            input_tokens=meta["input_tokens"],
+            output_tokens=meta["output_tokens"],
+            text_start=prepared.text_start,
+            finish_reason=choice.get("finish_reason"),
+            shard=ShardInfo(
+                id=shard_id,
+                url=f"/shards/{shard_id}",
+                bytes=meta["bytes"],
+                sha256=sha256,
+                layers=meta["layers"],
+                positions=meta["positions"],
+                sites=list(prepared.spec.sites),
+                dtype=prepared.spec.dtype,
+            ),
+            timings=Timings(
+                tokenize_s=prepared.tokenize_s,
+                generate_s=t1 - t0,
+                shard_wait_s=t2 - t1,
+                sha256_s=t3 - t2,
+                total_s=prepared.tokenize_s + t3 - t0,
+            ),
+        )
+
+    def _hash_and_read(self, path: Path) -> tuple[str, dict[str, Any]]:
+        sha256 = self.store.sha256(path)
+        with ShardReader(path) as reader:
+            meta = {
+                name: reader.dataset(name).tolist()
+                for name in ("input_tokens", "output_tokens", "positions", "layers")
+            }
+        meta["bytes"] = path.stat().st_size
+        return sha256, meta

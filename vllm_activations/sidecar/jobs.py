@@ -1,0 +1,99 @@
+"""Capture admission and background jobs, in memory on the sidecar's event loop.
+
+`CaptureSlots` bounds concurrent captures (a full server answers 429 at once rather than
+queueing work the client may abandon). `JobRegistry` keeps `wait: false` requests: a job is
+created only after a request passed every check and got a slot, so a rejected request leaves
+no job behind. Finished jobs beyond `max_finished` are forgotten oldest first (their shards
+stay on disk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class CaptureSlots:
+    """A non-blocking counter of running captures (single event loop: no lock needed)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    def try_acquire(self) -> bool:
+        if self.in_use >= self.limit:
+            return False
+        self.in_use += 1
+        return True
+
+    def release(self) -> None:
+        self.in_use -= 1
+
+
+@dataclass
+class Job:
+    id: str
+    created: float = field(default_factory=time.time)
+    status: str = "running"
+    finished: float | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    task: asyncio.Task | None = None
+
+
+class JobRegistry:
+    def __init__(self, max_finished: int) -> None:
+        self.max_finished = max_finished
+        self._jobs: dict[str, Job] = {}
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def running_ids(self) -> set[str]:
+        return {j.id for j in self._jobs.values() if j.status == "running"}
+
+    def forget(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
+
+    def start(
+        self,
+        job_id: str,
+        work: Callable[[], Awaitable[Any]],
+        on_error: Callable[[BaseException], dict[str, Any]],
+    ) -> Job:
+        """Run `work()` as a task; its result or `on_error(exc)` is kept on the job."""
+        job = Job(job_id)
+        self._jobs[job_id] = job
+
+        async def run() -> None:
+            try:
+                job.result = await work()
+                job.status = "succeeded"
+            except Exception as exc:  # reported to the client through GET /jobs/{id}
+                job.error = on_error(exc)
+                job.status = "failed"
+            finally:
+                job.finished = time.time()
+                self._evict()
+
+        job.task = asyncio.create_task(run(), name=f"capture-job-{job_id}")
+        return job
+
+    def _evict(self) -> None:
+        finished = [j for j in self._jobs.values() if j.status != "running"]
+        for job in sorted(finished, key=lambda j: j.finished or 0)[
+            : max(0, len(finished) - self.max_finished)
+        ]:
+            del self._jobs[job.id]
+
+    async def cancel_all(self) -> None:
+        tasks = [j.task for j in self._jobs.values() if j.task and not j.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

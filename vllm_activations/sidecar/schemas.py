@@ -1,0 +1,150 @@
+"""Request and response models of the sidecar API; they are also its OpenAPI schema.
+
+The capture fields mirror `vllm_activations.spec.CaptureSpec` (the one definition of what a
+spec means); these models only describe the JSON shape, the spec class does the validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vllm_activations.spec import DTYPES, SITES
+
+Site = Literal["post_attention", "post_mlp"]
+Dtype = Literal["bfloat16", "float16", "float32"]
+assert set(Site.__args__) == set(SITES) and set(Dtype.__args__) == set(DTYPES)
+
+
+class CaptureRequest(BaseModel):
+    """What to record; see CaptureSpec. Omitted fields: all layers, both sites, all
+    positions, bfloat16."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    layers: list[int] | None = Field(
+        None, description="decoder layer indices (negative count from the end); null = all"
+    )
+    sites: list[Site] | None = Field(None, description="residual-stream sites per layer")
+    positions: str | None = Field(
+        None,
+        description="'all', 'prompt', 'generated', 'last' or 'every:K'",
+        examples=["all", "every:4"],
+    )
+    dtype: Dtype | None = Field(None, description="storage dtype of the shard")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: str | list[dict[str, Any]]
+
+
+class GenerateRequest(BaseModel):
+    """Exactly one of `prompt` (raw text) or `messages` (chat template applied); add `text`
+    to teacher-force: capture over the prompt followed by `text`, generating nothing (the
+    sampling fields are then ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    text: str | None = Field(None, description="continuation to teacher-force after the prompt")
+    max_tokens: int = Field(16, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence")
+    capture: CaptureRequest = Field(default_factory=CaptureRequest)
+    wait: bool = Field(
+        True, description="false: answer 202 at once with a job URL (for long requests)"
+    )
+
+    @property
+    def mode(self) -> str:
+        if self.text is not None:
+            return "teacher_forced"
+        return "chat" if self.messages is not None else "generate"
+
+
+class ShardInfo(BaseModel):
+    id: str
+    url: str = Field(description="GET it to download the HDF5 file (Range supported)")
+    bytes: int
+    sha256: str
+    layers: list[int]
+    positions: list[int] = Field(description="absolute token positions captured")
+    sites: list[Site]
+    dtype: Dtype
+
+
+class Timings(BaseModel):
+    tokenize_s: float
+    generate_s: float
+    shard_wait_s: float
+    sha256_s: float
+    total_s: float
+
+
+class GenerateResponse(BaseModel):
+    id: str = Field(description="the capture id, also the shard id and the job id")
+    mode: Literal["generate", "chat", "teacher_forced"]
+    text: str = Field(description="generated text")
+    input_tokens: list[int] = Field(description="token ids forwarded as the prompt")
+    output_tokens: list[int] = Field(
+        description="generated token ids, as in the shard (teacher-forced: the one token "
+        "sampled after `text`; it is never forwarded, so it has no activations)"
+    )
+    text_start: int | None = Field(
+        None, description="teacher-forced: index in input_tokens where `text` begins"
+    )
+    finish_reason: str | None
+    shard: ShardInfo
+    timings: Timings
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    field: str | None = Field(description="the request field at fault, dotted")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: Literal["running"]
+    job_url: str
+    shard_url: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal["running", "succeeded", "failed"]
+    created: float
+    finished: float | None = None
+    result: GenerateResponse | None = None
+    error: ErrorDetail | None = None
+
+
+class ShardListItem(BaseModel):
+    id: str
+    url: str
+    bytes: int
+    modified: float = Field(description="modification time, seconds since the epoch")
+    sha256: str | None = Field(None, description="known once computed (after capture)")
+
+
+class ShardList(BaseModel):
+    shards: list[ShardListItem]
+    next_after: str | None = Field(description="pass as `after` for the next page; null at end")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "starting"]
+    vllm: str
