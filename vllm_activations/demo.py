@@ -31,20 +31,45 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """`vllm-activations serve` as a child process group on loopback."""
+    """`vllm-activations serve` (or stock vLLM) as a child process group on loopback."""
 
-    def __init__(self, model: Path, shard_dir: Path, log_path: Path, extra: list[str]) -> None:
+    def __init__(
+        self, model: Path, shard_dir: Path, log_path: Path, extra: list[str], plain: bool = False
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = secrets.token_urlsafe(24)
         env = dict(os.environ, VLLM_ACTIVATIONS_API_KEY=self.api_key)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        cmd = [sys.executable, "-m", "vllm_activations.cli", "serve", str(model),
-               "--port", str(self.port), "--shard-dir", str(shard_dir), *extra]
+        if plain:  # stock vLLM: no capture architecture, no connector (benchmark baseline)
+            cmd = [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.launchers.api_server.entry",
+                "--model",
+                str(model),
+                "--port",
+                str(self.port),
+                *extra,
+            ]
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "vllm_activations.cli",
+                "serve",
+                str(model),
+                "--port",
+                str(self.port),
+                "--shard-dir",
+                str(shard_dir),
+                *extra,
+            ]
         self._log = open(log_path, "wb")
         self.log_path = log_path
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
 
     @property
     def headers(self) -> dict[str, str]:
@@ -82,19 +107,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from actclient.phase1.dataset import build_dataset
-
     from vllm_activations import embedded
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print("building the embedded model (cached after the first run) ...", flush=True)
     model = embedded.smollm2()
-    server = ServerProcess(model, out / "shards", out / "server.log",
-                           ["--max-model-len", "4096", "--gpu-memory-utilization", "0.15",
-                            "--served-model-name", "smollm2"])
+    server = ServerProcess(
+        model,
+        out / "shards",
+        out / "server.log",
+        [
+            "--max-model-len",
+            "4096",
+            "--gpu-memory-utilization",
+            "0.15",
+            "--served-model-name",
+            "smollm2",
+        ],
+    )
     try:
-        print(f"starting vllm-activations serve {model.name} (log: {server.log_path}) ...",
-              flush=True)
+        print(
+            f"starting vllm-activations serve {model.name} (log: {server.log_path}) ...", flush=True
+        )
         server.wait_ready()
         records = build_dataset()[: args.prompts]
         for record in records:
@@ -105,15 +140,18 @@ def main(argv: list[str] | None = None) -> int:
                 "temperature": 0.0,
                 "kv_transfer_params": {"capture": CaptureSpec().to_dict()},
             }
-            r = httpx.post(f"{server.url}/v1/chat/completions", json=body,
-                           headers=server.headers, timeout=600)
+            r = httpx.post(
+                f"{server.url}/v1/chat/completions", json=body, headers=server.headers, timeout=600
+            )
             r.raise_for_status()
             path = wait_for_shard(capture_params(r.json()))
             with ShardReader(path) as shard:
                 size = path.stat().st_size / 2**20
-                print(f"{record.id:40s} {len(shard.input_tokens):4d} prompt + "
-                      f"{len(shard.output_tokens):3d} generated tokens, {len(shard.layers)} "
-                      f"layers x {len(shard.sites)} sites, {size:6.1f} MiB  {path}")
+                print(
+                    f"{record.id:40s} {len(shard.input_tokens):4d} prompt + "
+                    f"{len(shard.output_tokens):3d} generated tokens, {len(shard.layers)} "
+                    f"layers x {len(shard.sites)} sites, {size:6.1f} MiB  {path}"
+                )
     finally:
         server.stop()
     print(f"\nshards: {out / 'shards'}")

@@ -1,0 +1,161 @@
+"""Capture overhead: plain vLLM versus capture, same prompts, same machine, same run.
+
+Three measurements on the embedded SmolLM2, each the wall time of N concurrent requests
+(Phase 1 tour-stop prompts, greedy, a fixed number of generated tokens, EOS ignored so every
+variant generates exactly the same tokens), best of `--repeats`:
+- `plain`: stock vLLM (no plugin architecture, no connector), its own server;
+- on one capture server: `no capture` (requests without a spec), `all layers x both sites`,
+  `quarter of the layers`, `last token only`. Capture time runs until every shard is on disk.
+Ratios are against `plain`, measured in the same run. Prints a table, writes JSON.
+
+    python bench/bench_capture.py [--requests 32] [--max-tokens 128] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from vllm_activations import embedded
+from vllm_activations.demo import ServerProcess
+from vllm_activations.openai_capture import capture_params, wait_for_shard_async
+from vllm_activations.spec import CaptureSpec
+
+SERVER_ARGS = [
+    "--max-model-len",
+    "4096",
+    "--gpu-memory-utilization",
+    "0.15",
+    "--served-model-name",
+    "bench",
+]
+
+
+async def run_batch(url, headers, prompts, max_tokens, spec: CaptureSpec | None) -> dict:
+    async def one(client, messages):
+        body = {
+            "model": "bench",
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+        }
+        if spec is not None:
+            body["kv_transfer_params"] = {"capture": spec.to_dict()}
+        r = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+        r.raise_for_status()
+        data = r.json()
+        if spec is not None:
+            path = await wait_for_shard_async(capture_params(data), timeout=600)
+            return data["usage"], path.stat().st_size
+        return data["usage"], 0
+
+    async with httpx.AsyncClient(timeout=1200) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, m) for m in prompts))
+        wall = time.perf_counter() - start
+    completion = sum(u["completion_tokens"] for u, _ in results)
+    prompt = sum(u["prompt_tokens"] for u, _ in results)
+    return {
+        "wall_s": wall,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "gen_tok_per_s": completion / wall,
+        "shard_bytes": sum(b for _, b in results),
+    }
+
+
+def measure(url, headers, prompts, max_tokens, spec, repeats) -> dict:
+    runs = [asyncio.run(run_batch(url, headers, prompts, max_tokens, spec)) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["wall_s"])
+    best["walls_s"] = [round(r["wall_s"], 3) for r in runs]
+    return best
+
+
+def start(model: Path, workdir: Path, plain: bool) -> ServerProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(
+        model, workdir / "shards", workdir / "server.log", SERVER_ARGS, plain=plain
+    )
+    server.wait_ready()
+    return server
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workdir", default="bench/work")
+    parser.add_argument("--out", default="bench/results/capture.json")
+    args = parser.parse_args()
+
+    from actclient.phase1.dataset import build_dataset
+
+    records = build_dataset()
+    prompts = [records[i % len(records)].messages() for i in range(args.requests)]
+    model = embedded.smollm2()
+    num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    workdir = Path(args.workdir).resolve()
+    variants = {
+        "no capture": None,
+        "all layers x both sites": CaptureSpec(),
+        "quarter of the layers": CaptureSpec(layers=tuple(range(0, num_layers, 4))),
+        "last token only": CaptureSpec(positions="last"),
+    }
+    results: dict[str, dict] = {}
+    plain = start(model, workdir / "plain", plain=True)
+    try:
+        measure(plain.url, plain.headers, prompts[:4], 8, None, 1)  # warm-up
+        results["plain vLLM"] = measure(
+            plain.url, plain.headers, prompts, args.max_tokens, None, args.repeats
+        )
+    finally:
+        plain.stop()
+    server = start(model, workdir / "capture", plain=False)
+    try:
+        measure(server.url, server.headers, prompts[:4], 8, CaptureSpec(), 1)  # warm-up
+        for name, spec in variants.items():
+            results[name] = measure(
+                server.url, server.headers, prompts, args.max_tokens, spec, args.repeats
+            )
+    finally:
+        server.stop()
+    base = results["plain vLLM"]["wall_s"]
+    print(
+        f"\n{args.requests} requests x {args.max_tokens} generated tokens, SmolLM2-135M, "
+        f"{platform.machine()} {platform.processor() or ''}".strip()
+    )
+    print(f"{'variant':28s} {'wall s':>8s} {'gen tok/s':>10s} {'vs plain':>9s} {'shard MiB':>10s}")
+    for name, r in results.items():
+        r["ratio_to_plain"] = r["wall_s"] / base
+        print(
+            f"{name:28s} {r['wall_s']:8.2f} {r['gen_tok_per_s']:10.1f} "
+            f"{r['ratio_to_plain']:8.3f}x {r['shard_bytes'] / 2**20:10.1f}"
+        )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "requests": args.requests,
+                "max_tokens": args.max_tokens,
+                "machine": platform.platform(),
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

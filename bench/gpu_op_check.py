@@ -1,0 +1,153 @@
+"""GPU check of the capture mechanism with torch alone (no vLLM on the GPU test machine).
+
+What vLLM does on a GPU that the CPU build cannot show: the fused add+RMSNorm kernel works IN
+PLACE (it overwrites both `hidden_states` and `residual` in the next layer), and the model is
+compiled and replayed as CUDA graphs, where Python does not run. This script builds a toy
+decoder with exactly that structure, an in-place fused add+RMSNorm custom op, and the capture
+op of vllm_activations/capture.py (same body, registered with torch.library because vLLM's
+helper is unavailable here), compiles it with CUDA graphs (mode="reduce-overhead"), replays it
+at several batch sizes, and compares the buffer with an eager, out-of-place reference.
+It also shows why the copy must happen right after each layer: keeping references to the
+layer outputs and reading them after the forward gives wrong values.
+
+    python bench/gpu_op_check.py        # prints PASS/FAIL per check, exit 1 on any FAIL
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+LIB = "vllm_activations_check"
+
+
+@torch.library.custom_op(f"{LIB}::fused_add_rms_norm", mutates_args=["x", "residual"])
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> None:
+    """In place, like vLLM's GPU kernel: residual += x; x = rmsnorm(residual) * weight."""
+    residual.add_(x)
+    var = residual.float().pow(2).mean(-1, keepdim=True)
+    x.copy_((residual.float() * torch.rsqrt(var + 1e-6)).to(x.dtype) * weight)
+
+
+@torch.library.custom_op(f"{LIB}::capture_residuals", mutates_args=["buffer"])
+def capture_residuals(
+    hidden_states: torch.Tensor, residual: torch.Tensor, buffer: torch.Tensor, slot: int
+) -> None:
+    n = hidden_states.shape[0]
+    buffer[:n, slot].copy_(residual)
+    torch.add(hidden_states, residual, out=buffer[:n, slot + 1])
+
+
+@fused_add_rms_norm.register_fake
+def _(x, residual, weight):
+    return None
+
+
+@capture_residuals.register_fake
+def _(hidden_states, residual, buffer, slot):
+    return None
+
+
+class Layer(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.attn = torch.nn.Linear(hidden, hidden, bias=False)
+        self.mlp = torch.nn.Linear(hidden, hidden, bias=False)
+        self.w1 = torch.nn.Parameter(torch.rand(hidden) + 0.5)
+        self.w2 = torch.nn.Parameter(torch.rand(hidden) + 0.5)
+
+    def forward(self, h, residual, inplace: bool):
+        # vLLM layer: input norm fused with the previous residual add, attention, post-attention
+        # norm fused with the residual add, MLP; returns (mlp_out, post-attention residual).
+        if residual is None:
+            residual = h.clone()
+            h = _rms(h) * self.w1
+        elif inplace:
+            fused_add_rms_norm(h, residual, self.w1)
+        else:
+            residual = residual + h
+            h = _rms(residual) * self.w1
+        a = torch.tanh(self.attn(h))
+        if inplace:
+            fused_add_rms_norm(a, residual, self.w2)
+            h = a
+        else:
+            residual = residual + a
+            h = _rms(residual) * self.w2
+        return torch.nn.functional.silu(self.mlp(h)), residual
+
+
+def _rms(x):
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(var + 1e-6)).to(x.dtype)
+
+
+class Model(torch.nn.Module):
+    def __init__(self, layers: int, hidden: int, rows: int, capture: bool) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(Layer(hidden) for _ in range(layers))
+        self.register_buffer("buffer", torch.zeros(rows, 2 * layers, hidden), persistent=False)
+        self.capture = capture
+        self.kept: list = []
+
+    def forward(self, x, inplace: bool = True):
+        h, residual = x, None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, inplace)
+            if self.capture:
+                capture_residuals(h, residual, self.buffer, 2 * i)
+            else:
+                self.kept.append((h, residual))  # the wrong way: read after the forward
+        return h + residual
+
+
+def reference(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """Out-of-place eager forward: [T, 2L, H] post-attention / post-MLP residuals."""
+    rows, h, residual = [], x, None
+    with torch.no_grad():
+        for layer in model.layers:
+            h, residual = layer(h, residual, inplace=False)
+            rows += [residual.clone(), (h + residual).clone()]
+    return torch.stack(rows, 1)
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("FAIL: no CUDA device")
+        return 1
+    torch.manual_seed(0)
+    device = "cuda"
+    layers, hidden, rows = 6, 256, 512
+    model = Model(layers, hidden, rows, capture=True).to(device).eval()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    failures = 0
+    with torch.no_grad():
+        for n in (7, 64, 200, 64, 7, 512):  # repeated sizes replay recorded CUDA graphs
+            x = torch.randn(n, hidden, device=device)
+            model.buffer.zero_()
+            for _ in range(3):
+                compiled(x.clone())
+            torch.cuda.synchronize()
+            got = model.buffer[:n].clone()
+            want = reference(model, x)
+            err = (got - want).abs().max().item() / want.abs().max().item()
+            ok = err < 1e-5
+            failures += not ok
+            print(f"{'PASS' if ok else 'FAIL'}: compiled+CUDA graphs, in-place norm, {n:3d} "
+                  f"tokens: max rel diff {err:.2e}")
+        wrong = Model(layers, hidden, rows, capture=False).to(device).eval()
+        wrong.load_state_dict(model.state_dict())
+        x = torch.randn(64, hidden, device=device)
+        wrong(x.clone())
+        late = torch.stack([t for h, r in wrong.kept for t in (r, h + r)], 1)
+        err = (late - reference(model, x)).abs().max().item()
+        print(f"{'PASS' if err > 1e-3 else 'FAIL'}: reading references after the forward is "
+              f"wrong with the in-place norm (max abs diff {err:.2f}), as expected")
+        failures += err <= 1e-3
+    print("ALL PASS" if failures == 0 else f"{failures} FAILED")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
