@@ -67,8 +67,9 @@ def assert_matches_hf(shard, model_dir, min_cos, max_rel):
 
     A bf16 engine cannot match float32 better than bf16 arithmetic allows: on SmolLM2, HF's
     own bf16 forward falls below 0.999 cosine against HF float32 at a few positions. For bf16
-    engines the worst position must be within 2e-3 of HF bf16's worst, and 99% of positions
-    must reach `min_cos`.
+    engines the worst position must be within 2e-3 of HF bf16's worst, 99% of positions must
+    reach `min_cos`, and max|diff|/max|ref| may reach 1.5x HF bf16's own where that exceeds
+    `max_rel`.
     """
     ids = np.concatenate([shard.input_tokens, shard.output_tokens]).tolist()
     forwarded = ids[: len(ids) - 1]
@@ -84,6 +85,8 @@ def assert_matches_hf(shard, model_dir, min_cos, max_rel):
         if ref16 is not None:
             hf16 = cosine(ref16[site][shard.layers][:, shard.positions], want)
             floor = min(min_cos, float(hf16.min()) - 2e-3)
+            hf16_rel = np.abs(ref16[site][shard.layers][:, shard.positions] - want).max()
+            max_rel = max(max_rel, 1.5 * hf16_rel / np.abs(want).max())
             share = (cos >= min_cos).mean()
             assert share >= 0.99, f"{site}: only {share:.4f} of positions reach {min_cos}"
         worst = np.unravel_index(np.argmin(cos), cos.shape)

@@ -61,7 +61,7 @@ def error_path(shard_dir: str | os.PathLike[str], capture_id: str) -> Path:
 
 def validate_capture_id(capture_id: object) -> str:
     """A capture id is a file name stem: letters, digits, '.', '_', '-', at most 128 chars."""
-    if not isinstance(capture_id, str) or not CAPTURE_ID_RE.match(capture_id):
+    if not isinstance(capture_id, str) or not CAPTURE_ID_RE.fullmatch(capture_id):
         raise CaptureSpecError(
             "capture_id",
             f"{capture_id!r} is not allowed; use 1-128 characters from [A-Za-z0-9._-], "

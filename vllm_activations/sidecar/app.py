@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -18,7 +18,7 @@ import httpx
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from vllm_activations import __version__
 from vllm_activations.sidecar.errors import ApiError, install_error_handlers
@@ -272,13 +272,13 @@ def create_app(settings: Settings) -> FastAPI:
             if captures:
                 slots.release()
 
-        return StreamingResponse(
+        return _UpstreamResponse(
+            close,
             response.aiter_raw(),
             status_code=response.status_code,
             headers={
                 k: v for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS
             },
-            background=BackgroundTask(close),
         )
 
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
@@ -298,6 +298,21 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(api)
     return app
+
+
+class _UpstreamResponse(StreamingResponse):
+    """A streamed vLLM response that always closes upstream and frees its slot, also when the
+    client disconnects (Starlette skips `background` tasks then)."""
+
+    def __init__(self, on_close: Callable[[], Awaitable[None]], *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
 
 
 def _is_capture_request(content: bytes) -> bool:

@@ -26,7 +26,7 @@ _HASH_CHUNK = 1 << 20
 
 def validate_shard_id(shard_id: str, field: str = "id") -> str:
     """Return the id if it is a safe file-name stem, else raise a 400 naming the field."""
-    if not SHARD_ID_RE.match(shard_id) or shard_id.endswith(".error"):
+    if not SHARD_ID_RE.fullmatch(shard_id):
         raise ApiError(
             400,
             f"{shard_id!r} is not a valid id; use 1-128 characters from [A-Za-z0-9._-], "
@@ -99,7 +99,7 @@ class ShardStore:
             shard_id = path.name[: -len(SHARD_SUFFIX)]
             if after is not None and shard_id <= after:
                 continue
-            if not SHARD_ID_RE.match(shard_id) or path.is_symlink():
+            if not SHARD_ID_RE.fullmatch(shard_id) or path.is_symlink():
                 continue
             if len(entries) == limit:
                 more = True
