@@ -1,8 +1,9 @@
-"""`make demo`: record activations for a few shipped tour-stop prompts on the embedded model.
+"""`make demo`: record, analyze and plan on a few shipped tour-stop prompts, embedded model.
 
 Builds SmolLM2-135M-Instruct (cached), starts `vllm-activations serve` on loopback, sends the
 first prompts of the shipped Phase 1 dataset through the chat API with capture on, and prints
-where the shards are and what they hold.
+where the shards are and what they hold; then `actclient analyze` and `actclient plan` turn
+them into a report and a layer/neuron pruning plan.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class ServerProcess:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_activations.demo")
     parser.add_argument("--out", default="demo-out", help="output directory")
-    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args(argv)
 
@@ -155,6 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
     print(f"\nshards: {out / 'shards'}")
+    from actclient.cli import main as actclient
+
+    analysis = out / "analysis"
+    if actclient(["analyze", str(out / "shards"), "--out", str(analysis), "--model", str(model)]):
+        return 1
+    drop = max(1, len(shard.layers) // 5)
+    plan = out / "plan.json"
+    if actclient(
+        ["plan", str(analysis), "--drop", str(drop), "--model", str(model), "--out", str(plan)]
+    ):
+        return 1
+    print(f"\nreport: {analysis / 'report.md'}\nplan:   {plan}")
     return 0
 
 

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from actclient import pluscode
 from actclient.phase1 import cli
 from actclient.phase1.dataset import (

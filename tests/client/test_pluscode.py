@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from actclient import pluscode as pc
 from actclient.pluscode import PlusCodeError
 

@@ -12,22 +12,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from actclient.http import MAX_ATTEMPTS, api_base, describe, request_with_retries
 from actclient.phase1.dataset import Phase1Record
 from actclient.phase1.ingest import load_records
 from actclient.progress import Progress
 
 DEFAULT_TIMEOUT_S = 600.0
-MAX_ATTEMPTS = 5
-_BACKOFF_BASE_S = 1.0
-_BACKOFF_CAP_S = 60.0
-_RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx, including proxies' 520-524
 
 
 @dataclass
@@ -58,26 +54,6 @@ def finished_ids(out_path: str | os.PathLike[str]) -> set[str]:
         if isinstance(obj, dict) and isinstance(obj.get("response"), str) and obj.get("id"):
             done.add(obj["id"])
     return done
-
-
-def _api_base(server_url: str) -> str:
-    """`http://host:8000`, `.../` or `.../v1` all name the same OpenAI route root."""
-    base = server_url.rstrip("/")
-    return base[: -len("/v1")] if base.endswith("/v1") else base
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    try:
-        return max(float(response.headers["retry-after"]), 0.0)
-    except (KeyError, ValueError):
-        return None
-
-
-def _backoff(attempt: int, hint: float | None) -> float:
-    """Seconds before retry `attempt` (1-based): the server's hint, or capped full jitter."""
-    if hint is not None:
-        return min(hint, _BACKOFF_CAP_S)
-    return random.uniform(0, min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**attempt))
 
 
 class _Appender:
@@ -114,24 +90,11 @@ async def _pick_model(client: httpx.AsyncClient, base: str) -> str:
 async def _complete(client: httpx.AsyncClient, base: str, model: str, record: Phase1Record) -> str:
     """The response text for one record; raises after MAX_ATTEMPTS retryable failures."""
     body = {"model": model, "messages": record.messages(), "max_tokens": record.max_tokens}
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        hint = None
-        try:
-            response = await client.post(f"{base}/v1/chat/completions", json=body)
-        except (httpx.TimeoutException, httpx.TransportError) as e:
-            problem = f"{type(e).__name__}: {e}"
-        else:
-            if response.status_code == 200:
-                return str(response.json()["choices"][0]["message"]["content"])
-            problem = f"HTTP {response.status_code}: {response.text[:200]}"
-            retryable = response.status_code in _RETRY_STATUS or response.status_code >= 500
-            if not retryable:
-                raise RuntimeError(problem)
-            hint = _retry_after(response)
-        if attempt == MAX_ATTEMPTS:
-            raise RuntimeError(f"{problem} (gave up after {MAX_ATTEMPTS} attempts)")
-        await asyncio.sleep(_backoff(attempt, hint))
-    raise AssertionError("unreachable")
+    url = f"{base}/v1/chat/completions"
+    response = await request_with_retries(client, "POST", url, attempts=MAX_ATTEMPTS, json=body)
+    if response.status_code != 200:
+        raise RuntimeError(describe(response))
+    return str(response.json()["choices"][0]["message"]["content"])
 
 
 async def _run(
@@ -202,7 +165,7 @@ def generate(
     summary = GenerateSummary(skipped=len(loaded.records) - len(todo))
     if todo:
         asyncio.run(
-            _run(todo, out, _api_base(server_url), api_key, model, concurrency, timeout, summary)
+            _run(todo, out, api_base(server_url), api_key, model, concurrency, timeout, summary)
         )
     return summary
 
