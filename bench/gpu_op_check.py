@@ -134,16 +134,20 @@ def main() -> int:
             err = (got - want).abs().max().item() / want.abs().max().item()
             ok = err < 1e-5
             failures += not ok
-            print(f"{'PASS' if ok else 'FAIL'}: compiled+CUDA graphs, in-place norm, {n:3d} "
-                  f"tokens: max rel diff {err:.2e}")
+            print(
+                f"{'PASS' if ok else 'FAIL'}: compiled+CUDA graphs, in-place norm, {n:3d} "
+                f"tokens: max rel diff {err:.2e}"
+            )
         wrong = Model(layers, hidden, rows, capture=False).to(device).eval()
         wrong.load_state_dict(model.state_dict())
         x = torch.randn(64, hidden, device=device)
         wrong(x.clone())
         late = torch.stack([t for h, r in wrong.kept for t in (r, h + r)], 1)
         err = (late - reference(model, x)).abs().max().item()
-        print(f"{'PASS' if err > 1e-3 else 'FAIL'}: reading references after the forward is "
-              f"wrong with the in-place norm (max abs diff {err:.2f}), as expected")
+        print(
+            f"{'PASS' if err > 1e-3 else 'FAIL'}: reading references after the forward is "
+            f"wrong with the in-place norm (max abs diff {err:.2f}), as expected"
+        )
         failures += err <= 1e-3
     print("ALL PASS" if failures == 0 else f"{failures} FAILED")
     return 1 if failures else 0

@@ -36,14 +36,20 @@ def make(path, dtype="bfloat16", L=3, T=5, H=8, seed=0):
         layers=[0, 2, 5],
         layer_outputs=acts,
         dtype=dtype,
-        attrs={"model": "m", "capture_spec": {"positions": "all"}, "prompt": "a\x00b",
-               "completion": '"quoted"', "other": "[not json"},
+        attrs={
+            "model": "m",
+            "capture_spec": {"positions": "all"},
+            "prompt": "a\x00b",
+            "completion": '"quoted"',
+            "other": "[not json",
+        },
     )
     return acts
 
 
 def test_bf16_round_trip_matches_torch_rounding():
     import torch
+
     x = np.random.default_rng(1).normal(size=10000).astype(np.float32) * 1e3
     x[:4] = [0.0, -0.0, 3.0e38, 1e-40]
     ours = float32_to_bf16_bits(x)
