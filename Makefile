@@ -34,7 +34,8 @@ test-unit: setup
 	$(PY) -m pytest -q -m "not integration"
 
 bench: setup
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_capture.py
+	$(PY) bench/bench_analyzer.py
 
 lint: setup
 	$(PY) -m ruff check .
