@@ -30,6 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from vllm_activations.files import fsync_dir
 from vllm_activations.spec import SITES
 
 SCHEMA_VERSION = 1
@@ -153,7 +154,7 @@ def write_shard(
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -301,11 +302,3 @@ def _decode_attr(value: Any) -> Any:
         except json.JSONDecodeError:
             return value
     return value
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

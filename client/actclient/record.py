@@ -51,9 +51,11 @@ from actclient.http import (
     is_retryable,
     request_with_retries,
 )
+from actclient.jsonl import JsonlAppender
 from actclient.phase1.dataset import Phase1Record
 from actclient.phase1.ingest import load_records
 from actclient.progress import Progress
+from vllm_activations.files import file_sha256, fsync_dir
 from vllm_activations.shard import SHARD_SUFFIX
 from vllm_activations.spec import DTYPES, POSITION_MODES, SITES, CaptureSpec, CaptureSpecError
 
@@ -65,7 +67,6 @@ DEFAULT_TIMEOUT_S = 3600.0
 REQUEST_TIMEOUT_S = 60.0  # one HTTP request; every request is short thanks to the job flow
 POLL_START_S = 0.2
 POLL_MAX_S = 2.0
-_HASH_CHUNK = 1 << 20
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,150}$")
 
 
@@ -168,22 +169,6 @@ def shard_name(record_id: str) -> str:
     return f"{clean}-{digest}{SHARD_SUFFIX}"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The last manifest line of every record id (a torn last line is ignored)."""
     path = Path(path)
@@ -212,29 +197,6 @@ def shard_verifies(out_dir: Path, entry: dict[str, Any]) -> bool:
     except OSError:
         return False
     return file_sha256(path) == entry.get("sha256")
-
-
-class Manifest:
-    """Appends one JSON line per finished record to OUT/manifest.jsonl, flushed and fsynced."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a+", encoding="utf-8")
-        # A kill mid-write can leave a torn last line: start on a fresh line after it.
-        self._file.seek(0, os.SEEK_END)
-        if self._file.tell() > 0:
-            self._file.seek(self._file.tell() - 1)
-            if self._file.read(1) != "\n":
-                self._file.write("\n")
-                self._file.flush()
-
-    def append(self, entry: dict[str, Any]) -> None:
-        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +499,7 @@ class Recorder:
                     _write_json(job_file, pending)
                 await self._download(client, server, result, part)
                 os.replace(part, final)
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
                 server.failures = max(server.failures - 1, 0)
                 return server, result
             except ShardGone:
@@ -616,7 +578,7 @@ class Recorder:
     async def run(self, todo: Sequence[Phase1Record]) -> RecordSummary:
         """Record `todo` (from `plan`), appending to the manifest as records finish."""
         self.paths.shards.mkdir(parents=True, exist_ok=True)
-        manifest = Manifest(self.paths.manifest)
+        manifest = JsonlAppender(self.paths.manifest)
         limit = self.options.concurrency * len(self.pool.servers)
         semaphore = asyncio.Semaphore(limit)
         timeouts = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0, pool=None)
@@ -676,7 +638,7 @@ class Recorder:
         self.pool.servers = reachable
 
     async def _one_and_log(
-        self, client: httpx.AsyncClient, record: Phase1Record, manifest: Manifest
+        self, client: httpx.AsyncClient, record: Phase1Record, manifest: JsonlAppender
     ) -> None:
         try:
             entry = await self._record_one(client, record)
@@ -774,7 +736,7 @@ def record(
     records = loaded.records
     todo = recorder.plan(records)
     if options.mode == "teacher-forced":
-        manifest = Manifest(recorder.paths.manifest)
+        manifest = JsonlAppender(recorder.paths.manifest)
         try:
             ready = []
             for r in todo:

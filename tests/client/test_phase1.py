@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from actclient import pluscode
+from actclient.jsonl import JsonlAppender
 from actclient.phase1 import cli
 from actclient.phase1.dataset import (
     Phase1Record,
@@ -18,7 +19,7 @@ from actclient.phase1.dataset import (
     load_places,
     write_jsonl,
 )
-from actclient.phase1.generate import _Appender, finished_ids, generate
+from actclient.phase1.generate import finished_ids, generate
 from actclient.phase1.ingest import load_records
 from actclient.phase1.prompts import STYLES, build_prompt, language_name
 from actclient.pluscode import PlusCodeError
@@ -230,9 +231,9 @@ def test_resume_skips_finished_ids(tmp_path: Path) -> None:
     assert finished_ids(out) == {records[0].id, records[1].id}
     assert finished_ids(tmp_path / "missing.jsonl") == set()
 
-    appender = _Appender(out)  # starts a fresh line after the torn one
+    appender = JsonlAppender(out)  # starts a fresh line after the torn one
     records[3].response = "four"
-    appender.write(records[3])
+    appender.write_line(records[3].to_json())
     appender.close()
     assert finished_ids(out) == {records[0].id, records[1].id, records[3].id}
 

@@ -8,20 +8,19 @@ refused). sha256 is computed in a worker thread and cached by (name, size, mtime
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_activations.files import file_sha256
 from vllm_activations.shard import SHARD_SUFFIX, iter_shard_paths
 from vllm_activations.sidecar.errors import ApiError
 
 # Same rule as vllm_activations.connector.CAPTURE_ID_RE (that module imports torch and vllm;
 # tests/test_sidecar.py checks the two stay equal).
 SHARD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_HASH_CHUNK = 1 << 20
 
 
 def validate_shard_id(shard_id: str, field: str = "id") -> str:
@@ -75,11 +74,7 @@ class ShardStore:
             cached = self._sha.get(path.name)
         if cached and cached[:2] == (st.st_size, st.st_mtime_ns):
             return cached[2]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_HASH_CHUNK):
-                digest.update(chunk)
-        value = digest.hexdigest()
+        value = file_sha256(path)
         with self._lock:
             self._sha[path.name] = (st.st_size, st.st_mtime_ns, value)
         return value

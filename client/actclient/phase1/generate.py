@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from actclient.http import MAX_ATTEMPTS, api_base, describe, request_with_retries
+from actclient.jsonl import JsonlAppender
 from actclient.phase1.dataset import Phase1Record
 from actclient.phase1.ingest import load_records
 from actclient.progress import Progress
@@ -54,28 +55,6 @@ def finished_ids(out_path: str | os.PathLike[str]) -> set[str]:
         if isinstance(obj, dict) and isinstance(obj.get("response"), str) and obj.get("id"):
             done.add(obj["id"])
     return done
-
-
-class _Appender:
-    """Appends finished records to the output JSONL durably, one line at a time."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a+", encoding="utf-8")
-        # A crash mid-write can leave a torn last line: start on a fresh line after it.
-        self._file.seek(0, os.SEEK_END)
-        if self._file.tell() > 0:
-            self._file.seek(self._file.tell() - 1)
-            if self._file.read(1) != "\n":
-                self._file.write("\n")
-
-    def write(self, record: Phase1Record) -> None:
-        self._file.write(record.to_json() + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
 
 
 async def _pick_model(client: httpx.AsyncClient, base: str) -> str:
@@ -114,7 +93,7 @@ async def _run(
     transport = httpx.AsyncHTTPTransport(retries=2, limits=limits)  # connect errors only
     async with httpx.AsyncClient(headers=headers, timeout=timeouts, transport=transport) as client:
         model = model or await _pick_model(client, base)
-        appender = _Appender(out_path)
+        appender = JsonlAppender(out_path)
         semaphore = asyncio.Semaphore(concurrency)
         with Progress(len(todo), desc="phase1 generate", unit="rec") as bar:
 
@@ -128,7 +107,7 @@ async def _run(
                         bar.write(f"failed {record.id}: {e}")
                     else:
                         record.response = text
-                        appender.write(record)
+                        appender.write_line(record.to_json())
                         summary.done += 1
                     bar.update(1, done=summary.done, failed=summary.failed)
 

@@ -1,0 +1,30 @@
+"""Durable-file helpers shared by the shard writer, the sidecar and the client.
+
+Stdlib only, so the laptop client can use them without vllm or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+_HASH_CHUNK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename inside `directory` durable."""
+    fd = os.open(Path(directory), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
