@@ -24,8 +24,8 @@ from pathlib import Path
 import httpx
 
 from vllm_activations import embedded
-from vllm_activations.demo import ServerProcess
 from vllm_activations.openai_capture import capture_params, wait_for_shard_async
+from vllm_activations.process import ServerProcess
 from vllm_activations.spec import CaptureSpec
 
 SERVER_ARGS = [
@@ -80,12 +80,7 @@ def measure(url, headers, prompts, max_tokens, spec, repeats) -> dict:
 
 
 def start(model: Path, workdir: Path, plain: bool) -> ServerProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(
-        model, workdir / "shards", workdir / "server.log", SERVER_ARGS, plain=plain
-    )
-    server.wait_ready()
-    return server
+    return ServerProcess(model, workdir, SERVER_ARGS, plain=plain).wait_ready()
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ What vLLM does on a GPU that the CPU build cannot show: the fused add+RMSNorm ke
 PLACE (it overwrites both `hidden_states` and `residual` in the next layer), and the model is
 compiled and replayed as CUDA graphs, where Python does not run. This script builds a toy
 decoder with exactly that structure, an in-place fused add+RMSNorm custom op, and the capture
-op of vllm_activations/capture.py (same body, registered with torch.library because vLLM's
+op's own body (vllm_activations/residual_copy.py, registered with torch.library because vLLM's
 helper is unavailable here), compiles it with CUDA graphs (mode="reduce-overhead"), replays it
 at several batch sizes, and compares the buffer with an eager, out-of-place reference.
 It also shows why the copy must happen right after each layer: keeping references to the
@@ -16,8 +16,12 @@ layer outputs and reading them after the forward gives wrong values.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+from vllm_activations.residual_copy import copy_residuals, copy_residuals_fake  # noqa: E402
 
 LIB = "vllm_activations_check"
 
@@ -30,13 +34,9 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     x.copy_((residual.float() * torch.rsqrt(var + 1e-6)).to(x.dtype) * weight)
 
 
-@torch.library.custom_op(f"{LIB}::capture_residuals", mutates_args=["buffer"])
-def capture_residuals(
-    hidden_states: torch.Tensor, residual: torch.Tensor, buffer: torch.Tensor, slot: int
-) -> None:
-    n = hidden_states.shape[0]
-    buffer[:n, slot].copy_(residual)
-    torch.add(hidden_states, residual, out=buffer[:n, slot + 1])
+capture_residuals = torch.library.custom_op(
+    f"{LIB}::capture_residuals", copy_residuals, mutates_args=["buffer"]
+)
 
 
 @fused_add_rms_norm.register_fake
@@ -44,9 +44,7 @@ def _(x, residual, weight):
     return None
 
 
-@capture_residuals.register_fake
-def _(hidden_states, residual, buffer, slot):
-    return None
+capture_residuals.register_fake(copy_residuals_fake)
 
 
 class Layer(torch.nn.Module):

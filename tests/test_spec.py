@@ -73,3 +73,14 @@ def test_estimate_bytes():
     quarter = CaptureSpec(layers=tuple(range(0, 64, 4)), sites=("post_mlp",), dtype="float32")
     assert quarter.estimate_bytes(10, 64, 5120) == 10 * 16 * 5120 * 4
     assert CaptureSpec(positions="every:4").estimate_bytes(9, 2, 8) == 3 * 2 * 2 * 8 * 2
+
+
+@pytest.mark.parametrize("positions", ["all", "prompt", "generated", "every:3"])
+def test_keeps_position_on_arrays_equals_scalar_answers(positions):
+    import numpy as np
+
+    spec = CaptureSpec(positions=positions)
+    pos = np.arange(20)
+    want = [spec.keeps_position(int(p), 8) for p in pos]
+    assert spec.keeps_position(pos, 8).tolist() == want
+    assert [p for p in range(20) if want[p]] == spec.expected_positions(8, 21 - 8)[:20]

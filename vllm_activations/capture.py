@@ -22,28 +22,16 @@ from torch import nn
 from torch.library import Library
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from vllm_activations.residual_copy import copy_residuals, copy_residuals_fake
+
 _LIB = Library("vllm_activations", "FRAGMENT")
-
-
-def _capture_residuals(
-    hidden_states: torch.Tensor, residual: torch.Tensor, buffer: torch.Tensor, slot: int
-) -> None:
-    n = hidden_states.shape[0]
-    buffer[:n, slot].copy_(residual)
-    torch.add(hidden_states, residual, out=buffer[:n, slot + 1])
-
-
-def _capture_residuals_fake(
-    hidden_states: torch.Tensor, residual: torch.Tensor, buffer: torch.Tensor, slot: int
-) -> None:
-    return None
 
 
 direct_register_custom_op(
     op_name="capture_residuals",
-    op_func=_capture_residuals,
+    op_func=copy_residuals,
     mutates_args=["buffer"],
-    fake_impl=_capture_residuals_fake,
+    fake_impl=copy_residuals_fake,
     target_lib=_LIB,
 )
 

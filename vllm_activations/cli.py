@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 from vllm_activations import __version__
 from vllm_activations.plugin import CAPTURE_ARCHITECTURES, CONNECTOR_MODULE, CONNECTOR_NAME
+from vllm_activations.process import free_loopback_port
 
 PLUGIN_NAME = "vllm_activations"
 
@@ -110,12 +110,6 @@ def plugin_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _sidecar_settings(args: argparse.Namespace, shard_dir: Path, vllm_url: str):
     """Resolve keys, check the bind address and build the sidecar settings (before vLLM)."""
     from vllm_activations.sidecar.settings import Limits, Settings, check_bind, load_api_keys
@@ -160,7 +154,7 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
 
     shard_dir = Path(args.shard_dir).resolve()
     shard_dir.mkdir(parents=True, exist_ok=True)
-    vllm_port = args.vllm_port or _free_loopback_port()
+    vllm_port = args.vllm_port or free_loopback_port()
     settings = _sidecar_settings(args, shard_dir, f"http://127.0.0.1:{vllm_port}")
     cmd = vllm_serve_command(
         args.model,

@@ -268,36 +268,29 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         rows = np.flatnonzero(slots >= 0)
         blocks = slots[rows] // self.block_size
         offsets = slots[rows] % self.block_size
-        block_owner: dict[int, tuple[str, int]] = {}
-        for req_id, table in block_tables.items():
-            for index, block in enumerate(table):
-                block_owner[block] = (req_id, index)
-        owners: dict[str, list[int]] = {}
-        positions: dict[str, list[int]] = {}
-        for row, block, offset in zip(
-            rows.tolist(), blocks.tolist(), offsets.tolist(), strict=True
-        ):
-            owner = block_owner.get(block)
-            if owner is None:
-                continue
-            req_id, index = owner
-            owners.setdefault(req_id, []).append(row)
-            positions.setdefault(req_id, []).append(index * self.block_size + offset)
-        if not owners:
-            return
+        # Dense block -> (owner, index in its table) lookup; -1 owns the other requests' blocks.
+        tables = [np.asarray(t, dtype=np.int64) for t in block_tables.values()]
+        size = int(max([blocks.max(initial=-1), *(t.max(initial=-1) for t in tables)])) + 1
+        owner = np.full(size, -1, dtype=np.int64)
+        block_index = np.zeros(size, dtype=np.int64)
+        for k, table in enumerate(tables):
+            owner[table] = k
+            block_index[table] = np.arange(len(table))
+        row_owner = owner[blocks]
         buffer = capture_state().buffer
-        for req_id, req_rows in owners.items():
+        for k, req_id in enumerate(block_tables):
             state = self._active.get(req_id)
-            if state is None:
+            mine = row_owner == k
+            if state is None or not mine.any():
                 continue
-            pos = np.asarray(positions[req_id], dtype=np.int64)
-            num_prompt = len(state.new.prompt_token_ids)
-            keep = np.array([state.spec.keeps_position(int(p), num_prompt) for p in pos])
+            pos = block_index[blocks[mine]] * self.block_size + offsets[mine]
             if state.spec.positions == "last":
                 keep = pos == pos.max()
+            else:
+                keep = state.spec.keeps_position(pos, len(state.new.prompt_token_ids))
             if not keep.any():
                 continue
-            row_index = torch.as_tensor(np.asarray(req_rows)[keep], device=buffer.device)
+            row_index = torch.as_tensor(rows[mine][keep], device=buffer.device)
             if state.columns is None:
                 state.columns = _site_columns(state.new.layers, state.spec.sites, buffer.device)
             # [T, L*S, H] -> storage dtype on the device, then one copy to host.

@@ -9,95 +9,15 @@ them into a report and a layer/neuron pruning plan.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from vllm_activations.openai_capture import capture_params, wait_for_shard
+from vllm_activations.process import ServerProcess
 from vllm_activations.shard import ShardReader
 from vllm_activations.spec import CaptureSpec
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`vllm-activations serve` (or stock vLLM) as a child process group on loopback."""
-
-    def __init__(
-        self, model: Path, shard_dir: Path, log_path: Path, extra: list[str], plain: bool = False
-    ) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = secrets.token_urlsafe(24)
-        env = dict(os.environ, VLLM_ACTIVATIONS_API_KEY=self.api_key)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        if plain:  # stock vLLM: no capture architecture, no connector (benchmark baseline)
-            cmd = [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.launchers.api_server.entry",
-                "--model",
-                str(model),
-                "--port",
-                str(self.port),
-                *extra,
-            ]
-        else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "vllm_activations.cli",
-                "serve",
-                str(model),
-                "--port",
-                str(self.port),
-                "--shard-dir",
-                str(shard_dir),
-                *extra,
-            ]
-        self._log = open(log_path, "wb")
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-4000:]
-                raise SystemExit(f"server exited ({self.proc.returncode}); log tail:\n{tail}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise SystemExit(f"server not ready after {timeout} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     model = embedded.smollm2()
     server = ServerProcess(
         model,
-        out / "shards",
-        out / "server.log",
+        out,
         [
             "--max-model-len",
             "4096",
@@ -155,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         server.stop()
-    print(f"\nshards: {out / 'shards'}")
+    print(f"\nshards: {server.shard_dir}")
     from actclient.cli import main as actclient
 
     analysis = out / "analysis"
-    if actclient(["analyze", str(out / "shards"), "--out", str(analysis), "--model", str(model)]):
+    if actclient(["analyze", str(server.shard_dir), "--out", str(analysis), "--model", str(model)]):
         return 1
     drop = max(1, len(shard.layers) // 5)
     plan = out / "plan.json"

@@ -127,8 +127,12 @@ class CaptureSpec:
             raise CaptureSpecError("layers", "names the same layer twice")
         return sorted(out)
 
-    def keeps_position(self, position: int, num_prompt_tokens: int) -> bool:
-        """Whether a forwarded position is recorded (`last` is resolved when the request ends)."""
+    def keeps_position(self, position, num_prompt_tokens: int):
+        """Whether a forwarded position is recorded (`last` is resolved when the request ends).
+
+        `position` is an int or an integer numpy array (elementwise answer): the connector
+        asks once per step for all of a request's rows.
+        """
         mode = self.positions
         if mode == "prompt":
             return position < num_prompt_tokens
@@ -136,7 +140,7 @@ class CaptureSpec:
             return position >= num_prompt_tokens
         if self.every:
             return position % self.every == 0
-        return True
+        return position >= 0
 
     def expected_positions(self, num_prompt_tokens: int, num_output_tokens: int) -> list[int]:
         """The positions a complete shard holds: forwarded positions are 0..P+G-2."""
