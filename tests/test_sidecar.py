@@ -30,7 +30,6 @@ from vllm_activations.cli import model_dimensions
 from vllm_activations.shard import read_shard
 from vllm_activations.sidecar import Limits, Settings, create_app
 from vllm_activations.sidecar.errors import ApiError
-from vllm_activations.sidecar.generate import estimate_capture_bytes
 from vllm_activations.sidecar.settings import (
     API_KEY_ENV,
     check_bind,
@@ -163,7 +162,7 @@ def test_store_never_leaves_its_directory(tmp_path):
 )
 def test_capture_estimate_counts_forwarded_positions(positions, expected_tokens):
     spec = CaptureSpec(layers=(0, 2), positions=positions, dtype="float32")
-    got = estimate_capture_bytes(spec, prompt_tokens=10, max_tokens=5, num_layers=4, hidden_size=8)
+    got = spec.estimate_bytes(10, 5, num_layers=4, hidden_size=8)
     assert got == expected_tokens * 2 * 2 * 8 * 4
 
 
@@ -554,7 +553,7 @@ def test_each_limit_rejects_with_its_status_and_leaves_nothing(server, embedded_
     long_prompt = " ".join(["harbour"] * 60)
     assert len(tokenize(server, prompt=long_prompt)) > n + 2
     # All layers, both sites, bf16, n + 16 - 1 positions: one byte over the limit.
-    full = estimate_capture_bytes(CaptureSpec(), n, 16, num_layers, hidden)
+    full = CaptureSpec().estimate_bytes(n, 16, num_layers, hidden)
     limits = Limits(max_prompt_tokens=n + 2, max_tokens=16, max_capture_bytes=full - 1)
     with InProcessSidecar(server, model_dir, limits) as sidecar:
         for wait in (True, False):
@@ -615,9 +614,12 @@ def test_each_limit_rejects_with_its_status_and_leaves_nothing(server, embedded_
 
 
 @pytest.mark.integration
-def test_concurrency_limit_answers_429_with_retry_after(server, embedded_models):
+def test_concurrency_limit_answers_429_with_retry_after(servers, embedded_models):
+    # SmolLM2, not the tiny model: its 1500-token job must outlast the checks below (the
+    # tiny model generates it in a few seconds, which made this test racy).
+    slow = servers.get("smollm2")
     with InProcessSidecar(
-        server, embedded_models[MODEL], Limits(max_concurrent_captures=1)
+        slow, embedded_models["smollm2"], Limits(max_concurrent_captures=1)
     ) as sidecar:
         long = sidecar.post(
             {"prompt": "Once", "max_tokens": 1500, "ignore_eos": True, "wait": False}
@@ -625,12 +627,12 @@ def test_concurrency_limit_answers_429_with_retry_after(server, embedded_models)
         assert long.status_code == 202, long.text
         job_id = long.json()["id"]
         for wait in (True, False):
-            before = shard_files(server)
+            before = shard_files(slow)
             r = sidecar.post({"prompt": "hi", "max_tokens": 2, "wait": wait})
             assert r.status_code == 429, r.text
             assert int(r.headers["retry-after"]) >= 1
             assert "--max-concurrent-captures" in r.json()["error"]["message"]
-            assert shard_files(server) - before <= {f"{job_id}.h5"}
+            assert shard_files(slow) - before <= {f"{job_id}.h5"}
             assert set(sidecar.app.state.jobs._jobs) == {job_id}
         # A capture through the /v1 passthrough takes a slot too.
         raw = httpx.post(

@@ -67,12 +67,13 @@ def test_expected_positions(positions, expected):
 
 def test_estimate_bytes():
     spec = CaptureSpec()
-    # Qwen3-32B, both sites of 64 layers, bf16: 1.25 MiB per token.
-    assert spec.estimate_bytes(1, 64, 5120) == int(1.25 * 2**20)
-    assert CaptureSpec(positions="last").estimate_bytes(1000, 64, 5120) == int(1.25 * 2**20)
+    # Qwen3-32B, both sites of 64 layers, bf16: 1.25 MiB per token (1 prompt token, 1 new:
+    # one forwarded position).
+    assert spec.estimate_bytes(1, 1, 64, 5120) == int(1.25 * 2**20)
+    assert CaptureSpec(positions="last").estimate_bytes(999, 2, 64, 5120) == int(1.25 * 2**20)
     quarter = CaptureSpec(layers=tuple(range(0, 64, 4)), sites=("post_mlp",), dtype="float32")
-    assert quarter.estimate_bytes(10, 64, 5120) == 10 * 16 * 5120 * 4
-    assert CaptureSpec(positions="every:4").estimate_bytes(9, 2, 8) == 3 * 2 * 2 * 8 * 2
+    assert quarter.estimate_bytes(10, 1, 64, 5120) == 10 * 16 * 5120 * 4
+    assert CaptureSpec(positions="every:4").estimate_bytes(9, 1, 2, 8) == 3 * 2 * 2 * 8 * 2
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "generated", "every:3"])

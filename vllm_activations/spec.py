@@ -149,14 +149,14 @@ class CaptureSpec:
             return [forwarded - 1]
         return [p for p in range(forwarded) if self.keeps_position(p, num_prompt_tokens)]
 
-    def estimate_bytes(self, num_positions: int, num_layers: int, hidden_size: int) -> int:
-        """Bytes of activations a shard holds (what capture limits are checked against)."""
+    def estimate_bytes(
+        self, num_prompt_tokens: int, max_new_tokens: int, num_layers: int, hidden_size: int
+    ) -> int:
+        """Upper bound of a shard's activation bytes, known before the request runs (what
+        capture limits are checked against): every position `expected_positions` can hold."""
+        positions = len(self.expected_positions(num_prompt_tokens, max_new_tokens))
         layers = len(self.resolve_layers(num_layers))
-        if self.positions == "last":
-            num_positions = min(num_positions, 1)
-        elif self.every:
-            num_positions = (num_positions + self.every - 1) // self.every
-        return num_positions * layers * len(self.sites) * hidden_size * DTYPE_BYTES[self.dtype]
+        return positions * layers * len(self.sites) * hidden_size * DTYPE_BYTES[self.dtype]
 
 
 def _parse_positions(value: object) -> int:

@@ -48,19 +48,6 @@ class PreparedCapture:
     tokenize_s: float
 
 
-def estimate_capture_bytes(
-    spec: CaptureSpec, prompt_tokens: int, max_tokens: int, num_layers: int, hidden_size: int
-) -> int:
-    """Upper bound of a shard's activation bytes: forwarded positions are P + G - 1."""
-    if spec.positions == "prompt":
-        positions = prompt_tokens
-    elif spec.positions == "generated":
-        positions = max(max_tokens - 1, 0)
-    else:
-        positions = prompt_tokens + max_tokens - 1
-    return spec.estimate_bytes(positions, num_layers, hidden_size)
-
-
 def check_inputs(req: GenerateRequest) -> None:
     """Exactly one of prompt / messages, none of them empty (400 naming the field)."""
     if (req.prompt is None) == (req.messages is None):
@@ -176,8 +163,8 @@ class CaptureRunner:
                 f"context of {max_model_len} tokens",
                 "max_tokens" if req.text is None else prompt_field,
             )
-        estimate = estimate_capture_bytes(
-            spec, len(ids), max_tokens, settings.num_layers, settings.hidden_size
+        estimate = spec.estimate_bytes(
+            len(ids), max_tokens, settings.num_layers, settings.hidden_size
         )
         if estimate > limits.max_capture_bytes:
             raise ApiError(
