@@ -6,7 +6,8 @@ variant generates exactly the same tokens), best of `--repeats`:
 - `plain`: stock vLLM (no plugin architecture, no connector), its own server;
 - on one capture server: `no capture` (requests without a spec), `all layers x both sites`,
   `quarter of the layers`, `last token only`. Capture time runs until every shard is on disk.
-Ratios are against `plain`, measured in the same run. Prints a table, writes JSON.
+Ratios are against `plain` and against `no capture` on the capture server, measured in the
+same run. Prints a table, writes JSON.
 
     python bench/bench_capture.py [--requests 32] [--max-tokens 128] [--repeats 2]
 """
@@ -79,8 +80,10 @@ def measure(url, headers, prompts, max_tokens, spec, repeats) -> dict:
     return best
 
 
-def start(model: Path, workdir: Path, plain: bool) -> ServerProcess:
-    return ServerProcess(model, workdir, SERVER_ARGS, plain=plain).wait_ready()
+def start(model: Path, workdir: Path, plain: bool, concurrency: int) -> ServerProcess:
+    # The sidecar's default concurrent-capture limit (16) would answer 429 to a full batch.
+    args = SERVER_ARGS if plain else [*SERVER_ARGS, "--max-concurrent-captures", str(concurrency)]
+    return ServerProcess(model, workdir, args, plain=plain).wait_ready()
 
 
 def main() -> int:
@@ -106,17 +109,18 @@ def main() -> int:
         "last token only": CaptureSpec(positions="last"),
     }
     results: dict[str, dict] = {}
-    plain = start(model, workdir / "plain", plain=True)
+    plain = start(model, workdir / "plain", plain=True, concurrency=args.requests)
     try:
-        measure(plain.url, plain.headers, prompts[:4], 8, None, 1)  # warm-up
+        # Warm-up at full size: the first batches at new shapes compile and allocate.
+        measure(plain.url, plain.headers, prompts, args.max_tokens, None, 1)
         results["plain vLLM"] = measure(
             plain.url, plain.headers, prompts, args.max_tokens, None, args.repeats
         )
     finally:
         plain.stop()
-    server = start(model, workdir / "capture", plain=False)
+    server = start(model, workdir / "capture", plain=False, concurrency=args.requests)
     try:
-        measure(server.url, server.headers, prompts[:4], 8, CaptureSpec(), 1)  # warm-up
+        measure(server.url, server.headers, prompts, args.max_tokens, CaptureSpec(), 1)
         for name, spec in variants.items():
             results[name] = measure(
                 server.url, server.headers, prompts, args.max_tokens, spec, args.repeats
@@ -124,16 +128,22 @@ def main() -> int:
     finally:
         server.stop()
     base = results["plain vLLM"]["wall_s"]
+    same_server = results["no capture"]["wall_s"]
     print(
         f"\n{args.requests} requests x {args.max_tokens} generated tokens, SmolLM2-135M, "
         f"{platform.machine()} {platform.processor() or ''}".strip()
     )
-    print(f"{'variant':28s} {'wall s':>8s} {'gen tok/s':>10s} {'vs plain':>9s} {'shard MiB':>10s}")
+    print(
+        f"{'variant':28s} {'wall s':>8s} {'gen tok/s':>10s} {'vs plain':>9s} "
+        f"{'vs no capture':>14s} {'shard MiB':>10s}"
+    )
     for name, r in results.items():
         r["ratio_to_plain"] = r["wall_s"] / base
+        r["ratio_to_no_capture"] = r["wall_s"] / same_server
         print(
             f"{name:28s} {r['wall_s']:8.2f} {r['gen_tok_per_s']:10.1f} "
-            f"{r['ratio_to_plain']:8.3f}x {r['shard_bytes'] / 2**20:10.1f}"
+            f"{r['ratio_to_plain']:8.3f}x {r['ratio_to_no_capture']:13.3f}x "
+            f"{r['shard_bytes'] / 2**20:10.1f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

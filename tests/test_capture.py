@@ -287,3 +287,30 @@ def test_killed_server_leaves_no_readable_shard(embedded_models, tmp_path):
     for path in server.shard_dir.iterdir():
         with pytest.raises(ShardError):
             ShardReader(path)
+
+
+@pytest.mark.parametrize("positions", ["generated", "last"])
+def test_generated_and_last_keep_prefix_cache_hits(servers, positions):
+    """Specs without prompt positions read the prefix cache, and still lose no position."""
+    server = servers.get("tiny-qwen3-tied")
+    prompt, gen = token_ids(290, 21 if positions == "last" else 22), 9
+    _, full_path = capture(server, prompt, max_tokens=gen, spec=CaptureSpec(dtype="float32"))
+    before = httpx.get(f"{server.vllm_url}/metrics", timeout=30).text
+    spec = CaptureSpec(positions=positions, dtype="float32")
+    _, path = capture(server, prompt, max_tokens=gen, spec=spec)
+    after = httpx.get(f"{server.vllm_url}/metrics", timeout=30).text
+    assert prefix_cache_hits(after) > prefix_cache_hits(before), "no prefix-cache hit"
+    full, part = read_shard(full_path), read_shard(path)
+    assert part.positions.tolist() == spec.expected_positions(len(prompt), gen)
+    rows = np.searchsorted(full.positions, part.positions)
+    for site in ("post_attention", "post_mlp"):
+        cos = cosine(part.layer_outputs[site], full.layer_outputs[site][:, rows])
+        assert cos.min() > 0.99999, (site, cos.min())
+
+
+def prefix_cache_hits(metrics: str) -> float:
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("vllm:prefix_cache_hits_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

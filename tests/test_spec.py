@@ -85,3 +85,17 @@ def test_keeps_position_on_arrays_equals_scalar_answers(positions):
     want = [spec.keeps_position(int(p), 8) for p in pos]
     assert spec.keeps_position(pos, 8).tolist() == want
     assert [p for p in range(20) if want[p]] == spec.expected_positions(8, 21 - 8)[:20]
+
+
+def test_only_prompt_position_specs_need_prefix_cache_bypass():
+    needs = {
+        p: CaptureSpec(positions=p).needs_prompt_positions
+        for p in ("all", "prompt", "every:4", "generated", "last")
+    }
+    assert needs == {
+        "all": True,
+        "prompt": True,
+        "every:4": True,
+        "generated": False,
+        "last": False,
+    }

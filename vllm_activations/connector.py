@@ -4,9 +4,11 @@ one HDF5 shard per capture request.
 Why a KV connector: it is vLLM's public per-step extension point on both sides of the process
 boundary, called in every runner and CUDA-graph mode, with no monkey-patching.
 - Scheduler side (engine core): `on_new_request` reads the capture spec from the request's
-  `kv_transfer_params["capture"]`, validates it, and turns off prefix-cache READS for that
-  request (cached blocks are never recomputed, so their activations would be missing; the
-  request still populates the cache for others). `build_connector_meta` ships, each step, the
+  `kv_transfer_params["capture"]`, validates it, and, when the spec needs prompt positions,
+  turns off prefix-cache READS for that request (cached blocks are never recomputed, so their
+  activations would be missing; the request still populates the cache for others). Specs for
+  `generated` or `last` positions keep their cache hits: vLLM recomputes the last prompt
+  token and every generated one. `build_connector_meta` ships, each step, the
   block table of every scheduled capture request and the requests that finished.
   `request_finished` returns the shard path to the client as `kv_transfer_params`.
 - Worker side (TP rank 0 only; the residual stream is replicated across TP ranks):
@@ -165,7 +167,8 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         except CaptureSpecError as exc:
             self._errors[request.request_id] = str(exc)
             return
-        request.skip_reading_prefix_cache = True
+        if spec.needs_prompt_positions:
+            request.skip_reading_prefix_cache = True
         self._requests[request.request_id] = _SchedulerRequest(capture_id, spec, layers)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):

@@ -127,6 +127,13 @@ class CaptureSpec:
             raise CaptureSpecError("layers", "names the same layer twice")
         return sorted(out)
 
+    @property
+    def needs_prompt_positions(self) -> bool:
+        """Whether the shard holds prompt positions other than the last one, i.e. positions a
+        prefix-cache hit would never recompute (vLLM always recomputes the last prompt token).
+        """
+        return self.positions not in ("generated", "last")
+
     def keeps_position(self, position, num_prompt_tokens: int):
         """Whether a forwarded position is recorded (`last` is resolved when the request ends).
 
