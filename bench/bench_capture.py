@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import time
@@ -36,6 +37,9 @@ SERVER_ARGS = [
     "0.15",
     "--served-model-name",
     "bench",
+    # Every variant computes the same tokens: capture of prompt positions bypasses the
+    # prefix cache, which would otherwise give the no-capture runs free prefill.
+    "--no-enable-prefix-caching",
 ]
 
 
@@ -94,6 +98,10 @@ def main() -> int:
     parser.add_argument("--workdir", default="bench/work")
     parser.add_argument("--out", default="bench/results/capture.json")
     args = parser.parse_args()
+    # vLLM's CPU build picks its OpenMP cores from how many cores it reserves for API server
+    # processes, which differs between stock vLLM and the launcher: pin the same cores for
+    # both so the baseline and the capture server compute on equal hardware.
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
 
     from actclient.phase1.dataset import build_dataset
 
