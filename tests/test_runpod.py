@@ -643,6 +643,9 @@ def test_dockerfile_pip_steps_dry_run(tmp_path):
         words = shlex.split(part)
         if words[:3] != ["python3", "-m", "pip"]:
             continue
+        # The Dockerfile's /tmp constraints file becomes the test's; replaced before the
+        # interpreter goes in, whose own path may lie under /tmp too (a clone in /tmp).
+        words = [str(constraints) if w.startswith("/tmp/") else w for w in words]
         words = [sys.executable, *words[1:]]
         if ">" in words:  # pip list --format=freeze > FILE
             words = words[: words.index(">")]
@@ -650,7 +653,6 @@ def test_dockerfile_pip_steps_dry_run(tmp_path):
             assert result.returncode == 0, result.stderr
             constraints.write_text(result.stdout)
             continue
-        words = [str(constraints) if w.startswith("/tmp/") else w for w in words]
         report = tmp_path / f"report{len(reports)}.json"
         words += ["--dry-run", "--report", str(report), "--quiet"]
         result = subprocess.run(words, cwd=context, capture_output=True, text=True, timeout=300)
