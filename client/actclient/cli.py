@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "actclient.phase1.cli",
     "actclient.record",
     "actclient.analysis.cli",
+    "actclient.prune",
+    "actclient.evaluate",
 )
 
 

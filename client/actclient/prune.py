@@ -1,0 +1,465 @@
+"""`actclient prune`: write a pruned Hugging Face checkpoint from a pruning plan, without torch.
+
+Layer deletion copies every kept tensor as raw bytes from the source safetensors files (the
+8-byte header length, the JSON header, then byte ranges), so kept weights are byte-identical
+to the source for any dtype, bfloat16 and FP8 included. `...layers.{i}.` is renamed to the
+kept layer's new index; the sharding of the source (model.safetensors.index.json) is kept.
+The config gets the new `num_hidden_layers`, per-layer lists (`layer_types`, ...) filtered to
+the kept layers, `max_window_layers` remapped, and the provenance under `actclient_pruning`.
+
+Optional MLP neuron pruning (`--neurons`, from the plan's neuron section) keeps the rows of
+gate_proj/up_proj and the columns of down_proj of the kept neurons: a slice of the raw
+element bits (bf16 as uint16), so every kept element is still bit-identical; the width must be
+the same in every layer so the result is a standard config with a new `intermediate_size`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from actclient import __version__
+from actclient.analysis.embedding import ModelFilesError, TensorInfo, read_safetensors_header
+from actclient.analysis.plan import LAYER_STRATEGIES
+
+PROVENANCE_KEY = "actclient_pruning"
+INDEX_NAME = "model.safetensors.index.json"
+# Files that are weights in another format: not copied (the pruned model is safetensors only).
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx", ".ckpt")
+_LAYER_NAME = re.compile(r"^((?:.*\.)?layers\.)(\d+)(\..+)$")
+# Config lists that name layer indices (remapped), as opposed to per-layer lists (filtered).
+_INDEX_LISTS = ("mlp_only_layers",)
+_MLP_ROWS = ("mlp.gate_proj", "mlp.up_proj")  # [intermediate, hidden]: keep rows
+_MLP_COLS = ("mlp.down_proj",)  # [hidden, intermediate]: keep columns
+_ITEM_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_ITEMSIZE = {
+    "BF16": 2,
+    "F16": 2,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+_COPY_CHUNK = 64 * 2**20
+
+
+class PruneError(ValueError):
+    """A pruning request that cannot be carried out; the message says what to change."""
+
+
+@dataclass
+class LayerSelection:
+    """Which source layers are dropped, and where the choice came from."""
+
+    dropped: list[int]
+    source: dict = field(default_factory=dict)  # provenance: plan path, strategy, scores
+
+
+@dataclass
+class NeuronSelection:
+    """MLP neurons kept per source layer (uniform count), from a plan's neuron section."""
+
+    kept: dict[int, np.ndarray]
+    source: dict = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return len(next(iter(self.kept.values())))
+
+
+def load_plan(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PruneError(f"{path}: cannot read the plan ({exc})") from exc
+    if "layers" not in plan or "strategies" not in plan.get("layers", {}):
+        raise PruneError(f"{path}: not a plan from `actclient plan` (no layers.strategies)")
+    return plan
+
+
+def layers_from_plan(
+    plan: dict, strategy: str, plan_path: str | Path | None = None
+) -> LayerSelection:
+    """The dropped layers of one strategy of a plan, with its rule and scores as provenance."""
+    strategies = plan["layers"]["strategies"]
+    if strategy not in strategies:
+        raise PruneError(f"the plan has no strategy {strategy!r}; it has {sorted(strategies)}")
+    entry = strategies[strategy]
+    if "skipped" in entry:
+        raise PruneError(f"the plan skipped strategy {strategy!r}: {entry['skipped']}")
+    return LayerSelection(
+        dropped=sorted(int(d["layer"]) for d in entry["dropped"]),
+        source={
+            "plan": str(plan_path) if plan_path is not None else None,
+            "analysis": plan.get("analysis"),
+            "strategy": strategy,
+            "rule": entry.get("rule"),
+            "tokens": plan["layers"].get("tokens"),
+            "dropped_scores": entry["dropped"],
+            **({"block": entry["block"]} if "block" in entry else {}),
+            **(
+                {"angular_distance": entry["angular_distance"]}
+                if "angular_distance" in entry
+                else {}
+            ),
+        },
+    )
+
+
+def neurons_from_plan(plan: dict, plan_path: str | Path | None = None) -> NeuronSelection:
+    """The MLP neurons to keep per layer from the plan's neuron section."""
+    mlp = plan.get("neurons", {}).get("mlp")
+    if not mlp:
+        why = plan.get("neurons", {}).get("skipped", "the plan has no neurons.mlp section")
+        raise PruneError(f"no MLP neuron plan: {why}")
+    before = int(mlp["intermediate_size_before"])
+    kept = {
+        int(e["layer"]): np.setdiff1d(np.arange(before), np.asarray(e["pruned"], dtype=np.int64))
+        for e in mlp["layers"]
+    }
+    widths = {len(v) for v in kept.values()}
+    if len(widths) != 1:
+        raise PruneError(f"the neuron plan keeps different widths per layer ({sorted(widths)})")
+    return NeuronSelection(
+        kept=kept,
+        source={
+            "plan": str(plan_path) if plan_path is not None else None,
+            "score": mlp.get("score"),
+            "fraction": mlp.get("fraction"),
+            "intermediate_size_before": before,
+            "intermediate_size_after": widths.pop(),
+        },
+    )
+
+
+def _load_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise PruneError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
+    return json.loads(path.read_text())
+
+
+def pruned_config(config: dict, kept: list[int], provenance: dict) -> dict:
+    """The config for a model that keeps source layers `kept` (in order)."""
+    total = int(config["num_hidden_layers"])
+    out = dict(config)
+    out["num_hidden_layers"] = len(kept)
+    for key, value in config.items():
+        if key in _INDEX_LISTS and isinstance(value, list):
+            new = {old: k for k, old in enumerate(kept)}
+            out[key] = [new[i] for i in value if i in new]
+        elif "layer" in key and isinstance(value, list) and len(value) == total:
+            out[key] = [value[i] for i in kept]
+    if isinstance(config.get("max_window_layers"), int):
+        # Layers below this index use full attention; keep that boundary between the same layers.
+        out["max_window_layers"] = sum(1 for i in kept if i < config["max_window_layers"])
+    out[PROVENANCE_KEY] = provenance
+    return out
+
+
+def _rename(name: str, new_index: dict[int, int]) -> str | None:
+    """The tensor's name in the pruned model, or None when its layer is dropped."""
+    match = _LAYER_NAME.match(name)
+    if not match:
+        return name
+    layer = int(match.group(2))
+    if layer not in new_index:
+        return None
+    return f"{match.group(1)}{new_index[layer]}{match.group(3)}"
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    """(raw JSON header, byte offset of the data) of a safetensors file."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        return json.loads(fh.read(length)), 8 + length
+
+
+@dataclass
+class _OutTensor:
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    write: Callable[[BinaryIO], None]  # writes exactly nbytes
+
+
+def _copy_bytes(src: Path, offset: int, nbytes: int) -> Callable[[BinaryIO], None]:
+    def write(out: BinaryIO) -> None:
+        with open(src, "rb") as fh:
+            fh.seek(offset)
+            left = nbytes
+            while left:
+                chunk = fh.read(min(left, _COPY_CHUNK))
+                if not chunk:
+                    raise PruneError(f"{src}: truncated tensor data")
+                out.write(chunk)
+                left -= len(chunk)
+
+    return write
+
+
+def _sliced(
+    info: TensorInfo, axis: int, keep: np.ndarray
+) -> tuple[list[int], int, Callable[[BinaryIO], None]]:
+    """Shape, size and writer of a tensor keeping indices `keep` along `axis` (raw bits)."""
+    if info.dtype not in _ITEMSIZE:
+        raise PruneError(f"{info.file}: cannot slice dtype {info.dtype}")
+    bits = _ITEM_BITS[_ITEMSIZE[info.dtype]]
+    shape = list(info.shape)
+    if keep.size and int(keep.max()) >= shape[axis]:
+        raise PruneError(f"neuron index {int(keep.max())} is outside a tensor of shape {shape}")
+    shape[axis] = len(keep)
+    nbytes = int(np.prod(shape)) * _ITEMSIZE[info.dtype]
+
+    def write(out: BinaryIO) -> None:
+        raw = np.memmap(info.file, dtype=bits, mode="r", offset=info.offset, shape=info.shape)
+        out.write(np.ascontiguousarray(np.take(raw, keep, axis=axis)).tobytes())
+
+    return shape, nbytes, write
+
+
+def _write_safetensors(path: Path, tensors: list[_OutTensor], metadata: dict | None) -> int:
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": t.shape,
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the reference writer aligns the data to 8 bytes
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for t in tensors:
+            start = fh.tell()
+            t.write(fh)
+            if fh.tell() - start != t.nbytes:
+                raise PruneError(f"{t.name}: wrote {fh.tell() - start} bytes, expected {t.nbytes}")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return offset
+
+
+def _neuron_slice(
+    name: str, layer: int | None, neurons: NeuronSelection | None
+) -> tuple[int, np.ndarray] | None:
+    """(axis, kept indices) when tensor `name` of source layer `layer` loses MLP neurons."""
+    if neurons is None or layer is None:
+        return None
+    for module in _MLP_ROWS + _MLP_COLS:
+        if f".{module}." not in f".{name}":
+            continue
+        if not (name.endswith(".weight") or name.endswith(".bias")):
+            raise PruneError(f"{name}: cannot prune neurons of a quantized MLP (scales present)")
+        if layer not in neurons.kept:
+            raise PruneError(f"the neuron plan has no entry for layer {layer}")
+        if module in _MLP_COLS:
+            return (1, neurons.kept[layer]) if name.endswith(".weight") else None
+        return 0, neurons.kept[layer]
+    return None
+
+
+def prune_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    layers: LayerSelection,
+    neurons: NeuronSelection | None = None,
+) -> dict:
+    """Write the pruned checkpoint to `out_dir` (created; must not exist or be empty).
+
+    Returns the provenance written into the config. The output is built in a temporary
+    sibling directory and renamed into place, so a failed run leaves nothing half-written.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = _load_config(model_dir)
+    total = int(config["num_hidden_layers"])
+    bad = [i for i in layers.dropped if not 0 <= i < total]
+    if bad or len(set(layers.dropped)) != len(layers.dropped):
+        raise PruneError(f"layers to drop {layers.dropped} must be distinct and in 0..{total - 1}")
+    kept = [i for i in range(total) if i not in set(layers.dropped)]
+    if not kept:
+        raise PruneError("the plan drops every layer")
+    if neurons is not None and config.get("quantization_config"):
+        raise PruneError("neuron pruning of a quantized checkpoint is not supported")
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PruneError(f"{model_dir}: no *.safetensors files (convert the checkpoint first)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise PruneError(f"{out_dir} exists and is not empty; choose another --out")
+
+    new_index = {old: new for new, old in enumerate(kept)}
+    provenance = {
+        "tool": f"actclient {__version__}",
+        "source_model": str(model_dir.resolve()),
+        "source_num_hidden_layers": total,
+        "dropped_layers": sorted(layers.dropped),
+        "kept_layers": kept,
+        "layers": layers.source,
+    }
+    new_config = pruned_config(config, kept, provenance)
+    if neurons is not None:
+        provenance["neurons"] = neurons.source
+        new_config["intermediate_size"] = neurons.width
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.pruning-", dir=out_dir.parent))
+    try:
+        weight_map: dict[str, str] = {}
+        total_size = 0
+        for path in files:
+            raw_header, data_start = _read_header(path)
+            infos = read_safetensors_header(path)
+            tensors = []
+            for name in sorted(infos, key=lambda n: infos[n].offset):
+                new_name = _rename(name, new_index)
+                if new_name is None:
+                    continue
+                info = infos[name]
+                begin, end = raw_header[name]["data_offsets"]
+                match = _LAYER_NAME.match(name)
+                cut = _neuron_slice(name, int(match.group(2)) if match else None, neurons)
+                if cut is None:
+                    shape, nbytes = list(info.shape), end - begin
+                    write = _copy_bytes(path, data_start + begin, nbytes)
+                else:
+                    shape, nbytes, write = _sliced(info, *cut)
+                tensors.append(_OutTensor(new_name, info.dtype, shape, nbytes, write))
+            if not tensors:
+                continue
+            total_size += _write_safetensors(
+                tmp / path.name, tensors, raw_header.get("__metadata__")
+            )
+            weight_map.update({t.name: path.name for t in tensors})
+        if (model_dir / INDEX_NAME).is_file():
+            index = json.loads((model_dir / INDEX_NAME).read_text())
+            index["metadata"] = {**index.get("metadata", {}), "total_size": total_size}
+            index["weight_map"] = dict(sorted(weight_map.items()))
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        elif len(files) > 1:
+            raise PruneError(f"{model_dir}: several safetensors files but no {INDEX_NAME}")
+        for src in model_dir.iterdir():
+            if (
+                src.is_file()
+                and not src.name.startswith(".")
+                and src.suffix != ".safetensors"
+                and src.name not in (INDEX_NAME, "config.json")
+                and not src.name.endswith(_OTHER_WEIGHTS)
+            ):
+                shutil.copy2(src, tmp / src.name)  # tokenizer, chat template, generation config
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return provenance
+
+
+def _layer_list(value: str) -> list[int]:
+    try:
+        return sorted(int(x) for x in value.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"--drop-layers takes comma-separated layer indices, got {value!r}"
+        ) from exc
+
+
+def _prune(args: argparse.Namespace) -> int:
+    try:
+        plan = load_plan(args.plan) if args.plan else None
+        if args.drop_layers is not None:
+            layers = LayerSelection(args.drop_layers, {"rule": "explicit --drop-layers"})
+            if plan is not None:
+                layers.source["plan"] = str(args.plan)
+        elif plan is not None:
+            layers = layers_from_plan(plan, args.strategy, args.plan)
+        else:
+            raise PruneError("give a PLAN (from `actclient plan`) or --drop-layers")
+        model_layers = _load_config(Path(args.model_dir))["num_hidden_layers"]
+        if plan is not None and plan["layers"].get("num_layers", model_layers) != model_layers:
+            raise PruneError(
+                f"the plan is for {plan['layers']['num_layers']} layers, the model has "
+                f"{model_layers}: it was made for another model"
+            )
+        neurons = None
+        if args.neurons:
+            if plan is None:
+                raise PruneError("--neurons needs a PLAN with a neuron section")
+            neurons = neurons_from_plan(plan, args.plan)
+        provenance = prune_checkpoint(args.model_dir, args.out, layers, neurons)
+    except (PruneError, ModelFilesError, OSError, KeyError) as exc:
+        print(f"prune: {exc}", file=sys.stderr)
+        return 2
+    width = f", intermediate_size {neurons.width}" if neurons is not None else ""
+    print(
+        f"prune: dropped layers {provenance['dropped_layers']} "
+        f"({provenance['source_num_hidden_layers']} -> {len(provenance['kept_layers'])}{width}); "
+        f"wrote {args.out}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `prune` to the top-level `actclient` parser."""
+    p = subparsers.add_parser(
+        "prune",
+        help="write a pruned checkpoint (layers dropped, optionally MLP neurons) from a plan",
+        description="Copy a safetensors checkpoint without the plan's dropped layers (kept "
+        "layers renumbered, weights byte-identical), with tokenizer files and a config that "
+        "records where the plan came from. Exit status 2 on bad input.",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="source Hugging Face model directory")
+    p.add_argument("plan", metavar="PLAN", nargs="?", help="plan JSON from `actclient plan`")
+    p.add_argument("--out", required=True, metavar="DIR", help="new model directory")
+    p.add_argument(
+        "--strategy",
+        choices=LAYER_STRATEGIES,
+        default="block_influence",
+        help="which of the plan's layer strategies to apply (default %(default)s)",
+    )
+    p.add_argument(
+        "--drop-layers",
+        type=_layer_list,
+        metavar="I,J,...",
+        help="drop these layers instead of a plan strategy (e.g. a random baseline)",
+    )
+    p.add_argument(
+        "--neurons",
+        action="store_true",
+        help="also prune MLP neurons by the plan's neuron section (intermediate_size changes)",
+    )
+    p.set_defaults(func=_prune)
+
+
+def kept_tensor_names(names: Iterable[str], dropped: Iterable[int]) -> dict[str, str]:
+    """Source name -> pruned name for every tensor a layer deletion keeps."""
+    total = 1 + max((int(m.group(2)) for n in names if (m := _LAYER_NAME.match(n))), default=-1)
+    gone = set(dropped)
+    new_index = {old: new for new, old in enumerate(i for i in range(total) if i not in gone)}
+    return {n: r for n in names if (r := _rename(n, new_index)) is not None}
