@@ -83,3 +83,36 @@ def hf_residuals(
         "post_mlp": np.stack(post_mlp),
         "final_hidden": to_numpy(out.last_hidden_state),
     }
+
+
+def hf_channel_inputs(
+    model_dir: str | Path, token_ids: list[int], dtype: str = "float32"
+) -> dict[str, np.ndarray]:
+    """Inputs of every layer's down_proj (``mlp_intermediate`` [L, T, I]) and o_proj
+    (``attn_heads`` [L, T, heads * head_dim]) for one sequence, as float32 numpy arrays."""
+    import torch
+
+    model = _load(model_dir, dtype)
+    layers = model.model.layers
+    seen: dict[str, list] = {
+        "mlp_intermediate": [None] * len(layers),
+        "attn_heads": [None] * len(layers),
+    }
+
+    def keep(kind: str, index: int):
+        def hook(_module, args):
+            seen[kind][index] = args[0].detach()[0].float().cpu().numpy()
+
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(keep("mlp_intermediate", i)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(keep("attn_heads", i)))
+    try:
+        with torch.no_grad():
+            model.model(input_ids=torch.tensor([token_ids], dtype=torch.long), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {kind: np.stack(arrays) for kind, arrays in seen.items()}

@@ -13,7 +13,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from hf_reference import hf_residuals
+from hf_reference import hf_channel_inputs, hf_residuals
 
 from vllm_activations.openai_capture import (
     CaptureFailed,
@@ -314,3 +314,45 @@ def prefix_cache_hits(metrics: str) -> float:
         if line.startswith("vllm:prefix_cache_hits_total"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen3-tied", "tiny-qwen3-untied"])
+def test_channel_stats_match_hf(servers, embedded_models, name):
+    """Per-request channel sums of the down_proj and o_proj inputs equal HF's over every
+    forwarded token, whatever positions and layers the residual capture keeps; concurrent
+    requests (with and without statistics) do not leak into each other's slots."""
+    server = servers.get(name)
+    # float32 engine: float32 accumulation order only; bf16 engine: bf16 activations.
+    tol = 1e-4 if server.dtype == "float32" else 3e-2
+    specs = [
+        CaptureSpec(layers=(0, 2, 3), positions="last", channel_stats=True),
+        CaptureSpec(channel_stats=True, sites=("post_mlp",)),
+        CaptureSpec(layers=(1,)),
+    ]
+    prompts = [token_ids(n, seed) for n, seed in ((150, 31), (40, 32), (90, 33))]
+    with cf.ThreadPoolExecutor(len(specs)) as pool:
+        futures = [
+            pool.submit(capture, server, p, 10, spec)
+            for p, spec in zip(prompts, specs, strict=True)
+        ]
+        results = [f.result() for f in futures]
+    for spec, (_, path) in zip(specs, results, strict=True):
+        with ShardReader(path) as reader:
+            if not spec.channel_stats:
+                assert "channel_stats" not in reader
+                continue
+            layers = reader.layers.tolist()
+            ids = reader.dataset("input_tokens").tolist() + reader.dataset("output_tokens").tolist()
+            forwarded = ids[:-1]
+            ref = hf_channel_inputs(embedded_models[name], forwarded, dtype="float32")
+            for kind, acts in ref.items():
+                want = acts[layers]
+                got_sum = reader.dataset(f"channel_stats/{kind}/sum")
+                got_sq = reader.dataset(f"channel_stats/{kind}/sum_sq")
+                count = reader.dataset(f"channel_stats/{kind}/count")
+                assert count.tolist() == [len(forwarded)] * len(layers)
+                assert got_sum.shape == (len(layers), want.shape[-1])
+                for got, exp in ((got_sum, want.sum(1)), (got_sq, (want * want).sum(1))):
+                    rel = np.abs(got - exp).max() / np.abs(exp).max()
+                    assert rel <= tol, f"{kind}: max|diff|/max|ref| = {rel}"
+                    assert cosine(got.ravel(), exp.ravel()) > 1 - tol

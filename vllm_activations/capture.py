@@ -11,18 +11,32 @@ Buffer layout: [max_num_batched_tokens, 2 * num_layers, hidden], token-major, mo
 Column 2*l holds layer l's post-attention residual; column 2*l+1 its post-MLP residual
 (`h + residual`, the layer's output). Row i is the i-th token of the current forward batch;
 the KV connector (connector.py) maps rows to requests and positions after each forward.
+
+Channel statistics (width pruning): a second op on the inputs of every layer's down_proj (the
+MLP intermediate activation) and o_proj (the attention heads' outputs) adds each token's
+channels, and their squares, into the float32 slot of the request that owns the token, found
+on the device from the token's KV slot and a block -> slot table the connector refreshes before
+each forward. Raw tensors of these widths (25600 per layer for Qwen3-32B) are never stored.
+Slots are few (`VLLM_ACTIVATIONS_CHANNEL_STATS_SLOTS`, default 16; 0 turns the op off).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.library import Library
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from vllm_activations.residual_copy import copy_residuals, copy_residuals_fake
+from vllm_activations.plugin import CHANNEL_STATS_SLOTS_ENV, DEFAULT_CHANNEL_STATS_SLOTS
+from vllm_activations.residual_copy import (
+    accumulate_channels,
+    copy_residuals,
+    copy_residuals_fake,
+)
+from vllm_activations.spec import CHANNEL_KINDS
 
 _LIB = Library("vllm_activations", "FRAGMENT")
 
@@ -37,12 +51,103 @@ direct_register_custom_op(
 
 
 @dataclass
+class ChannelStatsState:
+    """Per-request channel statistics on the device: slot s < `slots` belongs to one running
+    request, slot `slots` is the trash every other token is added to.
+
+    sums/sum_sqs[kind]: [num_layers, slots + 1, channels of this TP rank] float32;
+    counts: [slots + 1] tokens added per slot. `block_owner` ([num_blocks + 1] slot per KV
+    block) is allocated by the connector once the KV cache exists; `active` says whether any
+    scheduled request records statistics (eager steps skip the op otherwise).
+    """
+
+    slots: int
+    sums: dict[str, torch.Tensor]
+    sum_sqs: dict[str, torch.Tensor]
+    counts: torch.Tensor
+    block_owner: torch.Tensor | None = None
+    block_size: int = 0
+    active: bool = False
+    widths: dict[str, int] = field(default_factory=dict)
+
+    def bind_blocks(self, num_blocks: int, block_size: int) -> None:
+        """Allocate the block -> slot table (all trash) for a KV cache of `num_blocks`."""
+        self.block_owner = torch.full(
+            (num_blocks + 1,), self.slots, dtype=torch.long, device=self.counts.device
+        )
+        self.block_size = block_size
+
+    def zero_slot(self, slot: int) -> None:
+        for kind in self.sums:
+            self.sums[kind][:, slot].zero_()
+            self.sum_sqs[kind][:, slot].zero_()
+        self.counts[slot] = 0
+
+
+def channel_stats_slots() -> int:
+    value = os.environ.get(CHANNEL_STATS_SLOTS_ENV, str(DEFAULT_CHANNEL_STATS_SLOTS))
+    try:
+        slots = int(value)
+    except ValueError:
+        slots = -1
+    if slots < 0:
+        raise ValueError(f"{CHANNEL_STATS_SLOTS_ENV}={value!r}: expected an integer >= 0")
+    return slots
+
+
+def _channel_stats_op(
+    x: torch.Tensor,
+    sums: torch.Tensor,
+    sum_sqs: torch.Tensor,
+    counts: torch.Tensor,
+    layer: int,
+    count_tokens: bool,
+) -> None:
+    stats = _STATE.channel_stats if _STATE is not None else None
+    if stats is None or stats.block_owner is None:
+        return  # profiling and warm-up runs before the KV cache exists
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    if not stats.active and not capturing:
+        return
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return
+    mapping = get_forward_context().slot_mapping
+    if not mapping or isinstance(mapping, list):
+        return
+    accumulate_channels(
+        x,
+        next(iter(mapping.values())),
+        stats.block_owner,
+        stats.block_size,
+        sums[layer],
+        sum_sqs[layer],
+        counts if count_tokens else None,
+    )
+
+
+def _channel_stats_fake(x, sums, sum_sqs, counts, layer: int, count_tokens: bool) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="channel_stats",
+    op_func=_channel_stats_op,
+    mutates_args=["sums", "sum_sqs", "counts"],
+    fake_impl=_channel_stats_fake,
+    target_lib=_LIB,
+)
+
+
+@dataclass
 class CaptureState:
-    """What the worker-side connector needs to read the buffer of this process's model."""
+    """What the worker-side connector needs to read the buffers of this process's model."""
 
     buffer: torch.Tensor
     num_layers: int
     hidden_size: int
+    channel_stats: ChannelStatsState | None = None
 
 
 _STATE: CaptureState | None = None
@@ -74,13 +179,66 @@ class CapturingDecoderLayer(nn.Module):
         return hidden_states, residual
 
 
-_LAYER_CLASSES: dict[type, type] = {}
+class ChannelStatsLinear(nn.Module):
+    """Mixin for a row-parallel projection: add its input's channels to the statistics."""
+
+    def forward(self, input_, *args, **kwargs):  # type: ignore[override]
+        torch.ops.vllm_activations.channel_stats(
+            input_,
+            self.stats_sums,
+            self.stats_sum_sqs,
+            self.stats_counts,
+            self.stats_layer,
+            self.stats_count_tokens,
+        )
+        return super().forward(input_, *args, **kwargs)
 
 
-def _capturing_class(base: type) -> type:
-    if base not in _LAYER_CLASSES:
-        _LAYER_CLASSES[base] = type(f"Capturing{base.__name__}", (CapturingDecoderLayer, base), {})
-    return _LAYER_CLASSES[base]
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(mixin: type, base: type) -> type:
+    key = (mixin, base)
+    if key not in _SUBCLASSES:
+        name = mixin.__name__.replace("Linear", "").replace("DecoderLayer", "")
+        _SUBCLASSES[key] = type(f"{name}{base.__name__}", (mixin, base), {})
+    return _SUBCLASSES[key]
+
+
+# channel kind -> (submodule of the decoder layer, projection whose input is recorded)
+_STAT_SITES = {"mlp_intermediate": ("mlp", "down_proj"), "attn_heads": ("self_attn", "o_proj")}
+
+
+def _install_channel_stats(layers, num_layers: int, slots: int, device) -> ChannelStatsState:
+    first = layers[0]
+    widths = {
+        kind: getattr(getattr(first, sub), proj).input_size_per_partition
+        for kind, (sub, proj) in _STAT_SITES.items()
+    }
+    stats = ChannelStatsState(
+        slots=slots,
+        sums={
+            k: torch.zeros(num_layers, slots + 1, w, dtype=torch.float32, device=device)
+            for k, w in widths.items()
+        },
+        sum_sqs={
+            k: torch.zeros(num_layers, slots + 1, w, dtype=torch.float32, device=device)
+            for k, w in widths.items()
+        },
+        counts=torch.zeros(slots + 1, dtype=torch.long, device=device),
+        widths=widths,
+    )
+    for index, layer in enumerate(layers):
+        for kind in CHANNEL_KINDS:
+            sub, proj = _STAT_SITES[kind]
+            module = getattr(getattr(layer, sub), proj)
+            module.__class__ = _subclass(ChannelStatsLinear, type(module))
+            module.register_buffer("stats_sums", stats.sums[kind], persistent=False)
+            module.register_buffer("stats_sum_sqs", stats.sum_sqs[kind], persistent=False)
+            module.register_buffer("stats_counts", stats.counts, persistent=False)
+            module.stats_layer = index
+            module.stats_count_tokens = index == 0 and kind == CHANNEL_KINDS[0]
+    return stats
 
 
 def install_capture(model: nn.Module, vllm_config) -> CaptureState:
@@ -111,8 +269,12 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
                 "pre-norm decoder layer with post_attention_layernorm; supported: Qwen3, "
                 "Qwen2, Llama"
             )
-        layer.__class__ = _capturing_class(type(layer))
+        layer.__class__ = _subclass(CapturingDecoderLayer, type(layer))
         layer.capture_slot = 2 * index
         layer.register_buffer("capture_buffer", buffer, persistent=False)
-    _STATE = CaptureState(buffer=buffer, num_layers=num_layers, hidden_size=hidden)
+    slots = channel_stats_slots()
+    stats = _install_channel_stats(layers, num_layers, slots, buffer.device) if slots else None
+    _STATE = CaptureState(
+        buffer=buffer, num_layers=num_layers, hidden_size=hidden, channel_stats=stats
+    )
     return _STATE

@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from vllm_activations import __version__
-from vllm_activations.plugin import CAPTURE_ARCHITECTURES, CONNECTOR_MODULE, CONNECTOR_NAME
+from vllm_activations.plugin import (
+    CAPTURE_ARCHITECTURES,
+    CHANNEL_STATS_SLOTS_ENV,
+    CONNECTOR_MODULE,
+    CONNECTOR_NAME,
+    DEFAULT_CHANNEL_STATS_SLOTS,
+)
 from vllm_activations.process import free_loopback_port
 
 PLUGIN_NAME = "vllm_activations"
@@ -172,7 +178,12 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
         file=sys.stderr,
         flush=True,
     )
-    proc = subprocess.Popen(cmd, env=plugin_env())
+    env = plugin_env()
+    if args.channel_stats_slots is not None:
+        if args.channel_stats_slots < 0:
+            raise SystemExit("vllm-activations: --channel-stats-slots must be >= 0")
+        env[CHANNEL_STATS_SLOTS_ENV] = str(args.channel_stats_slots)
+    proc = subprocess.Popen(cmd, env=env)
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings),
@@ -279,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     limits.add_argument(
         "--max-concurrent-captures", type=int, default=16, help="beyond it: 429 + Retry-After"
+    )
+    serve.add_argument(
+        "--channel-stats-slots",
+        type=int,
+        default=None,
+        help="requests that may record channel statistics at once (float32 sums of the "
+        "down_proj and o_proj inputs per layer on the device; default "
+        f"${CHANNEL_STATS_SLOTS_ENV} or {DEFAULT_CHANNEL_STATS_SLOTS}; 0 turns them off)",
     )
     serve.add_argument("--shard-dir", default="shards", help="where shards are written")
     serve.add_argument("--revision", default=None)

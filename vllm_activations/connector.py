@@ -19,6 +19,11 @@ boundary, called in every runner and CUDA-graph mode, with no monkey-patching.
   position, so a recomputed row replaces the old one). Finished requests are handed to a
   writer thread that checks every expected position is present and writes the shard
   atomically, or writes `<capture_id>.error.json` saying what is missing.
+- Channel statistics (`channel_stats: true`): the scheduler gives the request one of the
+  model's statistics slots (capture.py), or rejects it when all are taken. Every TP rank, in
+  `bind_connector_metadata` (before the forward), points the KV blocks of scheduled requests
+  at their slots, zeroes the slot of a request recomputed after preemption, and reads out
+  (all-gathering the TP shards of the channels) and frees the slots of finished requests.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class NewCapture:
     layers: list[int]
     prompt_token_ids: list[int]
     sampling_params: dict[str, Any]
+    stats_slot: int | None = None
 
 
 @dataclass
@@ -98,6 +104,7 @@ class CaptureStepMetadata(KVConnectorMetadata):
     new: dict[str, NewCapture] = field(default_factory=dict)
     block_tables: dict[str, list[int]] = field(default_factory=dict)
     finished: dict[str, FinishedCapture] = field(default_factory=dict)
+    resumed: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -107,6 +114,7 @@ class _SchedulerRequest:
     layers: list[int]
     block_ids: list[int] = field(default_factory=list)
     announced: bool = False
+    stats_slot: int | None = None
 
 
 @dataclass
@@ -117,6 +125,7 @@ class _WorkerRequest:
     spec: CaptureSpec
     columns: torch.Tensor | None = None
     chunks: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    channel_stats: dict[str, np.ndarray] | None = None
 
 
 class ActivationCaptureConnector(KVConnectorBase_V1):
@@ -137,15 +146,26 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         self.num_layers = hf_config.num_hidden_layers
         self.model_attrs = _model_attrs(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
+            from vllm_activations.capture import channel_stats_slots
+
             self._requests: dict[str, _SchedulerRequest] = {}
             self._errors: dict[str, str] = {}
             self._finished: dict[str, FinishedCapture] = {}
+            self._num_stat_slots = channel_stats_slots()
+            self._free_stat_slots = list(range(self._num_stat_slots))[::-1]
+            self._resumed: set[str] = set()
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            from vllm_activations.capture import capture_state
 
             self.is_writer = get_tensor_model_parallel_rank() == 0
             self._active: dict[str, _WorkerRequest] = {}
             self._writer = _ShardWriterThread(vllm_config, self.model_attrs)
+            self._stats = capture_state().channel_stats
+            self._stat_slots: dict[str, tuple[int, list[int]]] = {}
+            if self._stats is not None:
+                self._stats.bind_blocks(kv_cache_config.num_blocks, self.block_size)
 
     # ---------------------------------------------------------------- scheduler side
 
@@ -164,12 +184,29 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
                 r.capture_id == capture_id for r in self._requests.values()
             ):
                 raise CaptureSpecError("capture_id", f"{capture_id!r} is already in use")
+            stats_slot = self._take_stat_slot() if spec.channel_stats else None
         except CaptureSpecError as exc:
             self._errors[request.request_id] = str(exc)
             return
-        if spec.needs_prompt_positions:
+        if spec.skips_prefix_cache:
             request.skip_reading_prefix_cache = True
-        self._requests[request.request_id] = _SchedulerRequest(capture_id, spec, layers)
+        self._requests[request.request_id] = _SchedulerRequest(
+            capture_id, spec, layers, stats_slot=stats_slot
+        )
+
+    def _take_stat_slot(self) -> int:
+        if not self._num_stat_slots:
+            raise CaptureSpecError(
+                "channel_stats",
+                "this server records no channel statistics (started with --channel-stats-slots 0)",
+            )
+        if not self._free_stat_slots:
+            raise CaptureSpecError(
+                "channel_stats",
+                f"all {self._num_stat_slots} statistics slots are in use by running requests "
+                "(the server's --channel-stats-slots); retry when one finishes",
+            )
+        return self._free_stat_slots.pop()
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return 0, False
@@ -193,6 +230,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
                     layers=state.layers,
                     prompt_token_ids=list(new_req.prompt_token_ids or []),
                     sampling_params=_sampling_attrs(new_req.sampling_params),
+                    stats_slot=state.stats_slot,
                 )
             meta.block_tables[new_req.req_id] = state.block_ids
         cached = scheduler_output.scheduled_cached_reqs
@@ -203,6 +241,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 state.block_ids = list(new_ids[0]) if new_ids is not None else []
+                meta.resumed.add(req_id)
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
             meta.block_tables[req_id] = list(state.block_ids)
@@ -216,6 +255,9 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         state = self._requests.pop(req_id, None)
         if state is None:
             return False, None
+        if state.stats_slot is not None:
+            # The worker reads the slot out at the next step's bind, before anything new runs.
+            self._free_stat_slots.append(state.stats_slot)
         reason = request.get_finished_reason()
         self._finished[req_id] = FinishedCapture(
             output_token_ids=list(request.output_token_ids),
@@ -229,6 +271,63 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         }
 
     # ---------------------------------------------------------------- worker side
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self._stats is not None and isinstance(connector_metadata, CaptureStepMetadata):
+            self._update_channel_stats(connector_metadata)
+
+    def _update_channel_stats(self, meta: CaptureStepMetadata) -> None:
+        """Before the forward, on every TP rank: finished slots out, new and resumed slots
+        zeroed, then the block -> slot table of this step's scheduled requests."""
+        stats = self._stats
+        for req_id in meta.finished:
+            entry = self._stat_slots.pop(req_id, None)
+            if entry is None:
+                continue
+            slot, layers = entry
+            result = self._read_stat_slot(slot, layers)
+            state = self._active.get(req_id) if self.is_writer else None
+            if state is not None:
+                state.channel_stats = result
+            stats.zero_slot(slot)
+        for req_id, new in meta.new.items():
+            if new.stats_slot is not None:
+                self._stat_slots[req_id] = (new.stats_slot, new.layers)
+                stats.zero_slot(new.stats_slot)
+        for req_id in meta.resumed:
+            if req_id in self._stat_slots:  # recomputed from its first token
+                stats.zero_slot(self._stat_slots[req_id][0])
+        owned = [
+            (self._stat_slots[r][0], table)
+            for r, table in meta.block_tables.items()
+            if r in self._stat_slots
+        ]
+        if not owned and not stats.active:
+            return
+        owner = np.full(stats.block_owner.shape[0], stats.slots, dtype=np.int64)
+        for slot, table in owned:
+            owner[np.asarray(table, dtype=np.int64)] = slot
+        stats.block_owner.copy_(torch.from_numpy(owner))
+        stats.active = bool(owned)
+
+    def _read_stat_slot(self, slot: int, layers: list[int]) -> dict[str, np.ndarray]:
+        """One request's statistics for its captured layers, all channels (TP-gathered)."""
+        from vllm.distributed import get_tp_group
+
+        stats = self._stats
+        index = torch.as_tensor(layers, dtype=torch.long, device=stats.counts.device)
+        tp = get_tp_group()
+        count = int(stats.counts[slot])
+        out: dict[str, np.ndarray] = {}
+        for kind in stats.sums:
+            for name, source in (("sum", stats.sums[kind]), ("sum_sq", stats.sum_sqs[kind])):
+                part = source[:, slot].index_select(0, index)
+                if tp.world_size > 1:
+                    part = tp.all_gather(part.contiguous(), dim=-1)
+                out[f"channel_stats/{kind}/{name}"] = part.cpu().numpy()
+            out[f"channel_stats/{kind}/count"] = np.full(len(layers), count, dtype=np.int64)
+        return out
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         return None
@@ -393,6 +492,13 @@ class _ShardWriterThread:
                 f"{len(missing)} of {len(expected)} positions missing, first {missing[:8]}",
             )
             return
+        if spec.channel_stats and not state.channel_stats:
+            _write_error(
+                shard_dir,
+                new.capture_id,
+                "channel statistics were requested but none were recorded for this request",
+            )
+            return
         num_layers, num_sites = len(new.layers), len(spec.sites)
         hidden = self._model_attrs["hidden_size"]
         if data is None:
@@ -422,6 +528,7 @@ class _ShardWriterThread:
             layer_outputs=outputs,
             dtype=spec.dtype,
             attrs=attrs,
+            extra=state.channel_stats,
         )
 
 

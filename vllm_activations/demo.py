@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 "messages": record.messages(),
                 "max_tokens": args.max_tokens,
                 "temperature": 0.0,
-                "kv_transfer_params": {"capture": CaptureSpec().to_dict()},
+                "kv_transfer_params": {"capture": CaptureSpec(channel_stats=True).to_dict()},
             }
             r = httpx.post(
                 f"{server.url}/v1/chat/completions", json=body, headers=server.headers, timeout=600

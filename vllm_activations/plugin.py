@@ -16,6 +16,9 @@ CAPTURE_ARCHITECTURES: dict[str, str] = {
 }
 CONNECTOR_NAME = "ActivationCaptureConnector"
 CONNECTOR_MODULE = "vllm_activations.connector"
+# How many requests may record channel statistics at once (device slots; 0 turns them off).
+CHANNEL_STATS_SLOTS_ENV = "VLLM_ACTIVATIONS_CHANNEL_STATS_SLOTS"
+DEFAULT_CHANNEL_STATS_SLOTS = 16
 
 
 def register() -> None:

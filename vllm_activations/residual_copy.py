@@ -24,3 +24,33 @@ def copy_residuals_fake(
 ) -> None:
     """Shape-only implementation for tracing: the op returns nothing."""
     return None
+
+
+def accumulate_channels(
+    x: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_owner: torch.Tensor,
+    block_size: int,
+    sums: torch.Tensor,
+    sum_sqs: torch.Tensor,
+    counts: torch.Tensor | None = None,
+) -> None:
+    """Add each token's channels into the statistics slot of the request that owns it.
+
+    x: [n, C] activations of this forward's n (padded) tokens. slot_mapping: [>= n] KV-cache
+    slot per token, -1 for padding. block_owner: [num_blocks + 1] statistics slot per KV block;
+    its last entry (and every block of a request that records no statistics) is the trash slot.
+    sums, sum_sqs: [num_slots + 1, C] float32; counts: [num_slots + 1] int64, or None.
+    Fixed shapes and no host sync, so it can be recorded into a CUDA graph.
+    """
+    n = x.shape[0]
+    slots = slot_mapping[:n]
+    trash_block = block_owner.shape[0] - 1
+    blocks = torch.div(slots, block_size, rounding_mode="floor")
+    block = torch.where(slots >= 0, blocks, trash_block)
+    owner = block_owner[block]
+    xf = x.float()
+    sums.index_add_(0, owner, xf)
+    sum_sqs.index_add_(0, owner, xf * xf)
+    if counts is not None:
+        counts.index_add_(0, owner, torch.ones_like(owner))

@@ -15,7 +15,8 @@ SITES: tuple[str, ...] = ("post_attention", "post_mlp")
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
 POSITION_MODES: tuple[str, ...] = ("all", "prompt", "generated", "last", "every:K")
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
-SPEC_FIELDS: tuple[str, ...] = ("layers", "sites", "positions", "dtype")
+SPEC_FIELDS: tuple[str, ...] = ("layers", "sites", "positions", "dtype", "channel_stats")
+CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 
 
 class CaptureSpecError(ValueError):
@@ -37,12 +38,17 @@ class CaptureSpec:
     positions: `all` forwarded positions, `prompt` positions, `generated` (forwarded positions
         of generated tokens), `last` forwarded position, or `every:K` (positions p with p % K == 0).
     dtype: storage dtype of the shard.
+    channel_stats: also record per-channel statistics (count, sum, sum of squares over every
+        token the request forwards) of the MLP intermediate activation (the input of
+        down_proj) and the attention head outputs (the input of o_proj), for every captured
+        layer: the inputs of width pruning. Turns off prefix-cache reads for the request.
     """
 
     layers: tuple[int, ...] | None = None
     sites: tuple[str, ...] = SITES
     positions: str = "all"
     dtype: str = "bfloat16"
+    channel_stats: bool = False
     every: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +81,10 @@ class CaptureSpec:
                 "dtype", f"{self.dtype!r} is not allowed; allowed: {list(DTYPES)}"
             )
         object.__setattr__(self, "every", _parse_positions(self.positions))
+        if not isinstance(self.channel_stats, bool):
+            raise CaptureSpecError(
+                "channel_stats", f"{self.channel_stats!r} is not allowed; allowed: true, false"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> CaptureSpec:
@@ -99,6 +109,8 @@ class CaptureSpec:
             kwargs["positions"] = data["positions"]
         if data.get("dtype") is not None:
             kwargs["dtype"] = data["dtype"]
+        if data.get("channel_stats") is not None:
+            kwargs["channel_stats"] = data["channel_stats"]
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +119,7 @@ class CaptureSpec:
             "sites": list(self.sites),
             "positions": self.positions,
             "dtype": self.dtype,
+            "channel_stats": self.channel_stats,
         }
 
     def resolve_layers(self, num_layers: int) -> list[int]:
@@ -133,6 +146,12 @@ class CaptureSpec:
         prefix-cache hit would never recompute (vLLM always recomputes the last prompt token).
         """
         return self.positions not in ("generated", "last")
+
+    @property
+    def skips_prefix_cache(self) -> bool:
+        """Whether the request must recompute its whole prompt: prompt positions are recorded,
+        or channel statistics, which are defined over every token of the request."""
+        return self.needs_prompt_positions or self.channel_stats
 
     def keeps_position(self, position, num_prompt_tokens: int):
         """Whether a forwarded position is recorded (`last` is resolved when the request ends).

@@ -99,11 +99,13 @@ def capture_spec_from_flags(
     sites: str | None = None,
     positions: str | None = None,
     dtype: str | None = None,
+    channel_stats: bool | None = None,
 ) -> CaptureSpec:
     """A validated CaptureSpec from the flag strings; raises CaptureSpecError naming the field.
 
     layers: `all` or comma-separated indices (negative count from the end); sites: `all` or a
-    comma-separated list; positions and dtype as in the spec. None leaves the spec's default.
+    comma-separated list; positions, dtype and channel_stats as in the spec. None leaves the
+    spec's default.
     """
     kwargs: dict[str, Any] = {}
     if layers is not None and layers.strip().lower() != "all":
@@ -122,6 +124,8 @@ def capture_spec_from_flags(
         kwargs["positions"] = positions.strip()
     if dtype is not None:
         kwargs["dtype"] = dtype.strip()
+    if channel_stats is not None:
+        kwargs["channel_stats"] = channel_stats
     return CaptureSpec(**kwargs)
 
 
@@ -777,7 +781,9 @@ def format_summary(summary: RecordSummary, out_dir: str | os.PathLike[str]) -> s
 
 def _run_cli(args: argparse.Namespace) -> int:
     try:
-        spec = capture_spec_from_flags(args.layers, args.sites, args.positions, args.dtype)
+        spec = capture_spec_from_flags(
+            args.layers, args.sites, args.positions, args.dtype, args.channel_stats
+        )
     except CaptureSpecError as e:
         print(f"record: {e}", file=sys.stderr)
         return 2
@@ -852,6 +858,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     capture.add_argument(
         "--dtype", default=None, help=f"one of {', '.join(DTYPES)} (default: bfloat16)"
+    )
+    capture.add_argument(
+        "--channel-stats",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also record per-neuron statistics of the down_proj and o_proj inputs, which "
+        "`actclient plan` needs for the neuron-level plan (default: on)",
     )
     p.add_argument(
         "--concurrency",

@@ -31,7 +31,7 @@ from actclient import cli, record
 from actclient.phase1.dataset import Phase1Record, build_dataset, write_jsonl
 from actclient.phase1.generate import generate
 from actclient.phase1.ingest import load_records
-from vllm_activations.shard import iter_shard_paths, read_shard, write_shard
+from vllm_activations.shard import ShardReader, iter_shard_paths, read_shard, write_shard
 from vllm_activations.spec import CaptureSpec, CaptureSpecError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -762,3 +762,54 @@ def test_client_installs_and_reads_shards_without_vllm_or_torch(
     assert got["output"] == expected.output_tokens.tolist()
     assert got["shape"] == list(expected.layer_outputs["post_mlp"].shape)
     assert got["sum"] == pytest.approx(float(expected.layer_outputs["post_mlp"].sum()))
+
+
+@pytest.mark.integration
+def test_record_analyze_plan_on_smollm2(
+    server, phase1: Path, embedded_models, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The user's path on the embedded model: record the shipped prompts (all layers, channel
+    statistics on by default) -> analyze with the model (embedding rebuilt from its weights)
+    -> plan with Wanda-sp neuron scores; the pictures and the widths come out."""
+    model = embedded_models["smollm2"]
+    out = tmp_path / "rec"
+    rc = cli.main(_record_cli(server, str(phase1), "--out", str(out), "--max-tokens", "8"))
+    assert rc == 0, capsys.readouterr().err
+    shards = sorted((out / "shards").glob("*.h5"))
+    expected_sum = 0.0
+    for path in shards:
+        with ShardReader(path) as reader:
+            count = reader.dataset("channel_stats/mlp_intermediate/count")
+            forwarded = len(reader.dataset("input_tokens")) + len(reader.dataset("output_tokens"))
+            assert count.tolist() == [forwarded - 1] * 30
+            expected_sum += float(reader.dataset("channel_stats/attn_heads/sum_sq").sum())
+    analysis = tmp_path / "analysis"
+    assert (
+        cli.main(["analyze", str(out / "shards"), "--out", str(analysis), "--model", str(model)])
+        == 0
+    )
+    for picture in ("similarity_all.png", "block_influence.png", "norms.png"):
+        assert (analysis / picture).stat().st_size > 10_000, picture
+    result = json.loads((analysis / "analysis.json").read_text())
+    assert len(result["block_influence"]) == 30 and result["redundant_layers"] is not None
+    total = np.load(analysis / "arrays" / "channel_stats_attn_heads_sum_sq.npy").sum()
+    assert total == pytest.approx(expected_sum, rel=1e-6)
+    plan_path = tmp_path / "plan.json"
+    rc = cli.main(
+        ["plan", str(analysis), "--drop", "6", "--model", str(model), "--out", str(plan_path)]
+    )
+    assert rc == 0, capsys.readouterr().err
+    plan = json.loads(plan_path.read_text())
+    neurons = plan["neurons"]
+    assert neurons["mlp"]["score"].startswith("Wanda-sp")
+    # SmolLM2: 1536 intermediate, 9 query heads in 3 KV groups of 3, head_dim 64.
+    assert plan["widths"] == {
+        "num_hidden_layers": 24,
+        "intermediate_size": 1536 - round(0.2 * 1536),
+        "num_attention_heads": 6,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+    }
+    for entry in neurons["heads"]["layers"]:
+        groups = Counter(h // 3 for h in entry["pruned"])
+        assert groups == {0: 1, 1: 1, 2: 1}, entry

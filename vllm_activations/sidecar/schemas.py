@@ -19,7 +19,7 @@ assert set(Site.__args__) == set(SITES) and set(Dtype.__args__) == set(DTYPES)
 
 class CaptureRequest(BaseModel):
     """What to record; see CaptureSpec. Omitted fields: all layers, both sites, all
-    positions, bfloat16."""
+    positions, bfloat16, no channel statistics."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -33,6 +33,11 @@ class CaptureRequest(BaseModel):
         examples=["all", "every:4"],
     )
     dtype: Dtype | None = Field(None, description="storage dtype of the shard")
+    channel_stats: bool | None = Field(
+        None,
+        description="also record per-channel count/sum/sum of squares of the down_proj and "
+        "o_proj inputs (width-pruning statistics) for every captured layer",
+    )
 
 
 class ChatMessage(BaseModel):
