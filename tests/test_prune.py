@@ -1,0 +1,148 @@
+"""Pruned checkpoints load in transformers and vLLM, and vLLM's surprisal matches transformers.
+
+The strong check is independent of `actclient prune`'s own code: the source model is loaded in
+transformers and its `nn.ModuleList` of decoder layers is cut by hand; the pruned checkpoint
+must give exactly the same logits. One plain vLLM server (the pruned SmolLM2) serves the
+surprisal check.
+
+Tolerance of the vLLM-vs-transformers surprisal check: vLLM computes in bfloat16 (the
+checkpoint's dtype), the reference in float32 from the same bf16 weights. bf16 keeps 8
+significant bits, so logits of size 10-30 carry rounding errors of about 0.1 each, and 27
+layers compound them; transformers' own bf16 forward is the yardstick. vLLM must stay within
+twice transformers-bf16's worst per-token error (plus 0.05 nats), and its mean surprisal within
+1% of float32's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from actclient.cli import main as actclient
+from actclient.evaluate import DEFAULT_TEXTS, evaluate, load_texts
+from actclient.prune import PROVENANCE_KEY, kept_tensor_names
+from vllm_activations.process import ServerProcess
+
+pytestmark = pytest.mark.integration
+
+SMOLLM2_DROP = [3, 13, 14, 25]
+
+
+def _prune(source: Path, out: Path, dropped: list[int]) -> Path:
+    code = actclient(
+        ["prune", str(source), "--drop-layers", ",".join(map(str, dropped)), "--out", str(out)]
+    )
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned_smollm2(embedded_models, tmp_path_factory) -> Path:
+    return _prune(
+        embedded_models["smollm2"], tmp_path_factory.mktemp("pruned") / "smollm2", SMOLLM2_DROP
+    )
+
+
+def _hand_pruned(source: Path, dropped: list[int], dtype):
+    """The source model in transformers with the dropped decoder layers cut out by hand."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    kept = [layer for i, layer in enumerate(model.model.layers) if i not in dropped]
+    model.model.layers = torch.nn.ModuleList(kept)
+    for new, layer in enumerate(kept):
+        layer.self_attn.layer_idx = new
+    model.config.num_hidden_layers = len(kept)
+    return model.eval()
+
+
+def test_kept_layers_equal_source(embedded_models, pruned_smollm2: Path) -> None:
+    import torch
+    from safetensors import safe_open
+
+    source = embedded_models["smollm2"]
+    with (
+        safe_open(source / "model.safetensors", framework="pt") as src,
+        safe_open(pruned_smollm2 / "model.safetensors", framework="pt") as dst,
+    ):
+        mapping = kept_tensor_names(list(src.keys()), SMOLLM2_DROP)
+        assert sorted(dst.keys()) == sorted(mapping.values())
+        for old, new in mapping.items():
+            a, b = src.get_tensor(old), dst.get_tensor(new)
+            assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), new
+    config = json.loads((pruned_smollm2 / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 - len(SMOLLM2_DROP)
+    assert config[PROVENANCE_KEY]["dropped_layers"] == SMOLLM2_DROP
+
+
+@pytest.mark.parametrize(
+    ("name", "dropped"), [("smollm2", SMOLLM2_DROP), ("tiny-qwen3-untied", [1, 2])]
+)
+def test_transformers_loads_the_pruned_model_like_hand_surgery(
+    embedded_models, pruned_smollm2: Path, tmp_path: Path, name: str, dropped: list[int]
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = embedded_models[name]
+    pruned = pruned_smollm2 if name == "smollm2" else _prune(source, tmp_path / name, dropped)
+    tokenizer = AutoTokenizer.from_pretrained(pruned)
+    assert tokenizer.chat_template  # the chat template came along
+    ids = tokenizer(load_texts(DEFAULT_TEXTS)[0].text, return_tensors="pt").input_ids
+    model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
+    assert len(model.model.layers) == model.config.num_hidden_layers
+    if "layer_types" in json.loads((pruned / "config.json").read_text()):
+        assert len(model.config.layer_types) == model.config.num_hidden_layers
+    reference = _hand_pruned(source, dropped, torch.float32)
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits
+        want = reference(ids, use_cache=False).logits
+    assert torch.equal(got, want)
+
+
+def test_vllm_serves_the_pruned_model_and_its_surprisal_matches_transformers(
+    pruned_smollm2: Path, tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    server = ServerProcess(
+        pruned_smollm2,
+        tmp_path / "server",
+        ["--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager",
+         "--served-model-name", "model", "--gpu-memory-utilization", "0.15"],
+        plain=True,
+    )  # fmt: skip
+    try:
+        server.wait_ready()
+        result = evaluate(server.url, load_texts(DEFAULT_TEXTS)[:3], api_key=server.api_key)
+    finally:
+        server.stop()
+    assert result["model_path"] == str(pruned_smollm2)
+    models = {
+        dtype: AutoModelForCausalLM.from_pretrained(pruned_smollm2, dtype=dtype).eval()
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    for text in result["per_text"]:
+        ids = torch.tensor([text["token_ids"]])
+        target = ids[0, 1:]
+        surprisal = {}
+        with torch.no_grad():
+            for dtype, model in models.items():
+                logp = torch.log_softmax(model(ids, use_cache=False).logits[0, :-1].float(), -1)
+                surprisal[dtype] = -logp[torch.arange(len(target)), target].double()
+        vllm = torch.tensor(text["surprisal"], dtype=torch.float64)
+        ref = surprisal[torch.float32]
+        vllm_err = (vllm - ref).abs().max().item()
+        hf_bf16_err = (surprisal[torch.bfloat16] - ref).abs().max().item()
+        mean_rel = abs(vllm.mean().item() - ref.mean().item()) / ref.mean().item()
+        print(
+            f"{text['id']}: {len(target)} tokens, vLLM bf16 vs HF fp32 max |diff| "
+            f"{vllm_err:.3f} nats (HF bf16: {hf_bf16_err:.3f}), mean surprisal rel diff "
+            f"{mean_rel:.2e}"
+        )
+        assert vllm_err <= 2 * hf_bf16_err + 0.05
+        assert mean_rel < 0.01
