@@ -33,9 +33,13 @@ test: setup
 test-unit: setup
 	$(PY) -m pytest -q -m "not integration"
 
+# bench_hf.py compares itself with the capture.json that bench_capture.py has just written.
 bench: setup
 	$(PY) bench/bench_capture.py
+	$(PY) bench/bench_hf.py
+	$(PY) bench/bench_shard_write.py
 	$(PY) bench/bench_analyzer.py
+	$(PY) bench/summary.py
 
 lint: setup
 	$(PY) -m ruff check .

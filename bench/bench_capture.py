@@ -7,9 +7,10 @@ variant generates exactly the same tokens), best of `--repeats`:
 - on one capture server: `no capture` (requests without a spec), `all layers x both sites`,
   `quarter of the layers`, `last token only`. Capture time runs until every shard is on disk.
 Ratios are against `plain` and against `no capture` on the capture server, measured in the
-same run. Prints a table, writes JSON.
+same run. Prints a table (wall time and generated tokens/s per variant), writes
+bench/results/capture.json.
 
-    python bench/bench_capture.py [--requests 32] [--max-tokens 128] [--repeats 2]
+    python bench/bench_capture.py [--requests 64] [--max-tokens 128] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from workload import RESULTS, ROOT, bench_cores, phase1_messages, write_results
 
 from vllm_activations import embedded
 from vllm_activations.openai_capture import capture_params, wait_for_shard_async
@@ -92,21 +93,17 @@ def start(model: Path, workdir: Path, plain: bool, concurrency: int) -> ServerPr
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--workdir", default="bench/work")
-    parser.add_argument("--out", default="bench/results/capture.json")
+    parser.add_argument("--workdir", default=str(ROOT / "bench" / "work"))
+    parser.add_argument("--out", default=str(RESULTS / "capture.json"))
     args = parser.parse_args()
     # vLLM's CPU build picks its OpenMP cores from how many cores it reserves for API server
     # processes, which differs between stock vLLM and the launcher: pin the same cores for
     # both so the baseline and the capture server compute on equal hardware.
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
-
-    from actclient.phase1.dataset import build_dataset
-
-    records = build_dataset()
-    prompts = [records[i % len(records)].messages() for i in range(args.requests)]
+    cores = bench_cores()
+    prompts = phase1_messages(args.requests)
     model = embedded.smollm2()
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     workdir = Path(args.workdir).resolve()
@@ -153,20 +150,15 @@ def main() -> int:
             f"{r['ratio_to_plain']:8.3f}x {r['ratio_to_no_capture']:13.3f}x "
             f"{r['shard_bytes'] / 2**20:10.1f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "requests": args.requests,
-                "max_tokens": args.max_tokens,
-                "machine": platform.platform(),
-                "results": results,
-            },
-            indent=2,
-        )
+    write_results(
+        Path(args.out),
+        {
+            "requests": args.requests,
+            "max_tokens": args.max_tokens,
+            "cores": cores,
+            "results": results,
+        },
     )
-    print(f"\nwrote {out}")
     return 0
 
 
