@@ -146,3 +146,46 @@ def test_vllm_serves_the_pruned_model_and_its_surprisal_matches_transformers(
         )
         assert vllm_err <= 2 * hf_bf16_err + 0.05
         assert mean_rel < 0.01
+
+
+def test_neuron_pruned_model_equals_hand_sliced_mlps(embedded_models, tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = embedded_models["tiny-qwen3-tied"]
+    width = json.loads((source / "config.json").read_text())["intermediate_size"]
+    rng = np.random.default_rng(0)
+    pruned_neurons = {
+        layer: sorted(rng.choice(width, 96, replace=False).tolist()) for layer in range(4)
+    }
+    plan = {
+        "layers": {"num_layers": 4, "strategies": {}},
+        "neurons": {
+            "mlp": {
+                "intermediate_size_before": width,
+                "layers": [{"layer": k, "pruned": v} for k, v in pruned_neurons.items()],
+            }
+        },
+    }
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "pruned"
+    code = actclient(
+        ["prune", str(source), str(tmp_path / "plan.json"), "--drop-layers", "2", "--neurons",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert model.config.intermediate_size == width - 96
+    reference = _hand_pruned(source, [2], torch.float32)
+    for layer, block in zip([0, 1, 3], reference.model.layers, strict=True):
+        keep = torch.tensor(np.setdiff1d(np.arange(width), pruned_neurons[layer]))
+        mlp = block.mlp
+        for name in ("gate_proj", "up_proj"):
+            getattr(mlp, name).weight = torch.nn.Parameter(getattr(mlp, name).weight[keep])
+        mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, keep])
+    ids = torch.tensor([[5, 17, 300, 42, 9, 77, 1000, 3]])
+    with torch.no_grad():
+        assert torch.equal(
+            model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits
+        )

@@ -411,6 +411,8 @@ def _prune(args: argparse.Namespace) -> int:
             if plan is None:
                 raise PruneError("--neurons needs a PLAN with a neuron section")
             neurons = neurons_from_plan(plan, args.plan)
+            if plan["neurons"].get("heads"):
+                print("prune: the plan's attention-head pruning is not applied", file=sys.stderr)
         provenance = prune_checkpoint(args.model_dir, args.out, layers, neurons)
     except (PruneError, ModelFilesError, OSError, KeyError) as exc:
         print(f"prune: {exc}", file=sys.stderr)
