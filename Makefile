@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: setup demo test test-unit bench lint format models clean
+.PHONY: setup demo experiment test test-unit bench lint format models clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ models: setup
 
 demo: setup
 	$(PY) -m vllm_activations.demo
+
+# Layer deletion on SmolLM2 by Block Influence, Gromov, alternating and random layers, k = 2..8,
+# scored on held-out tour texts; writes docs/results/prune_experiment.{json,md,png}.
+experiment: setup
+	$(PY) -m vllm_activations.prune_experiment
 
 test: setup
 	$(PY) -m pytest -q -rs

@@ -1,0 +1,375 @@
+"""`make experiment`: does activation-guided layer deletion beat blind deletion on SmolLM2?
+
+One command, end to end on this machine: record SmolLM2 activations on the shipped Phase 1
+prompts (the `make demo` flow, reused when its analysis exists), `actclient analyze`, then for
+every k in 2, 4, 6, 8 an `actclient plan --drop k`, and for every method (Block Influence,
+Gromov block, alternating layers, and random layers with 3 seeds) a pruned checkpoint
+(`actclient prune`). Each model, the dense one first, is served by a stock vLLM (plain, eager:
+one engine at a time, no capture) and scored by `actclient evaluate` on the held-out tour
+texts, which no recorded prompt mentions. Variants that drop the same layers are evaluated
+once. Writes prune_experiment.json, .md (tables) and .png (plot) to --results.
+
+Random layers are drawn from the layers the plan may drop (it protects the first and the
+last layer), so every method chooses from the same pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from vllm_activations.process import ServerProcess
+
+METHODS = ("block_influence", "gromov", "alternating")
+DEFAULT_KS = (2, 4, 6, 8)
+DEFAULT_SEEDS = (0, 1, 2)
+RANDOM = "random"
+NEURONS = "mlp_neurons"  # the plan's MLP neuron pruning alone, no layer dropped
+# Plain vLLM, eager (no compile: each model is served once), a context the texts fit in.
+SERVE_ARGS = (
+    "--dtype",
+    "bfloat16",
+    "--max-model-len",
+    "1024",
+    "--served-model-name",
+    "model",
+    "--enforce-eager",
+    "--gpu-memory-utilization",
+    "0.15",
+)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def record_and_analyze(work: Path, prompts: int, max_tokens: int) -> Path:
+    """The analysis directory of a `make demo`-style recording (made once, then reused)."""
+    from vllm_activations import demo
+
+    analysis = work / "record" / "analysis"
+    if (analysis / "analysis.json").is_file():
+        _log(f"reusing the recording and analysis in {analysis.parent}")
+        return analysis
+    code = demo.main(
+        ["--out", str(work / "record"), "--prompts", str(prompts), "--max-tokens", str(max_tokens)]
+    )
+    if code or not (analysis / "analysis.json").is_file():
+        raise RuntimeError(f"recording or analysis failed (exit {code}); see {work / 'record'}")
+    return analysis
+
+
+def random_drop(pool: list[int], k: int, seed: int) -> list[int]:
+    """k layers from `pool`, reproducible from (seed, k)."""
+    return sorted(random.Random(f"{seed}:{k}").sample(pool, k))
+
+
+def variants(plans: dict[int, dict], seeds: tuple[int, ...]) -> list[dict]:
+    """Every (method, k, seed) to evaluate, with the layers it drops."""
+    out = []
+    for k, plan in plans.items():
+        strategies = plan["layers"]["strategies"]
+        for method in METHODS:
+            entry = strategies[method]
+            if "skipped" in entry:
+                _log(f"k={k} {method}: skipped by the plan ({entry['skipped']})")
+                continue
+            dropped = sorted(d["layer"] for d in entry["dropped"])
+            out.append({"method": method, "k": k, "seed": None, "dropped": dropped})
+        protected = set(plan["layers"]["protected"])
+        pool = [i for i in range(plan["layers"]["num_layers"]) if i not in protected]
+        for seed in seeds:
+            dropped = random_drop(pool, k, seed)
+            out.append({"method": RANDOM, "k": k, "seed": seed, "dropped": dropped})
+    first = next(iter(plans.values()))
+    if "mlp" in first.get("neurons", {}):
+        out.append({"method": NEURONS, "k": 0, "seed": None, "dropped": []})
+    return out
+
+
+def serve_and_evaluate(model: Path, workdir: Path, texts, reference: dict | None) -> dict:
+    """Start a plain vLLM on `model`, score the texts, stop it; the evaluate result."""
+    from actclient.evaluate import evaluate
+
+    server = ServerProcess(model, workdir, SERVE_ARGS, plain=True)
+    try:
+        server.wait_ready()
+        return evaluate(server.url, texts, api_key=server.api_key, reference=reference)
+    except Exception:
+        print(server.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        server.stop()
+
+
+def _row(variant: dict, result: dict) -> dict:
+    comparison = result.get("comparison", {})
+    return {
+        **variant,
+        "summary": result["summary"],
+        "per_text_perplexity": {t["id"]: t["perplexity"] for t in result["per_text"]},
+        "mean_perplexity_ratio": comparison.get("mean_perplexity_ratio", 1.0),
+        "factual_mean_surprisal_ratio": comparison.get("factual_mean_surprisal_ratio", 1.0),
+        "factual_max_surprisal_ratio": comparison.get("factual_max_surprisal_ratio", 1.0),
+        "pass": comparison.get("pass", True),
+        "rules": comparison.get("rules"),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    from actclient.analysis.plan import make_plan
+    from actclient.evaluate import load_texts
+    from actclient.prune import (
+        LayerSelection,
+        layers_from_plan,
+        neurons_from_plan,
+        prune_checkpoint,
+    )
+    from vllm_activations import embedded
+
+    started = time.monotonic()
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = embedded.smollm2()
+    texts = load_texts(args.texts)
+    timings: dict[str, float] = {}
+
+    t = time.monotonic()
+    analysis = record_and_analyze(work, args.prompts, args.max_tokens)
+    timings["record_and_analyze_s"] = time.monotonic() - t
+
+    plans = {}
+    for k in args.k:
+        plans[k] = make_plan(analysis, drop=k, model_dir=model)
+        (work / "plans").mkdir(exist_ok=True)
+        (work / "plans" / f"drop{k}.json").write_text(json.dumps(plans[k], indent=1) + "\n")
+    todo = variants(plans, tuple(args.seeds))
+
+    t = time.monotonic()
+    _log(f"dense {model.name}: serving and evaluating {len(texts)} texts")
+    dense = serve_and_evaluate(model, work / "servers" / "dense", texts, None)
+    (work / "eval").mkdir(exist_ok=True)
+    (work / "eval" / "dense.json").write_text(json.dumps(dense, indent=1) + "\n")
+    rows = [_row({"method": "dense", "k": 0, "seed": None, "dropped": []}, dense)]
+    done: dict[tuple[int, ...], dict] = {}
+    for n, variant in enumerate(todo, 1):
+        key = (variant["method"],) if variant["method"] == NEURONS else tuple(variant["dropped"])
+        name = f"{variant['method']}-k{variant['k']}" + (
+            f"-s{variant['seed']}" if variant["seed"] is not None else ""
+        )
+        if key in done:
+            _log(f"[{n}/{len(todo)}] {name}: drops {list(key)}, same as an earlier variant")
+            rows.append(_row(variant, done[key]))
+            continue
+        _log(f"[{n}/{len(todo)}] {name}: dropping layers {list(key)}")
+        pruned = work / "models" / name
+        if pruned.exists():
+            shutil.rmtree(pruned)
+        neurons = None
+        if variant["method"] == RANDOM:
+            selection = LayerSelection(
+                variant["dropped"], {"rule": f"random layers, seed {variant['seed']}"}
+            )
+        elif variant["method"] == NEURONS:
+            selection = LayerSelection([], {"rule": "no layer dropped"})
+            k = args.k[0]
+            neurons = neurons_from_plan(plans[k], work / "plans" / f"drop{k}.json")
+            variant["intermediate_size"] = neurons.width
+        else:
+            selection = layers_from_plan(
+                plans[variant["k"]], variant["method"], work / "plans" / f"drop{variant['k']}.json"
+            )
+        prune_checkpoint(model, pruned, selection, neurons)
+        result = serve_and_evaluate(pruned, work / "servers" / name, texts, dense)
+        (work / "eval" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        if not args.keep_models:
+            shutil.rmtree(pruned)
+        done[key] = result
+        row = _row(variant, result)
+        rows.append(row)
+        _log(
+            f"    mean ppl x{row['mean_perplexity_ratio']:.3f}, factual surprisal "
+            f"x{row['factual_mean_surprisal_ratio']:.3f}, {'PASS' if row['pass'] else 'FAIL'}"
+        )
+    timings["evaluate_s"] = time.monotonic() - t
+    timings["total_s"] = time.monotonic() - started
+    return {
+        "schema": "vllm_activations.prune_experiment/1",
+        "model": str(model),
+        "model_layers": plans[args.k[0]]["layers"]["num_layers"],
+        "protected_layers": plans[args.k[0]]["layers"]["protected"],
+        "texts": str(args.texts),
+        "num_texts": len(texts),
+        "recorded_prompts": args.prompts,
+        "ks": list(args.k),
+        "seeds": list(args.seeds),
+        "serve_args": list(SERVE_ARGS),
+        "timings": timings,
+        "rows": rows,
+    }
+
+
+_RULE_OF = {"mean_perplexity_ratio": "perplexity", "factual_mean_surprisal_ratio": "factual"}
+
+
+def _passes(row: dict, key: str) -> bool:
+    """Whether a row passes the rule behind `key`; a catastrophic text fails perplexity."""
+    if row["rules"] is None:
+        return True
+    ok = row["rules"][_RULE_OF[key]]["pass"]
+    return ok and not (key == "mean_perplexity_ratio" and row["summary"]["catastrophic"])
+
+
+def _cell(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows]
+    if not values:
+        return "-"
+    passed = sum(_passes(r, key) for r in rows)
+    if len(values) == 1:
+        return f"{values[0]:.2f}" + ("" if passed else " ✗")
+    mean = sum(values) / len(values)
+    return f"{mean:.2f} [{min(values):.2f}-{max(values):.2f}] ({passed}/{len(rows)} pass)"
+
+
+def markdown(results: dict) -> str:
+    """Tables: mean-perplexity ratio and factual-surprisal ratio by method and k."""
+    rows = results["rows"]
+    dense = rows[0]["summary"]
+    methods = [*METHODS, RANDOM]
+    ks = results["ks"]
+    lines = [
+        f"SmolLM2-135M-Instruct ({results['model_layers']} layers, bf16), "
+        f"{results['num_texts']} held-out tour texts ({dense['tokens']} scored tokens). Dense: "
+        f"mean perplexity {dense['mean_perplexity']:.2f}, factual-token surprisal "
+        f"{dense['factual_mean_surprisal']:.3f} nats (mean over {dense['factual_tokens']} "
+        f"tokens), max {dense['factual_max_surprisal']:.2f}.",
+        "",
+    ]
+    for key, title in (
+        ("mean_perplexity_ratio", "Mean perplexity, ratio to dense (pass: at most 1.20)"),
+        ("factual_mean_surprisal_ratio", "Factual-token surprisal, ratio to dense (pass: < 2)"),
+    ):
+        lines += [f"**{title}**", "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |"]
+        lines.append("|---|" + "---|" * len(ks))
+        for method in methods:
+            cells = [_cell([r for r in rows if r["method"] == method and r["k"] == k], key)
+                     for k in ks]  # fmt: skip
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(
+        "✗: fails that rule (a text above perplexity 1000 fails the perplexity rule too). "
+        f"Random: mean [min-max] over seeds {', '.join(map(str, results['seeds']))}."
+    )
+    for r in rows:
+        if r["method"] == NEURONS:
+            verdict = "passes" if r["pass"] else "fails"
+            lines += [
+                "",
+                f"MLP neurons only (the plan's Wanda-sp neuron pruning, no layer dropped, "
+                f"intermediate_size {r['intermediate_size']}): mean perplexity "
+                f"x{r['mean_perplexity_ratio']:.2f}, factual-token surprisal "
+                f"x{r['factual_mean_surprisal_ratio']:.2f}; {verdict} the rules.",
+            ]
+    lines += ["", "Dropped layers:", ""]
+    for r in rows[1:]:
+        if r["method"] == NEURONS:
+            continue
+        seed = f" seed {r['seed']}" if r["seed"] is not None else ""
+        catastrophic = r["summary"]["catastrophic"]
+        lines.append(
+            f"- k={r['k']} {r['method']}{seed}: {r['dropped']}"
+            + (f"; catastrophic texts: {len(catastrophic)}" if catastrophic else "")
+        )
+    t = results["timings"]
+    lines += [
+        "",
+        f"Wall time: {t['total_s'] / 60:.1f} min (recording and analysis "
+        f"{t['record_and_analyze_s'] / 60:.1f} min, pruning and evaluation "
+        f"{t['evaluate_s'] / 60:.1f} min).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> Path | None:
+    """Ratio to dense against k per method; random as the seed mean with its min-max band."""
+    from actclient.analysis.plots import _pyplot
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    from matplotlib.ticker import ScalarFormatter
+
+    rows = results["rows"]
+    ks = results["ks"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (
+        ("mean_perplexity_ratio", "mean perplexity / dense", 1.2),
+        ("factual_mean_surprisal_ratio", "factual-token surprisal / dense", 2.0),
+    )
+    for ax, (key, label, limit) in zip(axes, panels, strict=True):
+        for method in METHODS:
+            points = [(r["k"], r[key]) for r in rows if r["method"] == method]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        by_k = {k: [r[key] for r in rows if r["method"] == RANDOM and r["k"] == k] for k in ks}
+        present = [k for k in ks if by_k[k]]
+        mean = [sum(by_k[k]) / len(by_k[k]) for k in present]
+        ax.plot(present, mean, color="grey", linestyle="--", marker="s", label="random (mean)")
+        ax.fill_between(
+            present,
+            [min(by_k[k]) for k in present],
+            [max(by_k[k]) for k in present],
+            color="grey",
+            alpha=0.25,
+            label="random (min-max)",
+        )
+        ax.axhline(limit, color="red", linewidth=0.8, linestyle=":", label=f"pass limit {limit:g}")
+        if key == "mean_perplexity_ratio":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xticks(ks)
+        ax.set_xlabel("layers dropped (of 30)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: layer deletion on held-out tour texts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from actclient.evaluate import DEFAULT_TEXTS
+
+    parser = argparse.ArgumentParser(prog="python -m vllm_activations.prune_experiment")
+    parser.add_argument("--work", default="experiment-out", help="scratch dir")
+    parser.add_argument("--results", default="docs/results", help="where the results go")
+    parser.add_argument("--texts", default=str(DEFAULT_TEXTS), help="held-out texts (JSONL)")
+    parser.add_argument("--k", type=int, nargs="+", default=list(DEFAULT_KS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
+    parser.add_argument("--prompts", type=int, default=12, help="Phase 1 prompts to record")
+    parser.add_argument("--max-tokens", type=int, default=64, help="generated per prompt")
+    parser.add_argument("--keep-models", action="store_true", help="keep pruned checkpoints")
+    args = parser.parse_args(argv)
+
+    results = run(args)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / "prune_experiment"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    table = markdown(results)
+    stem.with_suffix(".md").write_text(table)
+    picture = plot(results, stem.with_suffix(".png"))
+    print("\n" + table)
+    print(f"results: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {picture}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
