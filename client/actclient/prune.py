@@ -31,7 +31,12 @@ from typing import BinaryIO
 import numpy as np
 
 from actclient import __version__
-from actclient.analysis.embedding import ModelFilesError, TensorInfo, read_safetensors_header
+from actclient.analysis.embedding import (
+    ModelFilesError,
+    TensorInfo,
+    load_config,
+    read_safetensors_metadata,
+)
 from actclient.analysis.plan import LAYER_STRATEGIES
 
 PROVENANCE_KEY = "actclient_pruning"
@@ -151,13 +156,6 @@ def neurons_from_plan(plan: dict, plan_path: str | Path | None = None) -> Neuron
     )
 
 
-def _load_config(model_dir: Path) -> dict:
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise PruneError(f"{model_dir}: no config.json; pass a Hugging Face model directory")
-    return json.loads(path.read_text())
-
-
 def pruned_config(config: dict, kept: list[int], provenance: dict) -> dict:
     """The config for a model that keeps source layers `kept` (in order)."""
     total = int(config["num_hidden_layers"])
@@ -185,13 +183,6 @@ def _rename(name: str, new_index: dict[int, int]) -> str | None:
     if layer not in new_index:
         return None
     return f"{match.group(1)}{new_index[layer]}{match.group(3)}"
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """(raw JSON header, byte offset of the data) of a safetensors file."""
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(length)), 8 + length
 
 
 @dataclass
@@ -294,7 +285,7 @@ def prune_checkpoint(
     sibling directory and renamed into place, so a failed run leaves nothing half-written.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    config = _load_config(model_dir)
+    config = load_config(model_dir)
     total = int(config["num_hidden_layers"])
     bad = [i for i in layers.dropped if not 0 <= i < total]
     if bad or len(set(layers.dropped)) != len(layers.dropped):
@@ -330,28 +321,24 @@ def prune_checkpoint(
         weight_map: dict[str, str] = {}
         total_size = 0
         for path in files:
-            raw_header, data_start = _read_header(path)
-            infos = read_safetensors_header(path)
+            infos, metadata = read_safetensors_metadata(path)
             tensors = []
             for name in sorted(infos, key=lambda n: infos[n].offset):
                 new_name = _rename(name, new_index)
                 if new_name is None:
                     continue
                 info = infos[name]
-                begin, end = raw_header[name]["data_offsets"]
                 match = _LAYER_NAME.match(name)
                 cut = _neuron_slice(name, int(match.group(2)) if match else None, neurons)
                 if cut is None:
-                    shape, nbytes = list(info.shape), end - begin
-                    write = _copy_bytes(path, data_start + begin, nbytes)
+                    shape, nbytes = list(info.shape), info.nbytes
+                    write = _copy_bytes(path, info.offset, nbytes)
                 else:
                     shape, nbytes, write = _sliced(info, *cut)
                 tensors.append(_OutTensor(new_name, info.dtype, shape, nbytes, write))
             if not tensors:
                 continue
-            total_size += _write_safetensors(
-                tmp / path.name, tensors, raw_header.get("__metadata__")
-            )
+            total_size += _write_safetensors(tmp / path.name, tensors, metadata)
             weight_map.update({t.name: path.name for t in tensors})
         if (model_dir / INDEX_NAME).is_file():
             index = json.loads((model_dir / INDEX_NAME).read_text())
@@ -400,7 +387,7 @@ def _prune(args: argparse.Namespace) -> int:
             layers = layers_from_plan(plan, args.strategy, args.plan)
         else:
             raise PruneError("give a PLAN (from `actclient plan`) or --drop-layers")
-        model_layers = _load_config(Path(args.model_dir))["num_hidden_layers"]
+        model_layers = load_config(Path(args.model_dir))["num_hidden_layers"]
         if plan is not None and plan["layers"].get("num_layers", model_layers) != model_layers:
             raise PruneError(
                 f"the plan is for {plan['layers']['num_layers']} layers, the model has "

@@ -42,10 +42,11 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the data in the file
+    nbytes: int
 
 
-def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor name -> TensorInfo for one .safetensors file."""
+def read_safetensors_metadata(path: str | Path) -> tuple[dict[str, TensorInfo], dict | None]:
+    """Tensor name -> TensorInfo for one .safetensors file, and its `__metadata__`."""
     path = Path(path)
     with open(path, "rb") as fh:
         raw = fh.read(8)
@@ -58,9 +59,16 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        begin, _ = meta["data_offsets"]
-        out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), start + begin)
-    return out
+        begin, end = meta["data_offsets"]
+        out[name] = TensorInfo(
+            path, meta["dtype"], tuple(meta["shape"]), start + begin, end - begin
+        )
+    return out, header.get("__metadata__")
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor name -> TensorInfo for one .safetensors file."""
+    return read_safetensors_metadata(path)[0]
 
 
 class Checkpoint:
