@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(2 x layers x hidden x dtype bytes each)",
     )
     serve.set_defaults(func=_serve)
+    from vllm_activations import selftest
+
+    selftest.add_parser(sub)
     models = sub.add_parser("models", help="build the embedded models (cached) and print paths")
     models.add_argument("--cache-dir", default=None)
     models.set_defaults(func=_models)
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if extra and args.command != "serve":
+    if extra and args.command not in ("serve", "selftest"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args, extra) or 0)
 
