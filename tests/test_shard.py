@@ -145,3 +145,21 @@ def test_killed_writer_leaves_no_partial_shard_visible(tmp_path):
         assert shard.layer_outputs["post_mlp"].shape == (1, 512, 1024)
     assert all(p.suffix == ".partial" for p in leftovers)
     assert [p.name for p in iter_shard_paths(tmp_path)] in ([], ["big.h5"])
+
+
+def test_layer_outputs_may_be_views_of_a_larger_store(tmp_path):
+    """The connector hands over [:, :T] views of its row store; they are written as is."""
+    rng = np.random.default_rng(3)
+    store = rng.standard_normal((3, 10, 8)).astype(np.float32)
+    view = store[:, :6]
+    assert not view.flags.c_contiguous
+    path = write_shard(
+        tmp_path / "v.h5",
+        input_tokens=[1, 2, 3, 4],
+        output_tokens=[5, 6, 7],
+        positions=range(6),
+        layers=[0, 1, 2],
+        layer_outputs={"post_mlp": view},
+        dtype="float32",
+    )
+    assert np.array_equal(read_shard(path).layer_outputs["post_mlp"], store[:, :6])

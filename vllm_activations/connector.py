@@ -47,7 +47,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from vllm_activations.spec import CaptureSpec, CaptureSpecError
+from vllm_activations.spec import SITES, CaptureSpec, CaptureSpecError
 
 logger = logging.getLogger("vllm_activations.connector")
 
@@ -56,6 +56,10 @@ CAPTURE_ID_KEY = "capture_id"
 CAPTURE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_SHARD_DIR = "shards"
 _TORCH_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_NUMPY_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+# Generated columns a row store starts with when the request gives no max_tokens / at most.
+_INITIAL_GENERATED = 256
+_MAX_INITIAL_GENERATED = 1024
 
 
 def shard_path(shard_dir: str | os.PathLike[str], capture_id: str) -> Path:
@@ -117,14 +121,83 @@ class _SchedulerRequest:
     stats_slot: int | None = None
 
 
+class _RowStore:
+    """One request's captured rows, already in shard layout: per site an [L, columns, H] array
+    in the storage representation, column = (position - base) // step (base = the prompt
+    length for `generated`, step = K for `every:K`; one column for `last`). Rows land in place
+    each step, so finishing a request needs no concatenation or transpose; capacity doubles
+    when a generation outgrows it. A recomputed position (preemption) overwrites its column.
+    """
+
+    def __init__(
+        self, spec: CaptureSpec, layers: list[int], num_layers: int, hidden: int,
+        num_prompt: int, max_tokens: int | None,
+    ) -> None:  # fmt: skip
+        self.last = spec.positions == "last"
+        self.base = num_prompt if spec.positions == "generated" else 0
+        self.step = spec.every or 1
+        self.last_position = -1
+        self.layers = np.asarray(layers, dtype=np.int64)
+        self.all_layers = layers == list(range(num_layers))
+        planned = min(max_tokens or _INITIAL_GENERATED, _MAX_INITIAL_GENERATED)
+        cap = 1 if self.last else max(1, len(spec.expected_positions(num_prompt, planned)))
+        dtype = _NUMPY_STORAGE[spec.dtype]
+        self.sites = {site: np.empty((len(layers), cap, hidden), dtype) for site in spec.sites}
+        self.filled = np.zeros(cap, dtype=bool)
+
+    def add(self, positions: np.ndarray, rows: np.ndarray) -> None:
+        """rows: [k, 2 * num_layers, H] buffer rows (storage dtype) of `positions`."""
+        if self.last:
+            cols = np.zeros(1, dtype=np.int64)
+            self.last_position = int(positions[-1])
+            rows = rows[-1:]
+        else:
+            cols = (positions - self.base) // self.step
+        if cols[-1] >= len(self.filled) or cols.max() >= len(self.filled):
+            self._grow(int(cols.max()) + 1)
+        contiguous = cols[-1] - cols[0] == len(cols) - 1 and bool((np.diff(cols) == 1).all())
+        target = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
+        for site, store in self.sites.items():
+            offset = SITES.index(site)
+            if self.all_layers:
+                src = rows[:, offset::2, :]
+            else:
+                src = rows[:, 2 * self.layers + offset, :]
+            store[:, target, :] = src.transpose(1, 0, 2)
+        self.filled[target] = True
+
+    def _grow(self, needed: int) -> None:
+        cap = max(needed, 2 * len(self.filled))
+        for site, old in self.sites.items():
+            new = np.empty((old.shape[0], cap, old.shape[2]), old.dtype)
+            new[:, : old.shape[1]] = old
+            self.sites[site] = new
+        filled = np.zeros(cap, dtype=bool)
+        filled[: len(self.filled)] = self.filled
+        self.filled = filled
+
+    def missing(self, expected: list[int]) -> list[int]:
+        """The expected positions that have no row."""
+        if self.last:
+            return [] if [self.last_position] == expected else expected
+        cols = (np.asarray(expected, dtype=np.int64) - self.base) // self.step
+        have = np.zeros(len(cols), dtype=bool)
+        inside = cols < len(self.filled)
+        have[inside] = self.filled[cols[inside]]
+        return [p for p, ok in zip(expected, have, strict=True) if not ok]
+
+    def layer_outputs(self, count: int) -> dict[str, np.ndarray]:
+        """Per site the [L, count, H] view of the first `count` columns."""
+        return {site: store[:, :count] for site, store in self.sites.items()}
+
+
 @dataclass
 class _WorkerRequest:
-    """Rows captured so far for one request, as (positions, activations) chunks."""
+    """Rows captured so far for one request."""
 
     new: NewCapture
     spec: CaptureSpec
-    columns: torch.Tensor | None = None
-    chunks: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    store: _RowStore | None = None
     channel_stats: dict[str, np.ndarray] | None = None
 
 
@@ -379,7 +452,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             owner[table] = k
             block_index[table] = np.arange(len(table))
         row_owner = owner[blocks]
-        buffer = capture_state().buffer
+        selected: list[tuple[_WorkerRequest, np.ndarray, np.ndarray]] = []
         for k, req_id in enumerate(block_tables):
             state = self._active.get(req_id)
             mine = row_owner == k
@@ -390,22 +463,33 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
                 keep = pos == pos.max()
             else:
                 keep = state.spec.keeps_position(pos, len(state.new.prompt_token_ids))
-            if not keep.any():
-                continue
-            row_index = torch.as_tensor(rows[mine][keep], device=buffer.device)
-            if state.columns is None:
-                state.columns = _site_columns(state.new.layers, state.spec.sites, buffer.device)
-            # [T, L*S, H] -> storage dtype on the device, then one copy to host.
-            data = buffer.index_select(0, row_index).index_select(1, state.columns)
-            stored = data.to(_TORCH_STORAGE[state.spec.dtype])
-            if state.spec.dtype == "bfloat16":
-                host = stored.view(torch.int16).cpu().numpy().view(np.uint16)
-            else:
-                host = stored.cpu().numpy()
-            if state.spec.positions == "last":
-                state.chunks = [(pos[keep], host)]
-            else:
-                state.chunks.append((pos[keep], host))
+            if keep.any():
+                order = np.argsort(pos[keep], kind="stable")
+                selected.append((state, pos[keep][order], rows[mine][keep][order]))
+        if not selected:
+            return
+        # One gather (and on GPU one device-to-host copy) per step for every request.
+        buffer = capture_state().buffer
+        index = torch.as_tensor(np.concatenate([r for _, _, r in selected]), device=buffer.device)
+        gathered = buffer.index_select(0, index)
+        host: dict[str, np.ndarray] = {}
+        start = 0
+        for state, pos, request_rows in selected:
+            dtype = state.spec.dtype
+            if dtype not in host:
+                host[dtype] = _to_host(gathered, dtype)
+            part = host[dtype][start : start + len(request_rows)]
+            start += len(request_rows)
+            if state.store is None:
+                state.store = _RowStore(
+                    state.spec,
+                    state.new.layers,
+                    self.num_layers,
+                    buffer.shape[2],
+                    len(state.new.prompt_token_ids),
+                    state.new.sampling_params.get("max_tokens"),
+                )
+            state.store.add(pos, part)
 
     def get_finished(self, finished_req_ids: set[str]):
         return None, None
@@ -415,12 +499,12 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             self._writer.close()
 
 
-def _site_columns(layers: list[int], sites: list[str], device) -> torch.Tensor:
-    from vllm_activations.spec import SITES
-
-    offsets = [SITES.index(s) for s in sites]
-    cols = [2 * layer + off for off in offsets for layer in layers]
-    return torch.as_tensor(cols, dtype=torch.long, device=device)
+def _to_host(rows: torch.Tensor, dtype: str) -> np.ndarray:
+    """Rows in the storage representation of `dtype`, as a host numpy array."""
+    stored = rows.to(_TORCH_STORAGE[dtype])
+    if dtype == "bfloat16":
+        return stored.view(torch.int16).cpu().numpy().view(np.uint16)
+    return stored.cpu().numpy()
 
 
 class _ShardWriterThread:
@@ -472,19 +556,8 @@ class _ShardWriterThread:
 
         new, spec = state.new, state.spec
         expected = spec.expected_positions(len(new.prompt_token_ids), len(fin.output_token_ids))
-        if state.chunks:
-            positions = np.concatenate([p for p, _ in state.chunks])
-            data = np.concatenate([d for _, d in state.chunks])
-            # A recomputed row (preemption) replaces the older copy of the same position.
-            order = np.argsort(positions, kind="stable")
-            positions, data = positions[order], data[order]
-            last = np.r_[positions[1:] != positions[:-1], True]
-            positions, data = positions[last], data[last]
-        else:
-            positions = np.zeros(0, dtype=np.int64)
-            data = None
-        if positions.tolist() != expected:
-            missing = sorted(set(expected) - set(positions.tolist()))
+        missing = state.store.missing(expected) if state.store is not None else expected
+        if missing:
             _write_error(
                 shard_dir,
                 new.capture_id,
@@ -499,16 +572,11 @@ class _ShardWriterThread:
                 "channel statistics were requested but none were recorded for this request",
             )
             return
-        num_layers, num_sites = len(new.layers), len(spec.sites)
-        hidden = self._model_attrs["hidden_size"]
-        if data is None:
-            data = np.zeros((0, num_sites * num_layers, hidden), dtype=np.float32)
-        # [T, S*L, H] -> per site [L, T, H]
-        per_site = data.reshape(len(positions), num_sites, num_layers, hidden)
-        outputs = {
-            site: np.ascontiguousarray(per_site[:, i].transpose(1, 0, 2))
-            for i, site in enumerate(spec.sites)
-        }
+        if state.store is not None:
+            outputs = state.store.layer_outputs(len(expected))
+        else:  # nothing to keep (e.g. `generated` of a request that generated one token)
+            shape = (len(new.layers), 0, self._model_attrs["hidden_size"])
+            outputs = {site: np.zeros(shape, _NUMPY_STORAGE[spec.dtype]) for site in spec.sites}
         attrs = dict(self._model_attrs)
         attrs.update(
             capture_id=new.capture_id,
@@ -523,7 +591,7 @@ class _ShardWriterThread:
             shard_path(shard_dir, new.capture_id),
             input_tokens=new.prompt_token_ids,
             output_tokens=fin.output_token_ids,
-            positions=positions,
+            positions=expected,
             layers=new.layers,
             layer_outputs=outputs,
             dtype=spec.dtype,

@@ -108,9 +108,10 @@ def write_shard(
     """Write a shard atomically and return its final path.
 
     `layer_outputs[site]` is [L, T, H], either float32 (converted here) or already in the
-    storage representation of `dtype` (uint16 bits for bfloat16). `attrs` values that are not
-    HDF5 scalars or strings are stored as JSON. `extra` holds further named datasets (e.g.
-    per-channel statistics) written as given.
+    storage representation of `dtype` (uint16 bits for bfloat16); it may be a view whose
+    layers are contiguous [T, H] blocks (written layer by layer, without a full copy).
+    `attrs` values that are not HDF5 scalars or strings are stored as JSON. `extra` holds
+    further named datasets (e.g. per-channel statistics) written as given.
     """
     path = Path(path)
     positions = np.asarray(positions, dtype=np.int32)
@@ -142,7 +143,14 @@ def write_shard(
                     continue
                 arr = layer_outputs[site]
                 stored = arr if arr.dtype == _STORAGE[dtype] else to_storage(arr, dtype)
-                ds = group.create_dataset(site, data=stored)
+                if stored.flags.c_contiguous:
+                    ds = group.create_dataset(site, data=stored)
+                else:
+                    # A view of a larger buffer (the connector's row store): write layer by
+                    # layer, each a contiguous block, instead of copying the whole array.
+                    ds = group.create_dataset(site, shape=stored.shape, dtype=stored.dtype)
+                    for index in range(stored.shape[0]):
+                        ds[index] = np.ascontiguousarray(stored[index])
                 ds.attrs["dtype"] = dtype
             for name, arr in (extra or {}).items():
                 f.create_dataset(name, data=arr)
