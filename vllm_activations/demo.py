@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # Each run analyzes its own shards only: the demo owns OUT/shards.
+    for old in (out / "shards").glob("*"):
+        if old.is_file() and old.suffix in (".h5", ".json"):
+            old.unlink()
     print("building the embedded model (cached after the first run) ...", flush=True)
     model = embedded.smollm2()
     server = ServerProcess(
