@@ -4,8 +4,10 @@ Three measurements on the embedded SmolLM2, each the wall time of N concurrent r
 (Phase 1 tour-stop prompts, greedy, a fixed number of generated tokens, EOS ignored so every
 variant generates exactly the same tokens), best of `--repeats`:
 - `plain`: stock vLLM (no plugin architecture, no connector), its own server;
-- on one capture server: `no capture` (requests without a spec), `all layers x both sites`,
-  `quarter of the layers`, `last token only`. Capture time runs until every shard is on disk.
+- on one capture server: `no capture, no sidecar hop` (straight to the launcher's internal
+  vLLM port), `no capture` (requests without a spec, through the sidecar),
+  `all layers x both sites`, `quarter of the layers`, `last token only`. Capture time runs
+  until every shard is on disk.
 Ratios are against `plain` and against `no capture` on the capture server, measured in the
 same run. Prints a table (wall time and generated tokens/s per variant), writes
 bench/results/capture.json.
@@ -28,7 +30,7 @@ from workload import RESULTS, ROOT, bench_cores, phase1_messages, write_results
 
 from vllm_activations import embedded
 from vllm_activations.openai_capture import capture_params, wait_for_shard_async
-from vllm_activations.process import ServerProcess
+from vllm_activations.process import ServerProcess, free_loopback_port
 from vllm_activations.spec import CaptureSpec
 
 SERVER_ARGS = [
@@ -88,7 +90,12 @@ def measure(url, headers, prompts, max_tokens, spec, repeats) -> dict:
 def start(model: Path, workdir: Path, plain: bool, concurrency: int) -> ServerProcess:
     # The sidecar's default concurrent-capture limit (16) would answer 429 to a full batch.
     args = SERVER_ARGS if plain else [*SERVER_ARGS, "--max-concurrent-captures", str(concurrency)]
-    return ServerProcess(model, workdir, args, plain=plain).wait_ready()
+    if not plain:  # a known internal port, to measure vLLM behind the sidecar without it
+        vllm_port = free_loopback_port()
+        args = [*args, "--vllm-port", str(vllm_port)]
+    server = ServerProcess(model, workdir, args, plain=plain).wait_ready()
+    server.vllm_url = server.url if plain else f"http://127.0.0.1:{vllm_port}"
+    return server
 
 
 def main() -> int:
@@ -126,6 +133,10 @@ def main() -> int:
     server = start(model, workdir / "capture", plain=False, concurrency=args.requests)
     try:
         measure(server.url, server.headers, prompts, args.max_tokens, CaptureSpec(), 1)
+        # The same engine without the sidecar's HTTP hop: what the hop itself costs.
+        results["no capture, no sidecar hop"] = measure(
+            server.vllm_url, server.headers, prompts, args.max_tokens, None, args.repeats
+        )
         for name, spec in variants.items():
             results[name] = measure(
                 server.url, server.headers, prompts, args.max_tokens, spec, args.repeats
