@@ -24,6 +24,7 @@ from actclient.cli import main as actclient
 from actclient.evaluate import DEFAULT_TEXTS, evaluate, load_texts
 from actclient.prune import PROVENANCE_KEY, kept_tensor_names
 from vllm_activations.process import ServerProcess
+from vllm_activations.prune_experiment import PLAIN_ENV, SERVE_ARGS
 
 pytestmark = pytest.mark.integration
 
@@ -110,12 +111,8 @@ def test_vllm_serves_the_pruned_model_and_its_surprisal_matches_transformers(
     from transformers import AutoModelForCausalLM
 
     server = ServerProcess(
-        pruned_smollm2,
-        tmp_path / "server",
-        ["--dtype", "bfloat16", "--max-model-len", "1024", "--enforce-eager",
-         "--served-model-name", "model", "--gpu-memory-utilization", "0.15"],
-        plain=True,
-    )  # fmt: skip
+        pruned_smollm2, tmp_path / "server", SERVE_ARGS, plain=True, env=PLAIN_ENV
+    )
     try:
         server.wait_ready()
         result = evaluate(server.url, load_texts(DEFAULT_TEXTS)[:3], api_key=server.api_key)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -33,6 +33,7 @@ class ServerProcess:
 
     `plain=True` starts stock vLLM (no capture architecture, no connector, no sidecar): the
     benchmark baseline. Otherwise `vllm-activations serve MODEL` with `serve_args` appended.
+    `env` adds environment variables for the child.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class ServerProcess:
         serve_args: Sequence[str] = (),
         *,
         plain: bool = False,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
         self.port = free_loopback_port()
@@ -75,11 +77,11 @@ class ServerProcess:
                 str(self.shard_dir),
                 *serve_args,
             ]
-        env = dict(os.environ, VLLM_ACTIVATIONS_API_KEY=self.api_key)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        child_env = dict(os.environ, **(env or {}), VLLM_ACTIVATIONS_API_KEY=self.api_key)
+        child_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=child_env, start_new_session=True
         )
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> ServerProcess:

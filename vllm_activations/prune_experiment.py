@@ -30,8 +30,13 @@ DEFAULT_KS = (2, 4, 6, 8)
 DEFAULT_SEEDS = (0, 1, 2)
 RANDOM = "random"
 NEURONS = "mlp_neurons"  # the plan's MLP neuron pruning alone, no layer dropped
-# Plain vLLM, eager (no compile: each model is served once), a context the texts fit in.
+# Plain vLLM, eager (no compile: each model is served once), a context the texts fit in, and
+# engine and worker in the server's own process: each start then imports vLLM once, not three
+# times (about 24 s instead of 34 s per model here).
+PLAIN_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 SERVE_ARGS = (
+    "--distributed-executor-backend",
+    "uni",
     "--dtype",
     "bfloat16",
     "--max-model-len",
@@ -96,7 +101,7 @@ def serve_and_evaluate(model: Path, workdir: Path, texts, reference: dict | None
     """Start a plain vLLM on `model`, score the texts, stop it; the evaluate result."""
     from actclient.evaluate import evaluate
 
-    server = ServerProcess(model, workdir, SERVE_ARGS, plain=True)
+    server = ServerProcess(model, workdir, SERVE_ARGS, plain=True, env=PLAIN_ENV)
     try:
         server.wait_ready()
         return evaluate(server.url, texts, api_key=server.api_key, reference=reference)
@@ -163,10 +168,11 @@ def run(args: argparse.Namespace) -> dict:
             f"-s{variant['seed']}" if variant["seed"] is not None else ""
         )
         if key in done:
-            _log(f"[{n}/{len(todo)}] {name}: drops {list(key)}, same as an earlier variant")
+            _log(f"[{n}/{len(todo)}] {name}: drops {list(key)} like an earlier variant")
             rows.append(_row(variant, done[key]))
             continue
-        _log(f"[{n}/{len(todo)}] {name}: dropping layers {list(key)}")
+        what = "MLP neurons" if variant["method"] == NEURONS else f"layers {list(key)}"
+        _log(f"[{n}/{len(todo)}] {name}: pruning {what}")
         pruned = work / "models" / name
         if pruned.exists():
             shutil.rmtree(pruned)
