@@ -41,9 +41,23 @@ from vllm_activations.spec import CHANNEL_KINDS
 _LIB = Library("vllm_activations", "FRAGMENT")
 
 
+def _graph_capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _capture_residuals_op(
+    hidden_states: torch.Tensor, residual: torch.Tensor, buffer: torch.Tensor, slot: int
+) -> None:
+    # Eager steps (CPU, --enforce-eager, batches beyond the CUDA-graph sizes) skip the copy
+    # when no scheduled request captures; a CUDA graph records it unconditionally.
+    if _STATE is not None and not _STATE.active and not _graph_capturing():
+        return
+    copy_residuals(hidden_states, residual, buffer, slot)
+
+
 direct_register_custom_op(
     op_name="capture_residuals",
-    op_func=copy_residuals,
+    op_func=_capture_residuals_op,
     mutates_args=["buffer"],
     fake_impl=copy_residuals_fake,
     target_lib=_LIB,
@@ -106,8 +120,7 @@ def _channel_stats_op(
     stats = _STATE.channel_stats if _STATE is not None else None
     if stats is None or stats.block_owner is None:
         return  # profiling and warm-up runs before the KV cache exists
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if not stats.active and not capturing:
+    if not stats.active and not _graph_capturing():
         return
     from vllm.forward_context import get_forward_context, is_forward_context_available
 
@@ -148,6 +161,7 @@ class CaptureState:
     num_layers: int
     hidden_size: int
     channel_stats: ChannelStatsState | None = None
+    active: bool = False  # whether a request scheduled this step captures (set by the connector)
 
 
 _STATE: CaptureState | None = None

@@ -235,7 +235,8 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             self.is_writer = get_tensor_model_parallel_rank() == 0
             self._active: dict[str, _WorkerRequest] = {}
             self._writer = _ShardWriterThread(vllm_config, self.model_attrs)
-            self._stats = capture_state().channel_stats
+            self._capture = capture_state()
+            self._stats = self._capture.channel_stats
             self._stat_slots: dict[str, tuple[int, list[int]]] = {}
             if self._stats is not None:
                 self._stats.bind_blocks(kv_cache_config.num_blocks, self.block_size)
@@ -346,8 +347,12 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
     # ---------------------------------------------------------------- worker side
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Before the forward: whether this step captures at all, and the statistics slots."""
         super().bind_connector_metadata(connector_metadata)
-        if self._stats is not None and isinstance(connector_metadata, CaptureStepMetadata):
+        if not isinstance(connector_metadata, CaptureStepMetadata):
+            return
+        self._capture.active = bool(connector_metadata.block_tables)
+        if self._stats is not None:
             self._update_channel_stats(connector_metadata)
 
     def _update_channel_stats(self, meta: CaptureStepMetadata) -> None:
