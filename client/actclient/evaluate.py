@@ -11,8 +11,8 @@ Factual tokens (a heuristic, from the decoded token strings; no tokenizer is nee
 tokens that overlap a word that contains a digit (numbers, years, dates), is a capitalised
 month name (also at a sentence start; "may" the verb is not one), or starts with a capital
 letter and is not the first word of a sentence (proper nouns; "I" is not counted). Sentences
-end at . ! ? : ;. A proper noun that opens a sentence is missed; that is the price of needing
-no tagger.
+end at . ! ? : ; or a line break. A proper noun that opens a sentence is missed; that is the
+price of needing no tagger.
 
 The user's pass rules, checked against a dense reference (`--reference`):
 - mean perplexity (mean over texts of each text's perplexity) at most 20% above the dense;
@@ -57,7 +57,7 @@ MONTHS = frozenset(
     "january february march april may june july august september october november december".split()
 )
 _WORD = re.compile(r"[^\W_](?:[\w'’.,-]*[^\W_])?")
-_SENTENCE_END = re.compile(r"[.!?:;]['\"’”)\]]*\s*$|^\s*$")
+_SENTENCE_BREAK = re.compile(r"[.!?:;\n]")
 
 
 class EvaluateError(RuntimeError):
@@ -119,9 +119,14 @@ def factual_mask(tokens: Sequence[str]) -> list[bool]:
         bounds.append((start, start + len(token)))
         start += len(token)
     factual_spans = []
+    previous_end = None
     for match in _WORD.finditer(text):
-        word = match.group().rstrip(".,")
-        sentence_start = bool(_SENTENCE_END.search(text[: match.start()]))
+        word = match.group()
+        # A word opens a sentence when it is the first, or the gap before it holds a break.
+        sentence_start = previous_end is None or bool(
+            _SENTENCE_BREAK.search(text, previous_end, match.start())
+        )
+        previous_end = match.end()
         if (
             any(c.isdigit() for c in word)
             or (word.lower() in MONTHS and word[:1].isupper())
