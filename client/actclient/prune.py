@@ -194,15 +194,17 @@ class _OutTensor:
     write: Callable[[BinaryIO], None]  # writes exactly nbytes
 
 
-def _copy_bytes(src: Path, offset: int, nbytes: int) -> Callable[[BinaryIO], None]:
+def _copied(info: TensorInfo) -> Callable[[BinaryIO], None]:
+    """Writer of a tensor's bytes exactly as they are in the source file."""
+
     def write(out: BinaryIO) -> None:
-        with open(src, "rb") as fh:
-            fh.seek(offset)
-            left = nbytes
+        with open(info.file, "rb") as fh:
+            fh.seek(info.offset)
+            left = info.nbytes
             while left:
                 chunk = fh.read(min(left, _COPY_CHUNK))
                 if not chunk:
-                    raise PruneError(f"{src}: truncated tensor data")
+                    raise PruneError(f"{info.file}: truncated tensor data")
                 out.write(chunk)
                 left -= len(chunk)
 
@@ -331,8 +333,7 @@ def prune_checkpoint(
                 match = _LAYER_NAME.match(name)
                 cut = _neuron_slice(name, int(match.group(2)) if match else None, neurons)
                 if cut is None:
-                    shape, nbytes = list(info.shape), info.nbytes
-                    write = _copy_bytes(path, info.offset, nbytes)
+                    shape, nbytes, write = list(info.shape), info.nbytes, _copied(info)
                 else:
                     shape, nbytes, write = _sliced(info, *cut)
                 tensors.append(_OutTensor(new_name, info.dtype, shape, nbytes, write))
