@@ -21,9 +21,14 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vllm_activations.process import ServerProcess
+
+if TYPE_CHECKING:
+    from actclient.evaluate import ReferenceText
 
 METHODS = ("block_influence", "gromov", "alternating")
 DEFAULT_KS = (2, 4, 6, 8)
@@ -97,7 +102,9 @@ def variants(plans: dict[int, dict], seeds: tuple[int, ...]) -> list[dict]:
     return out
 
 
-def serve_and_evaluate(model: Path, workdir: Path, texts, reference: dict | None) -> dict:
+def serve_and_evaluate(
+    model: Path, workdir: Path, texts: Sequence[ReferenceText], reference: dict | None
+) -> dict:
     """Start a plain vLLM on `model`, score the texts, stop it; the evaluate result."""
     from actclient.evaluate import evaluate
 
