@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from actclient.cli import main as actclient
 from actclient.evaluate import (
     DEFAULT_TEXTS,
     EvaluateError,
@@ -113,3 +116,73 @@ def test_shipped_heldout_texts_are_held_out() -> None:
         assert item["city"].lower() not in banned and item["title"].lower() not in banned
         assert 80 <= len(item["text"].split()) <= 150
         assert item["text"].isascii()
+
+
+class _FakeVllm(BaseHTTPRequestHandler):
+    """/v1/models and /v1/completions with prompt_logprobs, as vLLM 0.32 answers them."""
+
+    scale = 1.0  # surprisal multiplier: 1.0 plays the dense model
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, body: dict) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self) -> None:
+        assert self.headers["Authorization"] == "Bearer k"
+        self._send({"data": [{"id": "model", "root": "/models/m"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert body["prompt_logprobs"] == 0 and body["max_tokens"] == 1
+        words = body["prompt"].split(" ")
+        tokens = [words[0]] + [" " + w for w in words[1:]]
+        entries = [None] + [
+            {str(i): {"logprob": -self.scale * (1 + i % 3), "rank": 1, "decoded_token": t}}
+            for i, t in enumerate(tokens[1:], 1)
+        ]
+        choice = {"prompt_token_ids": list(range(len(tokens))), "prompt_logprobs": entries}
+        self._send({"choices": [{**choice, "text": "x"}]})
+
+
+def test_cli_against_a_fake_server(tmp_path, capsys) -> None:
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(
+        json.dumps({"id": "a", "text": "The bridge opened in May 1937 near Paris."})
+        + "\n"
+        + json.dumps({"id": "b", "text": "It was long. Visitors came from London daily."})
+        + "\n"
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        base = ["evaluate", "--server", url, "--texts", str(texts), "--api-key", "k"]
+        assert actclient([*base, "--out", str(tmp_path / "dense.json")]) == 0
+        _FakeVllm.scale = 1.5
+        out = tmp_path / "pruned.json"
+        assert (
+            actclient([*base, "--reference", str(tmp_path / "dense.json"), "--out", str(out)]) == 0
+        )
+    finally:
+        _FakeVllm.scale = 1.0
+        server.shutdown()
+    result = json.loads(out.read_text())
+    assert result["model"] == "model" and result["model_path"] == "/models/m"
+    first = result["per_text"][0]
+    assert first["token_strings"][0] == " bridge" and first["token_ids"][0] == 0
+    assert [t for t, f in zip(first["token_strings"], first["factual"], strict=True) if f] == [
+        " May",
+        " 1937",
+        " Paris.",
+    ]
+    comparison = result["comparison"]
+    assert comparison["factual_mean_surprisal_ratio"] == pytest.approx(1.5)
+    assert not comparison["rules"]["perplexity"]["pass"] and comparison["rules"]["factual"]["pass"]
+    assert "overall: FAIL" in capsys.readouterr().out
