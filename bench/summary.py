@@ -34,7 +34,7 @@ def main() -> int:
             )
     if hf := load("hf.json"):
         print(
-            f"  HF best: batch {hf['best_batch']}, {hf['best_gen_tok_per_s']:.1f} tok/s "
+            f"  HF best: {hf['best']}, {hf['best_gen_tok_per_s']:.1f} tok/s "
             f"({hf['prompts']} prompts x {hf['max_tokens']} tokens)"
         )
         comparison = hf.get("capture_comparison")
