@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
-from workload import RESULTS, ROOT, bench_cores, phase1_messages, write_results
+from workload import RESULTS, ROOT, bench_cores, chat_body, phase1_messages, write_results
 
 from vllm_activations import embedded
 from vllm_activations.openai_capture import capture_params, wait_for_shard_async
@@ -48,15 +48,7 @@ SERVER_ARGS = [
 
 async def run_batch(url, headers, prompts, max_tokens, spec: CaptureSpec | None) -> dict:
     async def one(client, messages):
-        body = {
-            "model": "bench",
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-        }
-        if spec is not None:
-            body["kv_transfer_params"] = {"capture": spec.to_dict()}
+        body = chat_body(messages, max_tokens, spec)
         r = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
         r.raise_for_status()
         data = r.json()

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-from workload import ROOT, bench_cores, phase1_messages
+from workload import ROOT, bench_cores, chat_body, phase1_messages
 
 from vllm_activations import embedded
 from vllm_activations.openai_capture import capture_params, wait_for_shard_async
@@ -43,14 +43,7 @@ async def batch(server: ServerProcess, prompts, max_tokens: int, spec: CaptureSp
     async with httpx.AsyncClient(timeout=1800, headers=server.headers) as client:
 
         async def one(messages) -> None:
-            body = {
-                "model": "bench",
-                "messages": messages,
-                "max_tokens": max_tokens,
-                "temperature": 0.0,
-                "ignore_eos": True,
-                "kv_transfer_params": {"capture": spec.to_dict()},
-            }
+            body = chat_body(messages, max_tokens, spec)
             r = await client.post(f"{server.url}/v1/chat/completions", json=body)
             r.raise_for_status()
             await wait_for_shard_async(capture_params(r.json()), timeout=600)

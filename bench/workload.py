@@ -28,6 +28,20 @@ def phase1_messages(count: int) -> list[list[dict[str, str]]]:
     return [records[i % len(records)].messages() for i in range(count)]
 
 
+def chat_body(messages: list[dict[str, str]], max_tokens: int, spec=None) -> dict[str, Any]:
+    """A greedy chat request that generates exactly `max_tokens`, with capture when `spec`."""
+    body: dict[str, Any] = {
+        "model": "bench",
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    if spec is not None:
+        body["kv_transfer_params"] = {"capture": spec.to_dict()}
+    return body
+
+
 def bench_cores() -> list[int]:
     """The CPU cores every benchmark computes on: `VLLM_CPU_OMP_THREADS_BIND` (set to all
     cores when unset, e.g. "0-1"), so stock vLLM, the capture server and HF agree."""
