@@ -213,10 +213,10 @@ def run(args: argparse.Namespace) -> dict:
     timings["total_s"] = time.monotonic() - started
     return {
         "schema": "vllm_activations.prune_experiment/1",
-        "model": str(model),
+        "model": Path(model).name,  # names only: results are committed, machine paths are not
         "model_layers": plans[args.k[0]]["layers"]["num_layers"],
         "protected_layers": plans[args.k[0]]["layers"]["protected"],
-        "texts": str(args.texts),
+        "texts": Path(args.texts).name,
         "num_texts": len(texts),
         "recorded_prompts": args.prompts,
         "ks": list(args.k),
