@@ -48,9 +48,9 @@ def _graph_capturing() -> bool:
 def _capture_residuals_op(
     hidden_states: torch.Tensor, residual: torch.Tensor, buffer: torch.Tensor, slot: int
 ) -> None:
-    # Eager steps (CPU, --enforce-eager, batches beyond the CUDA-graph sizes) skip the copy
-    # when no scheduled request captures; a CUDA graph records it unconditionally.
-    if _STATE is not None and not _STATE.active and not _graph_capturing():
+    # Eager steps (CPU, --enforce-eager, batches beyond the CUDA-graph sizes) copy only the
+    # layers some scheduled request captures; a CUDA graph records every copy unconditionally.
+    if _STATE is not None and not _STATE.wanted[slot // 2] and not _graph_capturing():
         return
     copy_residuals(hidden_states, residual, buffer, slot)
 
@@ -161,7 +161,14 @@ class CaptureState:
     num_layers: int
     hidden_size: int
     channel_stats: ChannelStatsState | None = None
-    active: bool = False  # whether a request scheduled this step captures (set by the connector)
+    # Per layer: whether a request scheduled this step captures it (set by the connector).
+    wanted: list[bool] = field(default_factory=list)
+
+    def want_layers(self, layers) -> None:  # noqa: ANN001 - any iterable of ints
+        wanted = [False] * self.num_layers
+        for layer in layers:
+            wanted[layer] = True
+        self.wanted = wanted
 
 
 _STATE: CaptureState | None = None
@@ -289,6 +296,10 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
     slots = channel_stats_slots()
     stats = _install_channel_stats(layers, num_layers, slots, buffer.device) if slots else None
     _STATE = CaptureState(
-        buffer=buffer, num_layers=num_layers, hidden_size=hidden, channel_stats=stats
+        buffer=buffer,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        channel_stats=stats,
+        wanted=[False] * num_layers,
     )
     return _STATE

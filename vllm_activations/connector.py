@@ -351,9 +351,23 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         super().bind_connector_metadata(connector_metadata)
         if not isinstance(connector_metadata, CaptureStepMetadata):
             return
-        self._capture.active = bool(connector_metadata.block_tables)
+        self._capture.want_layers(self._layers_this_step(connector_metadata))
         if self._stats is not None:
             self._update_channel_stats(connector_metadata)
+
+    def _layers_this_step(self, meta: CaptureStepMetadata) -> set[int]:
+        """Layers some request scheduled this step captures (none on ranks that do not write)."""
+        if not self.is_writer:
+            return set()
+        layers: set[int] = set()
+        for req_id in meta.block_tables:
+            new = meta.new.get(req_id)
+            state = self._active.get(req_id)
+            if new is not None:
+                layers.update(new.layers)
+            elif state is not None:
+                layers.update(state.new.layers)
+        return layers
 
     def _update_channel_stats(self, meta: CaptureStepMetadata) -> None:
         """Before the forward, on every TP rank: finished slots out, new and resumed slots
