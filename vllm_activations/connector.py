@@ -153,7 +153,7 @@ class _RowStore:
             rows = rows[-1:]
         else:
             cols = (positions - self.base) // self.step
-        if cols[-1] >= len(self.filled) or cols.max() >= len(self.filled):
+        if cols.max() >= len(self.filled):
             self._grow(int(cols.max()) + 1)
         contiguous = cols[-1] - cols[0] == len(cols) - 1 and bool((np.diff(cols) == 1).all())
         target = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
