@@ -11,9 +11,16 @@ Layout (schema version 1):
     layers                       int32 [L]   decoder layer indices, ascending
     layer_outputs/post_attention [L, T, H]   residual after the attention add
     layer_outputs/post_mlp       [L, T, H]   residual after the MLP add (the layer's output)
+    teacher/topk_ids             int32 [T, K]   (with teacher_logprobs) the served model's
+    teacher/topk_logprobs        float32 [T, K] top-K next-token ids and logprobs at each
+    teacher/next_logprob         float32 [T]    captured position, and the logprob of the
+                                                token that followed (token positions[t] + 1)
 HDF5 has no bfloat16: bf16 is stored as its raw bits in uint16 with attribute dtype="bfloat16"
 (float16 would overflow on massive activations). Files are written under a hidden temporary
-name, fsynced, then renamed, so a reader never sees a partial shard.
+name, fsynced, then renamed, so a reader never sees a partial shard. A shard that gets teacher
+data is first published under a hidden staging name (`staged_shard_path`); whoever holds the
+logprobs (the sidecar) adds `teacher/` in place and renames it to its final name
+(`publish_with_teacher`), so the final name never shows a shard without its teacher data.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ SHARD_SUFFIX = ".h5"
 _STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 _JSON_START = ("{", "[", '"')
 _REQUIRED = ("input_tokens", "output_tokens", "positions", "layers")
+TEACHER_GROUP = "teacher"
+_STAGED_SUFFIX = ".teacher-pending"
 
 
 class ShardError(ValueError):
@@ -76,6 +85,40 @@ def from_storage(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 @dataclass
+class TeacherData:
+    """The teacher's next-token distribution at T captured positions, top K per position.
+
+    Row t describes the distribution computed at position positions[t], i.e. over the token at
+    positions[t] + 1: `topk_ids` int32 [T, K] and `topk_logprobs` float32 [T, K] in vLLM's
+    rank order, `next_logprob` float32 [T] the logprob of the token that actually followed.
+    """
+
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    next_logprob: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.topk_ids = np.asarray(self.topk_ids, dtype=np.int32)
+        self.topk_logprobs = np.asarray(self.topk_logprobs, dtype=np.float32)
+        self.next_logprob = np.asarray(self.next_logprob, dtype=np.float32)
+        t = len(self.next_logprob)
+        if (
+            self.topk_ids.ndim != 2
+            or self.topk_ids.shape[0] != t
+            or self.topk_logprobs.shape != self.topk_ids.shape
+            or self.next_logprob.ndim != 1
+        ):
+            raise ShardError(
+                f"teacher data shapes disagree: topk_ids {self.topk_ids.shape}, topk_logprobs "
+                f"{self.topk_logprobs.shape}, next_logprob {self.next_logprob.shape}"
+            )
+
+    @property
+    def k(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+
+@dataclass
 class Shard:
     """A shard read into memory; activations are float32 [L, T, H] keyed by site."""
 
@@ -86,6 +129,7 @@ class Shard:
     layers: np.ndarray
     layer_outputs: dict[str, np.ndarray]
     attrs: dict[str, Any] = field(default_factory=dict)
+    teacher: TeacherData | None = None
 
     @property
     def tokens(self) -> np.ndarray:
@@ -169,6 +213,49 @@ def write_shard(
     return path
 
 
+def staged_shard_path(path: str | os.PathLike[str]) -> Path:
+    """The hidden name a shard waits under until its teacher data is added (never listed by
+    `iter_shard_paths`, never served)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{_STAGED_SUFFIX}")
+
+
+def publish_with_teacher(
+    staged: str | os.PathLike[str],
+    final: str | os.PathLike[str],
+    teacher: TeacherData,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Add `teacher/` to a staged shard, fsync it and rename it to its final name.
+
+    The row count must equal the shard's `positions`. On any error the staged file is left
+    as it was or half-extended, but still hidden: the final name only ever names a shard
+    that has all its data.
+    """
+    staged, final = Path(staged), Path(final)
+    with h5py.File(staged, "r+") as f:
+        count = f["positions"].shape[0]
+        if len(teacher.next_logprob) != count:
+            raise ShardError(
+                f"{staged}: teacher data has {len(teacher.next_logprob)} rows, the shard "
+                f"{count} positions"
+            )
+        if TEACHER_GROUP in f:
+            raise ShardError(f"{staged}: already has teacher data")
+        group = f.create_group(TEACHER_GROUP)
+        group.create_dataset("topk_ids", data=teacher.topk_ids)
+        group.create_dataset("topk_logprobs", data=teacher.topk_logprobs)
+        group.create_dataset("next_logprob", data=teacher.next_logprob)
+        group.attrs["k"] = teacher.k
+        for key, value in (attrs or {}).items():
+            group.attrs[key] = _attr_value(value)
+    with open(staged, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(staged, final)
+    fsync_dir(final.parent)
+    return final
+
+
 def read_shard(
     path: str | os.PathLike[str],
     *,
@@ -188,6 +275,7 @@ def read_shard(
             layers=reader.layers[rows],
             layer_outputs=outputs,
             attrs=reader.attrs,
+            teacher=reader.teacher(),
         )
 
 
@@ -231,6 +319,24 @@ class ShardReader:
             if shape[:2] != (len(self.layers), len(self.positions)):
                 raise ShardError(f"{self.path}: layer_outputs/{site} has shape {shape}")
         self.attrs = {key: _decode_attr(value) for key, value in f.attrs.items()}
+        if TEACHER_GROUP in f:
+            group = f[TEACHER_GROUP]
+            t = len(self.positions)
+            shapes = {name: group[name].shape for name in group}
+            k = shapes.get("topk_ids", (0, 0))[-1]
+            if shapes != {"topk_ids": (t, k), "topk_logprobs": (t, k), "next_logprob": (t,)}:
+                raise ShardError(f"{self.path}: teacher datasets have shapes {shapes}, T={t}")
+
+    def teacher(self) -> TeacherData | None:
+        """The teacher's top-K next-token data aligned with `positions`, if recorded."""
+        if TEACHER_GROUP not in self._file:
+            return None
+        group = self._file[TEACHER_GROUP]
+        return TeacherData(
+            topk_ids=group["topk_ids"][()],
+            topk_logprobs=group["topk_logprobs"][()],
+            next_logprob=group["next_logprob"][()],
+        )
 
     @property
     def hidden_size(self) -> int:

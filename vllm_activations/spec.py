@@ -1,4 +1,5 @@
-"""The per-request capture spec: which layers, sites, positions and storage dtype to record.
+"""The per-request capture spec: which layers, sites, positions and storage dtype to record,
+and how many of the teacher's top next-token logprobs to keep per position.
 
 One definition shared by the vLLM plugin (server side), the HTTP sidecar and the client. Pure
 Python: it imports without vllm, torch or numpy. Every validation error names the field and the
@@ -15,7 +16,20 @@ SITES: tuple[str, ...] = ("post_attention", "post_mlp")
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
 POSITION_MODES: tuple[str, ...] = ("all", "prompt", "generated", "last", "every:K")
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
-SPEC_FIELDS: tuple[str, ...] = ("layers", "sites", "positions", "dtype", "channel_stats")
+SPEC_FIELDS: tuple[str, ...] = (
+    "layers",
+    "sites",
+    "positions",
+    "dtype",
+    "channel_stats",
+    "teacher_logprobs",
+)
+# vLLM's default `--max-logprobs`: the largest teacher_logprobs a default server accepts.
+DEFAULT_MAX_LOGPROBS = 20
+# Shard bytes per captured position for teacher_logprobs K: K int32 ids + K float32 logprobs,
+# plus the float32 logprob of the token that followed.
+TEACHER_BYTES_PER_K = 8
+TEACHER_BYTES_PER_POSITION = 4
 CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 
 
@@ -42,6 +56,10 @@ class CaptureSpec:
         token the request forwards) of the MLP intermediate activation (the input of
         down_proj) and the attention head outputs (the input of o_proj), for every captured
         layer: the inputs of width pruning. Turns off prefix-cache reads for the request.
+    teacher_logprobs: K, or None for none: also keep, for every captured position, the
+        served model's top-K next-token ids and logprobs and the logprob of the token that
+        followed, as vLLM's own prompt_logprobs / logprobs return them (the `teacher/`
+        datasets of the shard, filled in by the sidecar).
     """
 
     layers: tuple[int, ...] | None = None
@@ -49,6 +67,7 @@ class CaptureSpec:
     positions: str = "all"
     dtype: str = "bfloat16"
     channel_stats: bool = False
+    teacher_logprobs: int | None = None
     every: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +104,7 @@ class CaptureSpec:
             raise CaptureSpecError(
                 "channel_stats", f"{self.channel_stats!r} is not allowed; allowed: true, false"
             )
+        check_teacher_logprobs(self.teacher_logprobs)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> CaptureSpec:
@@ -111,6 +131,8 @@ class CaptureSpec:
             kwargs["dtype"] = data["dtype"]
         if data.get("channel_stats") is not None:
             kwargs["channel_stats"] = data["channel_stats"]
+        if data.get("teacher_logprobs") is not None:
+            kwargs["teacher_logprobs"] = data["teacher_logprobs"]
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,6 +142,7 @@ class CaptureSpec:
             "positions": self.positions,
             "dtype": self.dtype,
             "channel_stats": self.channel_stats,
+            "teacher_logprobs": self.teacher_logprobs,
         }
 
     def resolve_layers(self, num_layers: int) -> list[int]:
@@ -178,11 +201,42 @@ class CaptureSpec:
     def estimate_bytes(
         self, num_prompt_tokens: int, max_new_tokens: int, num_layers: int, hidden_size: int
     ) -> int:
-        """Upper bound of a shard's activation bytes, known before the request runs (what
-        capture limits are checked against): every position `expected_positions` can hold."""
+        """Upper bound of a shard's activation and teacher bytes, known before the request
+        runs (what capture limits are checked against): every position `expected_positions`
+        can hold."""
         positions = len(self.expected_positions(num_prompt_tokens, max_new_tokens))
         layers = len(self.resolve_layers(num_layers))
-        return positions * layers * len(self.sites) * hidden_size * DTYPE_BYTES[self.dtype]
+        activations = positions * layers * len(self.sites) * hidden_size * DTYPE_BYTES[self.dtype]
+        return activations + positions * self.teacher_bytes_per_position
+
+    @property
+    def teacher_bytes_per_position(self) -> int:
+        """Shard bytes of the `teacher/` datasets per captured position (0 without them)."""
+        if not self.teacher_logprobs:
+            return 0
+        return self.teacher_logprobs * TEACHER_BYTES_PER_K + TEACHER_BYTES_PER_POSITION
+
+
+def check_teacher_logprobs(value: object, max_logprobs: int | None = None) -> int | None:
+    """Validate `teacher_logprobs`: None (off) or an integer K from 1 to `max_logprobs`, the
+    server's `--max-logprobs` (None: not known here, so only K >= 1 is checked; -1: vLLM's
+    "no limit"). The message names the limit, so the sidecar can answer it as a 400."""
+    if value is None:
+        return None
+    if max_logprobs is None:
+        allowed = "allowed: an integer from 1 to the server's --max-logprobs"
+    elif max_logprobs < 0:
+        allowed = "allowed: an integer from 1 (this server sets no --max-logprobs limit)"
+    else:
+        allowed = (
+            f"allowed: an integer from 1 to {max_logprobs} (this server's --max-logprobs; "
+            "raise it with `vllm-activations serve --max-logprobs N`)"
+        )
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CaptureSpecError("teacher_logprobs", f"{value!r} is not an integer; {allowed}")
+    if value < 1 or (max_logprobs is not None and 0 <= max_logprobs < value):
+        raise CaptureSpecError("teacher_logprobs", f"{value} is out of range; {allowed}")
+    return value
 
 
 def _parse_positions(value: object) -> int:
