@@ -7,8 +7,11 @@ one pass over all of them (up to float64 rounding). Shards are read token block 
 
 Sites are ordered `embedding` (when rebuilt from the model), then `post_attention` and
 `post_mlp` of every captured layer. Boundary b is the residual entering layer b: the embedding
-for b = 0, the `post_mlp` of layer b - 1 otherwise. Angles use 2*atan2(|u-v|, |u+v|) on unit
-vectors, which stays accurate where arccos(cos) loses all digits (cos near 1).
+for b = 0, the `post_mlp` of layer b - 1 otherwise.
+
+The per-token formulas live in `formulas` (array in, array out; float32 compute by default,
+see its docstring for the precision); this module sums them over tokens in float64, splits
+them into token populations and merges accumulators.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from actclient.analysis import formulas
 from vllm_activations.shard import ShardError, ShardReader, from_storage
 
 POPULATIONS: tuple[str, ...] = ("all", "content", "last")
 CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 EMBEDDING = "embedding"
 DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
+COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever this is
 TOP_EVENTS = 8  # largest massive activations kept per site
 
 
@@ -71,13 +76,6 @@ class SiteLayout:
         return [b for b in range(top) if self.boundary_site(b) is not None]
 
 
-def unit_angle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Angle between unit vectors along the last axis: 2*atan2(|u-v|, |u+v|), float64."""
-    diff = np.sqrt(np.einsum("...h,...h->...", u - v, u - v))
-    total = np.sqrt(np.einsum("...h,...h->...", u + v, u + v))
-    return 2.0 * np.arctan2(diff, total)
-
-
 def chan_merge(
     n_a: float,
     mean_a: np.ndarray,
@@ -96,12 +94,60 @@ def chan_merge(
     return n, mean, m2
 
 
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of every run of True in a 1-d mask."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    starts, stops = np.nonzero(edges == 1)[0].tolist(), np.nonzero(edges == -1)[0].tolist()
+    return list(zip(starts, stops, strict=True))
+
+
+def _moments_direct(rows: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, M2) over axis 0 of a few gathered token rows [K, S, H], float64 two-pass."""
+    rows = rows.astype(np.float64)
+    mean = rows.mean(0)
+    centred = rows - mean
+    return len(rows), mean, np.einsum("tsh,tsh->sh", centred, centred)
+
+
+def _moments_runs(x: np.ndarray, runs: list[tuple[int, int]]) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, M2) over the token rows in `runs`: a shifted two-pass in x's dtype.
+
+    The shift is the rows' own mean (rounded to x's dtype), so the float32 squares are of
+    deviations and M2 = sum d^2 - (sum d)^2 / n keeps ~1e-7 relative precision even in
+    channels whose mean is far from zero (massive activations).
+    """
+    n = sum(b - a for a, b in runs)
+    total = sum(np.add.reduce(x[a:b], axis=0) for a, b in runs)
+    shift = (total / n).astype(x.dtype)
+    dev_sum = np.zeros(x.shape[1:])
+    dev_sq = np.zeros(x.shape[1:])
+    flat = x.shape[1] * x.shape[2]
+    for a, b in runs:
+        d = np.subtract(x[a:b], shift)
+        dev_sum += np.add.reduce(d, axis=0)
+        d2 = d.reshape(b - a, flat)
+        dev_sq += np.einsum("tk,tk->k", d2, d2).reshape(x.shape[1:])
+        del d, d2
+    mean = shift.astype(np.float64) + dev_sum / n
+    return n, mean, np.maximum(dev_sq - dev_sum * dev_sum / n, 0.0)
+
+
+def _column_peak(mag: np.ndarray, runs: list[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
+    """max over the selected token rows of |x| [S, H] (zeros when none): runs or a gather."""
+    if runs and len(runs) <= 8:
+        return np.maximum.reduce([np.maximum.reduce(mag[a:b], axis=0) for a, b in runs])
+    if len(rows):
+        return np.maximum.reduce(mag[rows], axis=0)
+    return np.zeros(mag.shape[1:], dtype=mag.dtype)
+
+
 class TokenBlock:
     """Per-token quantities of one block of tokens, computed once for every population.
 
-    `x` is [sites, tokens, hidden] float64. Holds the per-token cosine matrix [T, S, S],
-    boundary angles [T, B, B] (upper triangle), norms, update ratios, kurtosis, Hoyer sparsity,
-    |x| and the massive-activation flags.
+    `x` is [tokens, sites, hidden] in the compute dtype. Holds the cosine matrix [T, S, S],
+    boundary angles [T, B, B] (upper triangle), norms, update ratios, kurtosis, Hoyer
+    sparsity (all from `formulas`), and for each population its per-channel moments, column
+    peaks of |x| and the rows holding massive activations.
     """
 
     def __init__(
@@ -112,39 +158,70 @@ class TokenBlock:
         shard: str,
         boundary_sites: list[int],
         rule: MassiveRule,
+        masks: dict[str, np.ndarray],
     ) -> None:
-        self.x, self.positions, self.tokens, self.shard = x, positions, tokens, shard
-        num_sites, t, hidden = x.shape
-        self.sq = np.einsum("sth,sth->st", x, x)
-        self.norms = np.sqrt(self.sq)
-        safe = np.where(self.norms > 0, self.norms, 1.0)
-        unit = x / safe[..., None]
-        self.gram = np.matmul(unit.transpose(1, 0, 2), unit.transpose(1, 2, 0))
-        np.clip(self.gram, -1.0, 1.0, out=self.gram)
-        nb = len(boundary_sites)
-        self.angle = np.zeros((t, nb, nb))
-        ub = unit[boundary_sites]
-        for i in range(nb - 1):
-            self.angle[:, i, i + 1 :] = unit_angle(ub[i + 1 :], ub[i][None]).T
-        del ub, unit
-        if num_sites > 1:
-            diff = x[1:] - x[:-1]
-            self.update_ratio = np.sqrt(np.einsum("sth,sth->st", diff, diff)) / safe[:-1]
-            del diff
-        else:
-            self.update_ratio = np.zeros((0, t))
-        centred = x - x.mean(2, keepdims=True)
-        centred *= centred
-        m2 = centred.mean(2)
-        m4 = np.einsum("sth,sth->st", centred, centred) / hidden
-        del centred
-        self.kurtosis = np.where(m2 > 0, m4 / np.where(m2 > 0, m2, 1.0) ** 2 - 3.0, 0.0)
+        self.positions, self.tokens, self.shard = positions, tokens, shard
+        t, num_sites, hidden = x.shape
+        self.masks = masks
         self.mag = np.abs(x)
-        root_h = np.sqrt(hidden)
-        ratio = np.where(self.norms > 0, self.mag.sum(2) / safe, root_h)
-        self.hoyer = (root_h - ratio) / max(root_h - 1.0, 1e-12)
-        median = np.median(self.mag, axis=2, keepdims=True)
-        self.flagged = (self.mag > rule.threshold) & (self.mag > rule.ratio * median)
+        peak = np.maximum.reduce(self.mag, axis=2)
+        self.sq = formulas.squared_norms(x)
+        self.norms = np.sqrt(self.sq)
+        gram, rest = formulas.site_gram(x, peak)
+        self.gram = formulas.gram_cosines(gram)
+        del gram
+        self.angle = formulas.boundary_angles(x, self.gram, rest, boundary_sites)
+        safe = np.where(self.norms > 0, self.norms, 1.0)
+        self.update_ratio = formulas.update_norms(x) / safe[:, :-1]
+        self.kurtosis = formulas.excess_kurtosis(x)
+        abs_sum = np.add.reduce(self.mag, axis=2, dtype=np.float64)
+        self.hoyer = formulas.hoyer_sparsity(abs_sum, self.norms, hidden)
+        self._moments(x, masks["content"], masks["last"])
+        self._peaks(masks)
+        rows_t, rows_s = np.nonzero(peak > rule.threshold)
+        if len(rows_t):
+            flagged = formulas.massive_flags(self.mag[rows_t, rows_s], rule.threshold, rule.ratio)
+            hit = flagged.any(1)
+            self.massive = (rows_t[hit], rows_s[hit], flagged[hit], x[rows_t[hit], rows_s[hit]])
+        else:
+            self.massive = None
+
+    def _moments(self, x: np.ndarray, content: np.ndarray, last: np.ndarray) -> None:
+        # Cells content / other partition the block; "all" is their Chan merge.
+        other = ~content
+        big, small = (content, other) if content.sum() >= other.sum() else (other, content)
+        runs = _runs(big)
+        empty = (0, np.zeros(x.shape[1:]), np.zeros(x.shape[1:]))
+        cell_big = _moments_runs(x, runs) if runs else empty
+        small_rows = np.nonzero(small)[0]
+        cell_small = _moments_direct(x[small_rows]) if len(small_rows) else empty
+        cells = {"content": cell_big, "other": cell_small}
+        if big is other:
+            cells = {"content": cell_small, "other": cell_big}
+        self.moments = {
+            "all": chan_merge(*cells["content"], *cells["other"]),
+            "content": cells["content"],
+        }
+        last_rows = np.nonzero(last)[0]
+        self.moments["last"] = _moments_direct(x[last_rows]) if len(last_rows) else empty
+
+    def _peaks(self, masks: dict[str, np.ndarray]) -> None:
+        content = masks["content"]
+        other_rows = np.nonzero(~content)[0]
+        peak_content = _column_peak(self.mag, _runs(content), np.nonzero(content)[0])
+        peak_other = _column_peak(self.mag, [], other_rows)
+        self.peaks = {
+            "all": np.maximum(peak_content, peak_other),
+            "content": peak_content,
+            "last": _column_peak(self.mag, [], np.nonzero(masks["last"])[0]),
+        }
+
+    def locate(self, mask: np.ndarray, flat: np.ndarray) -> np.ndarray:
+        """Block row of the first largest |x| among `mask` rows, per flat (site, channel)."""
+        s, h = np.divmod(flat, self.mag.shape[2])
+        column = self.mag[:, s, h].astype(np.float64)
+        column[~mask] = -1.0
+        return column.argmax(0)
 
 
 @dataclass
@@ -187,84 +264,97 @@ class ResidualStats:
             [] for _ in range(s)
         ]
 
-    def add(self, x: np.ndarray, positions: np.ndarray, tokens: np.ndarray, shard: str) -> None:
-        """Add a token block: `x` is [sites, tokens, hidden], already float64."""
-        block = TokenBlock(x, positions, tokens, shard, self.boundary_sites, self.rule)
-        self.add_block(block, np.ones(x.shape[1], dtype=bool))
-
-    def add_block(self, block: TokenBlock, mask: np.ndarray) -> None:
-        """Add the tokens of `block` selected by `mask` (per-token values are computed once)."""
+    def add_block(self, block: TokenBlock, population: str) -> None:
+        """Add the tokens of `block` in `population` (per-token values are computed once)."""
+        mask = block.masks[population]
         t = int(mask.sum())
         if t == 0:
             return
-        x = block.x[:, mask]
-        gram = block.gram[mask]
-        self.cos_sum += gram.sum(0)
-        self.cos_sq_sum += np.einsum("tij,tij->ij", gram, gram)
-        self.angle_sum += block.angle[mask].sum(0)
-        self.norm_sum += block.norms[:, mask].sum(1)
-        self.norm_sq_sum += block.sq[:, mask].sum(1)
-        self.update_ratio_sum += block.update_ratio[:, mask].sum(1)
-        self.kurtosis_sum += block.kurtosis[:, mask].sum(1)
-        self.hoyer_sum += block.hoyer[:, mask].sum(1)
-        block_mean = x.mean(1)
-        centred = x - block_mean[:, None]
-        block_m2 = np.einsum("sth,sth->sh", centred, centred)
-        n, self.channel_mean, self.channel_m2 = chan_merge(
-            self.count, self.channel_mean, self.channel_m2, t, block_mean, block_m2
+        w = mask.astype(np.float64)
+        tokens = len(w)
+        cos = block.gram.reshape(tokens, -1)
+        self.cos_sum += (w @ cos).reshape(self.cos_sum.shape)
+        self.cos_sq_sum += (w @ (cos * cos)).reshape(self.cos_sq_sum.shape)
+        self.angle_sum += (w @ block.angle.reshape(tokens, -1)).reshape(self.angle_sum.shape)
+        self.norm_sum += w @ block.norms
+        self.norm_sq_sum += w @ block.sq
+        self.update_ratio_sum += w @ block.update_ratio
+        self.kurtosis_sum += w @ block.kurtosis
+        self.hoyer_sum += w @ block.hoyer
+        n, mean, m2 = block.moments[population]
+        total, self.channel_mean, self.channel_m2 = chan_merge(
+            self.count, self.channel_mean, self.channel_m2, n, mean, m2
         )
-        self.count = int(n)
-        mag = block.mag[:, mask]
-        positions, tokens = block.positions[mask], block.tokens[mask]
-        arg = mag.argmax(1)
-        peak = np.take_along_axis(mag, arg[:, None, :], 1)[:, 0, :]
-        self._update_absmax(peak, positions[arg], tokens[arg])
-        flagged = block.flagged[:, mask]
-        if flagged.any():
-            self._add_massive(x, mag, flagged, positions, tokens, block.shard)
+        self.count = int(total)
+        peak = block.peaks[population].ravel().astype(np.float64)
+        current = self.absmax.ravel()
+        flat = np.nonzero(
+            (peak > current) | ((peak == current) & (self.absmax_position.ravel() >= 0))
+        )[0]
+        if len(flat):
+            row = block.locate(mask, flat)
+            self._update_absmax(flat, peak[flat], block.positions[row], block.tokens[row])
+        if block.massive is not None:
+            rows_t, rows_s, flagged, values = block.massive
+            keep = mask[rows_t]
+            if keep.any():
+                self._add_massive(
+                    rows_t[keep],
+                    rows_s[keep],
+                    flagged[keep],
+                    values[keep],
+                    block.positions,
+                    block.tokens,
+                    block.shard,
+                )
 
-    def _update_absmax(self, peak: np.ndarray, position: np.ndarray, token: np.ndarray) -> None:
+    def _update_absmax(
+        self, flat: np.ndarray, peak: np.ndarray, position: np.ndarray, token: np.ndarray
+    ) -> None:
         # Ties go to the smaller (position, token), so the result is independent of shard order.
-        tie = (
-            (peak == self.absmax)
-            & (self.absmax_position >= 0)
-            & (
-                (position < self.absmax_position)
-                | ((position == self.absmax_position) & (token < self.absmax_token))
-            )
+        absmax, pos, tok = (
+            a.reshape(-1) for a in (self.absmax, self.absmax_position, self.absmax_token)
         )
-        better = (peak > self.absmax) | tie
-        self.absmax = np.where(better, peak, self.absmax)
-        self.absmax_position = np.where(better, position, self.absmax_position)
-        self.absmax_token = np.where(better, token, self.absmax_token)
+        cur, cur_pos, cur_tok = absmax[flat], pos[flat], tok[flat]
+        tie = (
+            (peak == cur)
+            & (cur_pos >= 0)
+            & ((position < cur_pos) | ((position == cur_pos) & (token < cur_tok)))
+        )
+        better = (peak > cur) | tie
+        idx = flat[better]
+        absmax[idx], pos[idx], tok[idx] = peak[better], position[better], token[better]
 
     def _add_massive(
         self,
-        x: np.ndarray,
-        mag: np.ndarray,
+        rows_t: np.ndarray,
+        rows_s: np.ndarray,
         flagged: np.ndarray,
+        values: np.ndarray,
         positions: np.ndarray,
         tokens: np.ndarray,
         shard: str,
     ) -> None:
-        self.massive_count += flagged.sum(1)
-        token_hit = flagged.any(2)  # [S, T]
-        self.massive_tokens += token_hit.sum(1)
-        any_site = token_hit.any(0)
-        self.massive_positions.update(positions[any_site].tolist())
-        self.massive_token_ids.update(tokens[any_site].tolist())
-        for s in np.nonzero(token_hit.any(1))[0]:
-            t_idx, h_idx = np.nonzero(flagged[s])
-            values = mag[s, t_idx, h_idx]
-            keep = np.argsort(-values, kind="stable")[:TOP_EVENTS]
+        # rows are (token, site) pairs with at least one flagged channel, token-major order
+        np.add.at(self.massive_count, rows_s, flagged.astype(np.int64))
+        self.massive_tokens += np.bincount(rows_s, minlength=self.num_sites)
+        hit_tokens = np.unique(rows_t)
+        self.massive_positions.update(positions[hit_tokens].tolist())
+        self.massive_token_ids.update(tokens[hit_tokens].tolist())
+        for s in np.unique(rows_s):
+            mine = np.nonzero(rows_s == s)[0]
+            k_idx, h_idx = np.nonzero(flagged[mine])
+            picked = values[mine[k_idx], h_idx].astype(np.float64)
+            magnitude = np.abs(picked)
+            keep = np.argsort(-magnitude, kind="stable")[:TOP_EVENTS]
             events = [
                 (
-                    float(values[k]),
-                    float(x[s, t_idx[k], h_idx[k]]),
+                    float(magnitude[k]),
+                    float(picked[k]),
                     int(h_idx[k]),
                     shard,
-                    int(positions[t_idx[k]]),
-                    int(tokens[t_idx[k]]),
+                    int(positions[rows_t[mine[k_idx[k]]]]),
+                    int(tokens[rows_t[mine[k_idx[k]]]]),
                 )
                 for k in keep
             ]
@@ -296,7 +386,12 @@ class ResidualStats:
             other.channel_m2,
         )
         self.count = int(n)
-        self._update_absmax(other.absmax, other.absmax_position, other.absmax_token)
+        self._update_absmax(
+            np.arange(other.absmax.size),
+            other.absmax.ravel(),
+            other.absmax_position.ravel(),
+            other.absmax_token.ravel(),
+        )
         self.massive_positions.update(other.massive_positions)
         self.massive_token_ids.update(other.massive_token_ids)
         for s in range(self.num_sites):
@@ -423,18 +518,33 @@ class ChannelStats:
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
 
+def decode_into(stored: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Write stored activations (`from_storage` semantics) into `out`, a view of any strides.
+
+    bfloat16 bits widen straight into a float32 destination (one pass, no temporary).
+    """
+    if dtype == "bfloat16" and out.dtype == np.float32:
+        np.left_shift(stored, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = from_storage(stored, dtype)
+
+
 @dataclass
 class AnalysisAccumulator:
     """Everything `analyze` needs, accumulated shard by shard; mergeable across splits.
 
     `embed(token_ids) -> float32 [T, H]` rebuilds layer 0's input (None: no embedding site).
     Content tokens exclude position 0 and `special_ids`; `last` is each shard's last position.
+    `compute_dtype` is the per-token arithmetic type (float32; float64 for audits). A preset
+    `layout` and `hidden_size` make every shard that differs a ShardError (parallel workers
+    get the layout of the first shard this way).
     """
 
     embed: EmbedFn | None = None
     special_ids: frozenset[int] = frozenset()
     rule: MassiveRule = field(default_factory=MassiveRule)
     block_bytes: int = DEFAULT_BLOCK_BYTES
+    compute_dtype: type = COMPUTE_DTYPE
     layout: SiteLayout | None = None
     hidden_size: int = 0
     populations: dict[str, ResidualStats] = field(default_factory=dict)
@@ -443,27 +553,32 @@ class AnalysisAccumulator:
     bytes_read: int = 0
     attrs: dict = field(default_factory=dict)
 
-    def _init_layout(self, reader: ShardReader) -> None:
-        layout = SiteLayout(
-            layers=tuple(int(x) for x in reader.layers),
-            sites=tuple(reader.sites),
-            has_embedding=self.embed is not None,
-        )
-        self.layout = layout
-        self.hidden_size = reader.hidden_size
-        num_sites = len(layout.labels)
+    def __post_init__(self) -> None:
+        if self.layout is not None and not self.populations:
+            self._init_populations()
+
+    def _init_populations(self) -> None:
+        layout = self.layout
+        assert layout is not None
         bsites = [layout.boundary_site(b) for b in layout.boundaries]
         self.populations = {
-            name: ResidualStats(num_sites, self.hidden_size, bsites, self.rule)
+            name: ResidualStats(len(layout.labels), self.hidden_size, bsites, self.rule)
             for name in POPULATIONS
         }
-        self.attrs = {k: v for k, v in reader.attrs.items() if k not in ("created",)}
+
+    def _init_layout(self, reader: ShardReader) -> None:
+        self.layout = layout_of(reader, self.embed is not None)
+        self.hidden_size = reader.hidden_size
+        self._init_populations()
+        self.attrs = shard_attrs(reader)
 
     def add_shard(self, path: str | Path) -> None:
         """Stream one shard into the accumulators, one token block at a time."""
         with ShardReader(path) as reader:
             if self.layout is None:
                 self._init_layout(reader)
+            elif not self.attrs:
+                self.attrs = shard_attrs(reader)
             layout = self.layout
             assert layout is not None
             if (
@@ -483,13 +598,18 @@ class AnalysisAccumulator:
             special = np.fromiter(self.special_ids, dtype=np.int64, count=len(self.special_ids))
             content = (positions != 0) & ~np.isin(tokens, special)
             last = positions == positions.max() if len(positions) else content
-            masks = {"all": np.ones(len(positions), bool), "content": content, "last": last}
-            per_token = len(layout.labels) * self.hidden_size * 8 * 5  # x, |x|, flags, temps
+            itemsize = np.dtype(self.compute_dtype).itemsize
+            per_token = len(layout.labels) * self.hidden_size * itemsize * 6  # x, |x|, temps
             step = max(1, self.block_bytes // per_token)
+            first = next(iter(self.populations.values()))
             for start in range(0, len(positions), step):
                 stop = min(start + step, len(positions))
                 x = self._read_block(reader, start, stop, tokens[start:stop])
-                first = next(iter(self.populations.values()))
+                masks = {
+                    "all": np.ones(stop - start, dtype=bool),
+                    "content": content[start:stop],
+                    "last": last[start:stop],
+                }
                 block = TokenBlock(
                     x,
                     positions[start:stop],
@@ -497,9 +617,10 @@ class AnalysisAccumulator:
                     reader.path.name,
                     first.boundary_sites,
                     self.rule,
+                    masks,
                 )
                 for name, stats in self.populations.items():
-                    stats.add_block(block, masks[name][start:stop])
+                    stats.add_block(block, name)
                 del block, x
             self.num_shards += 1
             self.bytes_read += reader.path.stat().st_size
@@ -507,12 +628,13 @@ class AnalysisAccumulator:
     def _read_block(
         self, reader: ShardReader, start: int, stop: int, tokens: np.ndarray
     ) -> np.ndarray:
+        """Site vectors of tokens [start, stop) as [T, S, H] in the compute dtype."""
         layout = self.layout
         assert layout is not None
-        x = np.empty((len(layout.labels), stop - start, self.hidden_size))
+        x = np.empty((stop - start, len(layout.labels), self.hidden_size), self.compute_dtype)
         base = 0
         if layout.has_embedding and self.embed is not None:
-            x[0] = self.embed(tokens)
+            x[:, 0] = self.embed(tokens)
             base = 1
         stride = len(layout.sites)
         for k, site in enumerate(layout.sites):
@@ -520,7 +642,7 @@ class AnalysisAccumulator:
             ds = reader._file["layer_outputs"][site]  # noqa: SLF001
             dtype = ds.attrs.get("dtype", "float32")
             dtype = dtype.decode() if isinstance(dtype, bytes) else str(dtype)
-            x[base + k :: stride] = from_storage(ds[:, start:stop, :], dtype)
+            decode_into(ds[:, start:stop, :].transpose(1, 0, 2), dtype, x[:, base + k :: stride])
         return x
 
     def merge(self, other: AnalysisAccumulator) -> None:
@@ -529,12 +651,8 @@ class AnalysisAccumulator:
             return
         if self.layout is None:
             self.layout, self.hidden_size = other.layout, other.hidden_size
-            self.populations = {
-                name: ResidualStats(
-                    len(other.layout.labels), other.hidden_size, stats.boundary_sites, self.rule
-                )
-                for name, stats in other.populations.items()
-            }
+            self._init_populations()
+        if not self.attrs:
             self.attrs = dict(other.attrs)
         if other.layout != self.layout or other.hidden_size != self.hidden_size:
             raise ValueError("cannot merge analyses of different layers, sites or hidden sizes")
@@ -547,6 +665,20 @@ class AnalysisAccumulator:
     def add_shards(self, paths: Iterable[str | Path]) -> None:
         for path in paths:
             self.add_shard(path)
+
+
+def layout_of(reader: ShardReader, has_embedding: bool) -> SiteLayout:
+    """The site layout of a shard (plus the rebuilt embedding site when `has_embedding`)."""
+    return SiteLayout(
+        layers=tuple(int(x) for x in reader.layers),
+        sites=tuple(reader.sites),
+        has_embedding=has_embedding,
+    )
+
+
+def shard_attrs(reader: ShardReader) -> dict:
+    """A shard's attributes that describe the run (not the one file)."""
+    return {k: v for k, v in reader.attrs.items() if k not in ("created",)}
 
 
 def _nan_to_none(value: float) -> float | None:

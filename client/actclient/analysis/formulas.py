@@ -1,0 +1,159 @@
+"""Per-token formulas of the analyzer: site vectors in, per-token quantities out.
+
+Every function takes the site vectors of a block of tokens, `x` [T, S, H] (T tokens, S sites,
+H channels; float32 by default, float64 for audits), and returns plain arrays; no state, no
+population logic, no I/O. `stats` sums their outputs over tokens in float64. They use only
+array operations (matmul, reductions along H, elementwise), so the device-side summary capture
+can compute the same quantities with the same formulas in torch.
+
+Precision in float32 (the default compute type; inputs are bfloat16 or float32 shards):
+- Cosines come from one BLAS Gram per token. A channel whose square is at least
+  `DOMINANT_FACTOR` times a site vector's mean square (a massive activation) is split off and
+  its products are added in float64, so float32 rounding is relative to the rest of the vector.
+- Angles are derived from the cosines, 2*atan2(sqrt(1 - c), sqrt(1 + c)), except for pairs
+  whose 1 - c is within `NEAR_ULPS` rounding units of 0: those are recomputed exactly with
+  `unit_angle` (2*atan2(|u-v|, |u+v|) on float64 unit vectors), which keeps full precision
+  near cos = 1 where arccos(cos) loses every digit.
+- Norms, update norms and moments along H use BLAS dot products (float32 accumulation in
+  several lanes, error ~1e-7 relative).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DOMINANT_FACTOR = 64.0  # x_h^2 >= 64 |x|^2 / H: the channel is multiplied out in float64
+NEAR_ULPS = 1e4  # 1 - cos below this many eps (x's dtype) is recomputed with unit_angle
+_EXACT_CHUNK = 512  # site pairs per exact-angle batch (bounds its float64 temporaries)
+
+
+def squared_norms(x: np.ndarray) -> np.ndarray:
+    """|x|^2 per token and site: [T, S, H] -> [T, S] float64 (a BLAS dot per row)."""
+    return np.vecdot(x, x).astype(np.float64)
+
+
+def site_gram(x: np.ndarray, peak: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token Gram of the raw site vectors and the energy share outside dominant channels.
+
+    x [T, S, H] -> (gram [T, S, S] float64, rest [T, S] float64 in [0, 1]). `peak` is
+    max |x| over H per token and site (computed when None); it finds the tokens with a
+    dominant channel cheaply. gram = x_R x_R^T in x's dtype (BLAS) + x_D x_D^T in float64,
+    where D are the channels with x_h^2 >= DOMINANT_FACTOR * |x_s|^2 / H at some site of the
+    token (none for Gaussian-like vectors; the massive channels of a sink token).
+    """
+    share_min = DOMINANT_FACTOR / x.shape[2]
+    gram = np.matmul(x, x.transpose(0, 2, 1)).astype(np.float64)
+    rest = np.ones(x.shape[:2])
+    if peak is None:
+        peak = np.abs(x).max(-1)
+    sq = np.diagonal(gram, axis1=1, axis2=2)
+    peak64 = peak.astype(np.float64)
+    dominant_tokens = np.nonzero((peak64 * peak64 >= share_min * sq).any(1))[0]
+    for t in dominant_tokens:
+        xt = x[t]
+        energy = xt.astype(np.float64) ** 2
+        share = energy >= share_min * energy.sum(1, keepdims=True)
+        channels = np.nonzero(share.any(0))[0]
+        heavy = xt[:, channels].astype(np.float64)
+        light = xt.copy()
+        light[:, channels] = 0
+        gram[t] = (light @ light.T).astype(np.float64) + heavy @ heavy.T
+        total = energy.sum(1)
+        kept = total - (heavy * heavy).sum(1)
+        rest[t] = np.where(total > 0, np.maximum(kept, 0.0) / np.where(total > 0, total, 1), 1)
+    return gram, rest
+
+
+def gram_cosines(gram: np.ndarray) -> np.ndarray:
+    """Cosine matrix [T, S, S] float64 from a Gram, normalised by its own diagonal.
+
+    Normalising by the Gram's diagonal (not separately computed norms) makes identical
+    vectors come out at exactly 1. A zero vector has cosine 0 with everything.
+    """
+    norms = np.sqrt(np.diagonal(gram, axis1=1, axis2=2))
+    safe = np.where(norms > 0, norms, 1.0)
+    cos = gram / safe[:, :, None] / safe[:, None, :]
+    return np.clip(cos, -1.0, 1.0, out=cos)
+
+
+def cosine_angle(cos: np.ndarray) -> np.ndarray:
+    """Angle from a cosine, 2*atan2(sqrt(1 - c), sqrt(1 + c)): the unit-vector formula."""
+    return 2.0 * np.arctan2(np.sqrt(np.maximum(1.0 - cos, 0.0)), np.sqrt(1.0 + cos))
+
+
+def unit_angle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Angle between unit vectors along the last axis: 2*atan2(|u-v|, |u+v|), float64."""
+    diff = np.sqrt(np.einsum("...h,...h->...", u - v, u - v))
+    total = np.sqrt(np.einsum("...h,...h->...", u + v, u + v))
+    return 2.0 * np.arctan2(diff, total)
+
+
+def _unit64(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    norms = np.sqrt(np.einsum("kh,kh->k", rows, rows))
+    return rows / np.where(norms > 0, norms, 1.0)[:, None]
+
+
+def boundary_angles(
+    x: np.ndarray,
+    cos: np.ndarray,
+    rest: np.ndarray,
+    boundary_sites: list[int],
+    near_ulps: float = NEAR_ULPS,
+) -> np.ndarray:
+    """Angles between boundary residuals [T, B, B] float64 (upper triangle, zero elsewhere).
+
+    Derived from `cos` (from `gram_cosines`), except where 1 - cos is within `near_ulps`
+    rounding units (scaled by sqrt(rest_i rest_j), the part the float32 Gram rounded) or a vector
+    is zero: those pairs are recomputed exactly with `unit_angle`.
+    """
+    b = np.asarray(boundary_sites, dtype=np.int64)
+    nb = len(b)
+    cb = cos[:, b][:, :, b]
+    angle = np.triu(cosine_angle(cb), 1)
+    if nb < 2:
+        return angle
+    eps = float(np.finfo(x.dtype).eps)
+    rb = np.sqrt(rest[:, b])
+    tol = near_ulps * eps * rb[:, :, None] * rb[:, None, :]
+    diag = np.diagonal(cb, axis1=1, axis2=2)
+    zero = diag == 0  # gram_cosines gives a zero vector cos 0, also with itself
+    exact = (1.0 - cb <= tol) | zero[:, :, None] | zero[:, None, :]
+    exact &= np.triu(np.ones((nb, nb), dtype=bool), 1)
+    t_idx, i_idx, j_idx = np.nonzero(exact)
+    for start in range(0, len(t_idx), _EXACT_CHUNK):
+        t, i, j = (a[start : start + _EXACT_CHUNK] for a in (t_idx, i_idx, j_idx))
+        angle[t, i, j] = unit_angle(_unit64(x[t, b[i]]), _unit64(x[t, b[j]]))
+    return angle
+
+
+def update_norms(x: np.ndarray) -> np.ndarray:
+    """|x_{s+1} - x_s| between consecutive sites: [T, S, H] -> [T, S-1] float64."""
+    if x.shape[1] < 2:
+        return np.zeros((x.shape[0], 0))
+    diff = np.subtract(x[:, 1:], x[:, :-1])
+    return np.sqrt(np.vecdot(diff, diff).astype(np.float64))
+
+
+def excess_kurtosis(x: np.ndarray) -> np.ndarray:
+    """Excess kurtosis across channels per token and site: m4 / m2^2 - 3 (0 where m2 = 0)."""
+    hidden = x.shape[2]
+    centred = x - x.mean(2, keepdims=True)
+    m2 = np.vecdot(centred, centred).astype(np.float64) / hidden
+    np.multiply(centred, centred, out=centred)
+    m4 = np.vecdot(centred, centred).astype(np.float64) / hidden
+    return np.where(m2 > 0, m4 / np.where(m2 > 0, m2, 1.0) ** 2 - 3.0, 0.0)
+
+
+def hoyer_sparsity(abs_sum: np.ndarray, norms: np.ndarray, hidden: int) -> np.ndarray:
+    """Hoyer sparsity (sqrt(H) - |x|_1/|x|_2) / (sqrt(H) - 1); 0 for a zero vector."""
+    root_h = np.sqrt(hidden)
+    ratio = np.where(norms > 0, abs_sum / np.where(norms > 0, norms, 1.0), root_h)
+    return (root_h - ratio) / max(root_h - 1.0, 1e-12)
+
+
+def massive_flags(mag: np.ndarray, threshold: float, ratio: float) -> np.ndarray:
+    """Sun et al. (2024) rule on rows of |x| [K, H]: above `threshold` and `ratio` x median."""
+    mag = mag.astype(np.float64)
+    median = np.median(mag, axis=-1, keepdims=True)
+    return (mag > threshold) & (mag > ratio * median)
