@@ -22,6 +22,7 @@ Slots are few (`VLLM_ACTIVATIONS_CHANNEL_STATS_SLOTS`, default 16; 0 turns the o
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -30,15 +31,24 @@ from torch import nn
 from torch.library import Library
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from vllm_activations.plugin import CHANNEL_STATS_SLOTS_ENV, DEFAULT_CHANNEL_STATS_SLOTS
+from vllm_activations.plugin import (
+    CHANNEL_STATS_SLOTS_ENV,
+    DEFAULT_CHANNEL_STATS_SLOTS,
+    PLUGIN_CONFIG_KEY,
+)
 from vllm_activations.residual_copy import (
     accumulate_channels,
     copy_residuals,
     copy_residuals_fake,
+    record_rows,
 )
 from vllm_activations.spec import CHANNEL_KINDS
 
 _LIB = Library("vllm_activations", "FRAGMENT")
+logger = logging.getLogger("vllm_activations.capture")
+# Device-side gather and host staging of captured rows are bounded to this many bytes per
+# chunk, allocated with the buffer (so vLLM's memory profiling counts them).
+STAGING_BYTES = 256 * 2**20
 
 
 def _graph_capturing() -> bool:
@@ -64,20 +74,58 @@ direct_register_custom_op(
 )
 
 
+def _forward_slot_mapping() -> torch.Tensor | None:
+    """This forward's KV slot per token (one KV cache group), or None outside a forward."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    mapping = get_forward_context().slot_mapping
+    if not mapping:
+        return None
+    if isinstance(mapping, list):
+        raise RuntimeError("vllm-activations does not support micro-batching (--enable-dbo)")
+    return next(iter(mapping.values()))
+
+
+def _record_rows_op(
+    positions: torch.Tensor, row_positions: torch.Tensor, row_slots: torch.Tensor
+) -> None:
+    # Always, captured or not: the connector attributes rows (and checks completeness) from
+    # them. Under CUDA graphs the slot mapping read here is the runner's persistent buffer.
+    record_rows(positions, _forward_slot_mapping(), row_positions, row_slots)
+
+
+def _record_rows_fake(positions, row_positions, row_slots) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="record_rows",
+    op_func=_record_rows_op,
+    mutates_args=["row_positions", "row_slots"],
+    fake_impl=_record_rows_fake,
+    target_lib=_LIB,
+)
+
+
 @dataclass
 class ChannelStatsState:
     """Per-request channel statistics on the device: slot s < `slots` belongs to one running
     request, slot `slots` is the trash every other token is added to.
 
     sums/sum_sqs[kind]: [num_layers, slots + 1, channels of this TP rank] float32;
-    counts: [slots + 1] tokens added per slot. `block_owner` ([num_blocks + 1] slot per KV
-    block) is allocated by the connector once the KV cache exists; `active` says whether any
-    scheduled request records statistics (eager steps skip the op otherwise).
+    lasts[kind]: the same shape, each slot's most recent token (taken out again when async
+    scheduling forwarded one token past the request's end); counts: [slots + 1] tokens added.
+    `block_owner` ([num_blocks + 1] slot per KV block) is allocated by the connector once the
+    KV cache exists; `active` says whether any scheduled request records statistics (eager
+    steps skip the op otherwise).
     """
 
     slots: int
     sums: dict[str, torch.Tensor]
     sum_sqs: dict[str, torch.Tensor]
+    lasts: dict[str, torch.Tensor]
     counts: torch.Tensor
     block_owner: torch.Tensor | None = None
     block_size: int = 0
@@ -97,22 +145,47 @@ class ChannelStatsState:
             self.sum_sqs[kind][:, slot].zero_()
         self.counts[slot] = 0
 
+    def remove_last_token(self, slot: int) -> None:
+        """Take the slot's most recent token out of its sums (a forward past the request's
+        end, which the shard does not hold)."""
+        for kind in self.sums:
+            last = self.lasts[kind][:, slot]
+            self.sums[kind][:, slot] -= last
+            self.sum_sqs[kind][:, slot] -= last * last
+        self.counts[slot] -= 1
 
-def channel_stats_slots() -> int:
-    value = os.environ.get(CHANNEL_STATS_SLOTS_ENV, str(DEFAULT_CHANNEL_STATS_SLOTS))
+
+def channel_stats_slots(vllm_config=None) -> int:  # noqa: ANN001 - vllm's VllmConfig
+    """Statistics slots: the launcher's `additional_config` (part of vLLM's compile-cache
+    key, since the slots shape the compiled graph), else the environment, else the default."""
+    settings = plugin_settings(vllm_config)
+    if "channel_stats_slots" in settings:
+        value = settings["channel_stats_slots"]
+        source = "additional_config.vllm_activations.channel_stats_slots"
+    else:
+        value = os.environ.get(CHANNEL_STATS_SLOTS_ENV, str(DEFAULT_CHANNEL_STATS_SLOTS))
+        source = CHANNEL_STATS_SLOTS_ENV
     try:
         slots = int(value)
-    except ValueError:
+    except (TypeError, ValueError):
         slots = -1
     if slots < 0:
-        raise ValueError(f"{CHANNEL_STATS_SLOTS_ENV}={value!r}: expected an integer >= 0")
+        raise ValueError(f"{source}={value!r}: expected an integer >= 0")
     return slots
+
+
+def plugin_settings(vllm_config) -> dict:  # noqa: ANN001 - vllm's VllmConfig
+    """The plugin's settings in vLLM's `additional_config` (empty when not launched by us)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    settings = extra.get(PLUGIN_CONFIG_KEY) if isinstance(extra, dict) else None
+    return settings if isinstance(settings, dict) else {}
 
 
 def _channel_stats_op(
     x: torch.Tensor,
     sums: torch.Tensor,
     sum_sqs: torch.Tensor,
+    lasts: torch.Tensor,
     counts: torch.Tensor,
     layer: int,
     count_tokens: bool,
@@ -122,32 +195,29 @@ def _channel_stats_op(
         return  # profiling and warm-up runs before the KV cache exists
     if not stats.active and not _graph_capturing():
         return
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if not is_forward_context_available():
-        return
-    mapping = get_forward_context().slot_mapping
-    if not mapping or isinstance(mapping, list):
+    mapping = _forward_slot_mapping()
+    if mapping is None:
         return
     accumulate_channels(
         x,
-        next(iter(mapping.values())),
+        mapping,
         stats.block_owner,
         stats.block_size,
         sums[layer],
         sum_sqs[layer],
         counts if count_tokens else None,
+        lasts[layer],
     )
 
 
-def _channel_stats_fake(x, sums, sum_sqs, counts, layer: int, count_tokens: bool) -> None:
+def _channel_stats_fake(x, sums, sum_sqs, lasts, counts, layer: int, count_tokens: bool) -> None:
     return None
 
 
 direct_register_custom_op(
     op_name="channel_stats",
     op_func=_channel_stats_op,
-    mutates_args=["sums", "sum_sqs", "counts"],
+    mutates_args=["sums", "sum_sqs", "lasts", "counts"],
     fake_impl=_channel_stats_fake,
     target_lib=_LIB,
 )
@@ -160,9 +230,36 @@ class CaptureState:
     buffer: torch.Tensor
     num_layers: int
     hidden_size: int
+    # Per buffer row: absolute position and KV slot of that row's token (-1: no token).
+    row_positions: torch.Tensor | None = None
+    row_slots: torch.Tensor | None = None
+    # Bounded gather target on the device and (pinned on CUDA) host staging, [rows, 2L, H].
+    device_staging: torch.Tensor | None = None
+    host_staging: torch.Tensor | None = None
     channel_stats: ChannelStatsState | None = None
     # Per layer: whether a request scheduled this step captures it (set by the connector).
     wanted: list[bool] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """Device memory this capture holds, for the start-up log."""
+        rows = self.buffer.shape[0]
+        row_bytes = self.buffer[0].numel() * self.buffer.element_size()
+        stage_rows = self.host_staging.shape[0] if self.host_staging is not None else 0
+        text = (
+            f"capture buffer {rows} rows x {self.buffer.shape[1]} sites x {self.hidden_size} "
+            f"= {rows * row_bytes / 2**30:.2f} GiB; staging {stage_rows} rows "
+            f"({stage_rows * row_bytes / 2**20:.0f} MiB"
+            f"{' on the device + pinned host' if self.device_staging is not None else ''})"
+        )
+        stats = self.channel_stats
+        if stats is not None:
+            nbytes = sum(
+                t.numel() * t.element_size()
+                for group in (stats.sums, stats.sum_sqs, stats.lasts)
+                for t in group.values()
+            )
+            text += f"; channel statistics {stats.slots} slots = {nbytes / 2**30:.2f} GiB"
+        return text
 
     def want_layers(self, layers) -> None:  # noqa: ANN001 - any iterable of ints
         wanted = [False] * self.num_layers
@@ -191,6 +288,10 @@ class CapturingDecoderLayer(nn.Module):
     capture_slot: int
 
     def forward(self, positions, hidden_states, residual, *args, **kwargs):  # type: ignore[override]
+        if self.capture_slot == 0:
+            torch.ops.vllm_activations.record_rows(
+                positions, self.capture_row_positions, self.capture_row_slots
+            )
         hidden_states, residual = super().forward(
             positions, hidden_states, residual, *args, **kwargs
         )
@@ -208,6 +309,7 @@ class ChannelStatsLinear(nn.Module):
             input_,
             self.stats_sums,
             self.stats_sum_sqs,
+            self.stats_lasts,
             self.stats_counts,
             self.stats_layer,
             self.stats_count_tokens,
@@ -230,25 +332,70 @@ def _subclass(mixin: type, base: type) -> type:
 _STAT_SITES = {"mlp_intermediate": ("mlp", "down_proj"), "attn_heads": ("self_attn", "o_proj")}
 
 
+def allocate_channel_stats(
+    num_layers: int, slots: int, widths: dict[str, int], device
+) -> ChannelStatsState:
+    """Zeroed statistics for `slots` requests (plus the trash slot); widths per channel kind."""
+
+    def zeros() -> dict[str, torch.Tensor]:
+        return {
+            k: torch.zeros(num_layers, slots + 1, w, dtype=torch.float32, device=device)
+            for k, w in widths.items()
+        }
+
+    return ChannelStatsState(
+        slots=slots,
+        sums=zeros(),
+        sum_sqs=zeros(),
+        lasts=zeros(),
+        counts=torch.zeros(slots + 1, dtype=torch.long, device=device),
+        widths=widths,
+    )
+
+
+def allocate_capture_state(
+    num_layers: int,
+    hidden: int,
+    rows: int,
+    dtype: torch.dtype,
+    device=None,  # noqa: ANN001 - torch device or None for the default device
+    stats: ChannelStatsState | None = None,
+) -> CaptureState:
+    """The capture buffer ([rows, 2 * num_layers, hidden]), row bookkeeping and staging."""
+    buffer = torch.zeros(rows, 2 * num_layers, hidden, dtype=dtype, device=device)
+    row_bytes = buffer[0].numel() * buffer.element_size()
+    stage_shape = (max(1, min(rows, STAGING_BYTES // row_bytes)), 2 * num_layers, hidden)
+    on_cuda = buffer.device.type == "cuda"
+    return CaptureState(
+        buffer=buffer,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        row_positions=torch.full((rows,), -1, dtype=torch.long, device=buffer.device),
+        row_slots=torch.full((rows,), -1, dtype=torch.long, device=buffer.device),
+        device_staging=(
+            torch.empty(stage_shape, dtype=dtype, device=buffer.device) if on_cuda else None
+        ),
+        # Pinned host memory lets the device-to-host copy run as a DMA, without a pageable
+        # bounce buffer; on CPU the gather lands here directly.
+        host_staging=torch.empty(stage_shape, dtype=dtype, pin_memory=on_cuda),
+        channel_stats=stats,
+        wanted=[False] * num_layers,
+    )
+
+
+def set_capture_state(state: CaptureState | None) -> None:
+    """Make `state` the buffers of this process's model (install_capture does it)."""
+    global _STATE
+    _STATE = state
+
+
 def _install_channel_stats(layers, num_layers: int, slots: int, device) -> ChannelStatsState:
     first = layers[0]
     widths = {
         kind: getattr(getattr(first, sub), proj).input_size_per_partition
         for kind, (sub, proj) in _STAT_SITES.items()
     }
-    stats = ChannelStatsState(
-        slots=slots,
-        sums={
-            k: torch.zeros(num_layers, slots + 1, w, dtype=torch.float32, device=device)
-            for k, w in widths.items()
-        },
-        sum_sqs={
-            k: torch.zeros(num_layers, slots + 1, w, dtype=torch.float32, device=device)
-            for k, w in widths.items()
-        },
-        counts=torch.zeros(slots + 1, dtype=torch.long, device=device),
-        widths=widths,
-    )
+    stats = allocate_channel_stats(num_layers, slots, widths, device)
     for index, layer in enumerate(layers):
         for kind in CHANNEL_KINDS:
             sub, proj = _STAT_SITES[kind]
@@ -256,6 +403,7 @@ def _install_channel_stats(layers, num_layers: int, slots: int, device) -> Chann
             module.__class__ = _subclass(ChannelStatsLinear, type(module))
             module.register_buffer("stats_sums", stats.sums[kind], persistent=False)
             module.register_buffer("stats_sum_sqs", stats.sum_sqs[kind], persistent=False)
+            module.register_buffer("stats_lasts", stats.lasts[kind], persistent=False)
             module.register_buffer("stats_counts", stats.counts, persistent=False)
             module.stats_layer = index
             module.stats_count_tokens = index == 0 and kind == CHANNEL_KINDS[0]
@@ -269,20 +417,20 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
     layers are capturing before torch.compile traces them. Parameter names are unchanged
     (the layer's class changes, not its place in the module tree), so weights load as usual.
     """
-    global _STATE
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise ValueError("vllm-activations: pipeline parallelism is not supported; use TP")
     hf_config = vllm_config.model_config.hf_config
     num_layers = hf_config.num_hidden_layers
-    hidden = hf_config.hidden_size
     rows = vllm_config.scheduler_config.max_num_batched_tokens
-    buffer = torch.zeros(rows, 2 * num_layers, hidden, dtype=vllm_config.model_config.dtype)
     layers = model.layers
     if len(layers) != num_layers:
         raise ValueError(
             f"vllm-activations: expected {num_layers} decoder layers in model.layers, "
             f"found {len(layers)}"
         )
+    state = allocate_capture_state(
+        num_layers, hf_config.hidden_size, rows, vllm_config.model_config.dtype
+    )
     for index, layer in enumerate(layers):
         if not hasattr(layer, "post_attention_layernorm"):
             raise TypeError(
@@ -292,14 +440,12 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
             )
         layer.__class__ = _subclass(CapturingDecoderLayer, type(layer))
         layer.capture_slot = 2 * index
-        layer.register_buffer("capture_buffer", buffer, persistent=False)
-    slots = channel_stats_slots()
-    stats = _install_channel_stats(layers, num_layers, slots, buffer.device) if slots else None
-    _STATE = CaptureState(
-        buffer=buffer,
-        num_layers=num_layers,
-        hidden_size=hidden,
-        channel_stats=stats,
-        wanted=[False] * num_layers,
-    )
-    return _STATE
+        layer.register_buffer("capture_buffer", state.buffer, persistent=False)
+        layer.register_buffer("capture_row_positions", state.row_positions, persistent=False)
+        layer.register_buffer("capture_row_slots", state.row_slots, persistent=False)
+    slots = channel_stats_slots(vllm_config)
+    if slots:
+        state.channel_stats = _install_channel_stats(layers, num_layers, slots, state.buffer.device)
+    set_capture_state(state)
+    logger.info("vllm-activations: %s", state.describe())
+    return state

@@ -6,6 +6,11 @@ through --kv-transfer-config (any argument it does not know is passed to vLLM un
 runs the HTTP sidecar (uvicorn, in this process) on --host/--port: the one port to expose. The
 sidecar's /health turns ready when vLLM is; SIGTERM/SIGINT stop both, and either one exiting
 stops the other. Keys and the bind address are checked before vLLM starts.
+
+Tested configuration by default: vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0) and
+synchronous scheduling (--no-async-scheduling), the configuration the CPU test suite runs end
+to end; Model Runner V2 and async scheduling (vLLM's own GPU defaults) are opt-in flags until a
+GPU selftest has confirmed them. `--dry-run` prints the vLLM command and environment only.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -27,10 +33,15 @@ from vllm_activations.plugin import (
     CONNECTOR_MODULE,
     CONNECTOR_NAME,
     DEFAULT_CHANNEL_STATS_SLOTS,
+    PLUGIN_CONFIG_KEY,
 )
 from vllm_activations.process import free_loopback_port
 
 PLUGIN_NAME = "vllm_activations"
+# Tokens per engine step when the user gives none: vLLM's own default on H100/H200 (8192)
+# makes the capture buffer 10 GiB for Qwen3-32B; 2048 is what the RunPod template uses.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def model_architecture(model: str, revision: str | None = None) -> str:
@@ -51,8 +62,8 @@ def model_architecture(model: str, revision: str | None = None) -> str:
     )
 
 
-def model_dimensions(model: str, revision: str | None = None) -> tuple[int, int]:
-    """(num_hidden_layers, hidden_size) from a model's config (the text config if nested)."""
+def _model_config(model: str, revision: str | None = None) -> dict[str, Any]:
+    """A model's config.json (the text config if nested)."""
     config_path = Path(model) / "config.json"
     if config_path.is_file():
         config: dict[str, Any] = json.loads(config_path.read_text())
@@ -60,8 +71,107 @@ def model_dimensions(model: str, revision: str | None = None) -> tuple[int, int]
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model, revision=revision).to_dict()
-    config = config.get("text_config") or config
+    return config.get("text_config") or config
+
+
+def model_dimensions(model: str, revision: str | None = None) -> tuple[int, int]:
+    """(num_hidden_layers, hidden_size) from a model's config (the text config if nested)."""
+    config = _model_config(model, revision)
     return int(config["num_hidden_layers"]), int(config["hidden_size"])
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The value of `flag` in an argument list (`--flag V` or `--flag=V`; the last wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _without_flag(args: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = i + 1 < len(args)
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
+
+def capture_buffer_bytes(
+    model: str, rows: int, dtype: str | None, revision: str | None = None
+) -> int:
+    """Bytes of the capture buffer vLLM will allocate: rows x 2 sites x layers x hidden in the
+    engine's activation dtype (bf16 for FP8 checkpoints, float32 only when asked for)."""
+    config = _model_config(model, revision)
+    dtype = dtype or str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    width = 4 if dtype in ("float32", "float", "torch.float32") else 2
+    return rows * 2 * int(config["num_hidden_layers"]) * int(config["hidden_size"]) * width
+
+
+def _on_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def cpu_memory_utilization() -> float:
+    """A `--gpu-memory-utilization` the CPU build accepts here: vLLM CPU reads it as the share
+    of the NUMA node's memory it may take and refuses to start when that much is not free, so
+    its GPU default (0.92) fails on a machine that is already running anything."""
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        share = memory.available / memory.total
+    except ImportError:  # pragma: no cover - psutil comes with vllm
+        share = 0.5
+    return round(min(0.9, max(0.05, 0.6 * share)), 2)
+
+
+def vllm_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The variables `serve` sets for vLLM (beyond the inherited environment)."""
+    env = {V2_RUNNER_ENV: "1" if args.model_runner_v2 else "0"}
+    if args.channel_stats_slots is not None:
+        env[CHANNEL_STATS_SLOTS_ENV] = str(args.channel_stats_slots)
+    return env
+
+
+def plugin_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings that shape the compiled graph, for vLLM's hashed `additional_config`."""
+    slots = args.channel_stats_slots
+    if slots is None:
+        slots = int(os.environ.get(CHANNEL_STATS_SLOTS_ENV, DEFAULT_CHANNEL_STATS_SLOTS))
+    return {"channel_stats_slots": slots, "version": __version__}
+
+
+def launch_arguments(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """`extra` plus the flags `serve` adds: scheduling mode, CPU memory share, and the
+    plugin settings merged into the user's own --additional-config."""
+    extra = list(extra)
+    if args.async_scheduling:
+        extra.append("--async-scheduling")
+    elif "--async-scheduling" not in extra:
+        extra.append("--no-async-scheduling")
+    if _flag_value(extra, "--gpu-memory-utilization") is None and not _on_cuda():
+        extra += ["--gpu-memory-utilization", str(cpu_memory_utilization())]
+    user_config = _flag_value(extra, "--additional-config")
+    try:
+        additional = json.loads(user_config) if user_config else {}
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"vllm-activations: --additional-config is not JSON: {exc}") from exc
+    if not isinstance(additional, dict):
+        raise SystemExit("vllm-activations: --additional-config must be a JSON object")
+    additional[PLUGIN_CONFIG_KEY] = plugin_settings(args)
+    extra = _without_flag(extra, "--additional-config")
+    return [*extra, "--additional-config", json.dumps(additional, sort_keys=True)]
 
 
 def vllm_serve_command(
@@ -116,7 +226,23 @@ def plugin_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _sidecar_settings(args: argparse.Namespace, shard_dir: Path, vllm_url: str):
+def vllm_max_logprobs(extra: list[str]) -> int:
+    """The `--max-logprobs` given to `vllm serve` among the passed-through arguments (vLLM's
+    default when absent): the sidecar refuses a larger capture.teacher_logprobs up front."""
+    from vllm_activations.spec import DEFAULT_MAX_LOGPROBS
+
+    value = _flag_value(extra, "--max-logprobs")
+    if value is None:
+        return DEFAULT_MAX_LOGPROBS
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"vllm-activations: --max-logprobs {value!r} is not an integer") from None
+
+
+def _sidecar_settings(
+    args: argparse.Namespace, shard_dir: Path, vllm_url: str, extra: list[str] | None = None
+):
     """Resolve keys, check the bind address and build the sidecar settings (before vLLM)."""
     from vllm_activations.sidecar.settings import Limits, Settings, check_bind, load_api_keys
 
@@ -140,6 +266,7 @@ def _sidecar_settings(args: argparse.Namespace, shard_dir: Path, vllm_url: str):
         hidden_size=hidden_size,
         api_keys=keys,
         limits=limits,
+        max_logprobs=vllm_max_logprobs(extra or []),
     )
 
 
@@ -153,36 +280,74 @@ def _stop_child(proc: subprocess.Popen, grace_s: float = 30.0) -> int:
     return proc.wait()
 
 
+def _say(message: str) -> None:
+    print(f"vllm-activations: {message}", file=sys.stderr, flush=True)
+
+
+def _configuration_lines(args: argparse.Namespace, cmd: list[str]) -> list[str]:
+    runner = "Model Runner V2 (opt-in)" if args.model_runner_v2 else "Model Runner V1"
+    scheduling = "async scheduling (opt-in)" if args.async_scheduling else "synchronous scheduling"
+    tested = not (args.model_runner_v2 or args.async_scheduling)
+    rows = int(_flag_value(cmd, "--max-num-batched-tokens") or DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    buffer = capture_buffer_bytes(args.model, rows, _flag_value(cmd, "--dtype"), args.revision)
+    lines = [
+        f"{runner}, {scheduling}"
+        + (
+            " (the tested configuration; opt in with --model-runner-v2 / --async-scheduling)"
+            if tested
+            else " (not yet confirmed on a GPU: run `vllm-activations selftest` first)"
+        ),
+        f"{rows} tokens per step (--max-num-batched-tokens): capture buffer "
+        f"{buffer / 2**30:.2f} GiB of device memory",
+    ]
+    memory = _flag_value(cmd, "--gpu-memory-utilization")
+    if memory is not None and not _on_cuda():
+        lines.append(f"CPU build: --gpu-memory-utilization {memory} (share of this node's memory)")
+    return lines
+
+
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
-    import uvicorn
-
-    from vllm_activations.sidecar import create_app
-
+    if args.channel_stats_slots is not None and args.channel_stats_slots < 0:
+        raise SystemExit("vllm-activations: --channel-stats-slots must be >= 0")
     shard_dir = Path(args.shard_dir).resolve()
-    shard_dir.mkdir(parents=True, exist_ok=True)
     vllm_port = args.vllm_port or free_loopback_port()
-    settings = _sidecar_settings(args, shard_dir, f"http://127.0.0.1:{vllm_port}")
     cmd = vllm_serve_command(
         args.model,
         host="127.0.0.1",
         port=vllm_port,
         shard_dir=shard_dir,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
         revision=args.revision,
-        extra=extra,
+        extra=launch_arguments(args, extra),
     )
+    set_env = vllm_environment(args)
+    if args.dry_run:
+        for key, value in set_env.items():
+            print(f"{key}={shlex.quote(value)}")
+        print(shlex.join(cmd))
+        for line in _configuration_lines(args, cmd):
+            print(f"# {line}")
+        return 0
+    try:
+        import uvicorn
+
+        from vllm_activations.sidecar import create_app
+    except ModuleNotFoundError as exc:
+        raise SystemExit(
+            f"vllm-activations serve: {exc.name} is missing; install the server extra: "
+            "pip install 'vllm-activations[server]'"
+        ) from exc
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    settings = _sidecar_settings(args, shard_dir, f"http://127.0.0.1:{vllm_port}", extra)
     auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "NO authentication"
-    print(
-        f"vllm-activations: shards go to {shard_dir}; sidecar on {args.host}:{args.port} with "
-        f"{auth}; vLLM on 127.0.0.1:{vllm_port}",
-        file=sys.stderr,
-        flush=True,
+    _say(
+        f"shards go to {shard_dir}; sidecar on {args.host}:{args.port} with "
+        f"{auth}; vLLM on 127.0.0.1:{vllm_port}"
     )
+    for line in _configuration_lines(args, cmd):
+        _say(line)
     env = plugin_env()
-    if args.channel_stats_slots is not None:
-        if args.channel_stats_slots < 0:
-            raise SystemExit("vllm-activations: --channel-stats-slots must be >= 0")
-        env[CHANNEL_STATS_SLOTS_ENV] = str(args.channel_stats_slots)
+    env.update(set_env)
     proc = subprocess.Popen(cmd, env=env)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -306,7 +471,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="tokens per engine step; also the rows of the capture buffer "
-        "(2 x layers x hidden x dtype bytes each)",
+        f"(2 x layers x hidden x dtype bytes each; default {DEFAULT_MAX_NUM_BATCHED_TOKENS})",
+    )
+    engine = serve.add_argument_group(
+        "engine configuration (default: the configuration the capture is tested in)"
+    )
+    engine.add_argument(
+        "--model-runner-v2",
+        action="store_true",
+        help=f"use vLLM's Model Runner V2 (its GPU default; {V2_RUNNER_ENV}=1) instead of V1",
+    )
+    engine.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="let vLLM schedule step N+1 before step N's tokens are back (its GPU default; "
+        "the capture drops the extra forward after an EOS)",
+    )
+    serve.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the environment and the exact vLLM command line, start nothing",
     )
     serve.set_defaults(func=_serve)
     from vllm_activations import selftest

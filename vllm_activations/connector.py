@@ -12,18 +12,25 @@ boundary, called in every runner and CUDA-graph mode, with no monkey-patching.
   block table of every scheduled capture request and the requests that finished.
   `request_finished` returns the shard path to the client as `kv_transfer_params`.
 - Worker side (TP rank 0 only; the residual stream is replicated across TP ranks):
-  `wait_for_save` runs after each forward, inside the forward context. Each batch row's KV slot
-  (`forward_context.slot_mapping`) gives its block, the block table gives (request, block
-  index), so the row's absolute position is `block_index * block_size + slot % block_size`.
-  This holds under any batch order, chunked prefill and preemption (rows are keyed by
-  position, so a recomputed row replaces the old one). Finished requests are handed to a
-  writer thread that checks every expected position is present and writes the shard
-  atomically, or writes `<capture_id>.error.json` saying what is missing.
+  `wait_for_save` runs after each forward. It needs no forward context (Model Runner V2 calls
+  it after the context has closed, and in FULL CUDA-graph mode there never is one): the
+  capture op itself records each batch row's absolute position and KV slot (capture.py). A
+  row belongs to the scheduled capture request whose block table holds the row's block at
+  index `position // block_size` AND whose tokens scheduled this step (computed-token offset
+  .. + scheduled count, shipped by the scheduler) include the position: a block two requests
+  share (a prefix-cache hit) is computed by one of them only, so ownership is unique by
+  construction, under any batch order, chunked prefill and preemption (rows are keyed by
+  position, so a recomputed row replaces the old one). Rows at or past a finished request's
+  last forwarded position P+G-2 (async scheduling forwards one more token after an EOS) are
+  dropped. Finished requests are handed to a writer thread that checks every expected
+  position is present and writes the shard atomically, or writes `<capture_id>.error.json`
+  saying what is missing.
 - Channel statistics (`channel_stats: true`): the scheduler gives the request one of the
   model's statistics slots (capture.py), or rejects it when all are taken. Every TP rank, in
   `bind_connector_metadata` (before the forward), points the KV blocks of scheduled requests
   at their slots, zeroes the slot of a request recomputed after preemption, and reads out
-  (all-gathering the TP shards of the channels) and frees the slots of finished requests.
+  (all-gathering the TP shards of the channels) and frees the slots of finished requests; a
+  token forwarded past the request's end is taken out of the sums first.
 """
 
 from __future__ import annotations
@@ -103,10 +110,16 @@ class FinishedCapture:
 
 @dataclass
 class CaptureStepMetadata(KVConnectorMetadata):
-    """Scheduler -> worker, once per step."""
+    """Scheduler -> worker, once per step.
+
+    block_tables and scheduled cover the capture requests scheduled this step: scheduled[r] is
+    (first position computed this step, number of tokens scheduled), i.e. the request's
+    num_computed_tokens and num_scheduled_tokens.
+    """
 
     new: dict[str, NewCapture] = field(default_factory=dict)
     block_tables: dict[str, list[int]] = field(default_factory=dict)
+    scheduled: dict[str, tuple[int, int]] = field(default_factory=dict)
     finished: dict[str, FinishedCapture] = field(default_factory=dict)
     resumed: set[str] = field(default_factory=set)
 
@@ -124,9 +137,11 @@ class _SchedulerRequest:
 class _RowStore:
     """One request's captured rows, already in shard layout: per site an [L, columns, H] array
     in the storage representation, column = (position - base) // step (base = the prompt
-    length for `generated`, step = K for `every:K`; one column for `last`). Rows land in place
-    each step, so finishing a request needs no concatenation or transpose; capacity doubles
-    when a generation outgrows it. A recomputed position (preemption) overwrites its column.
+    length for `generated`, step = K for `every:K`). Rows land in place each step, so
+    finishing a request needs no concatenation or transpose; capacity doubles when a
+    generation outgrows it. A recomputed position (preemption) overwrites its column.
+    `last` keeps the two most recent positions (column = position % 2): the request's end is
+    known only after async scheduling may have forwarded one token past it.
     """
 
     def __init__(
@@ -136,11 +151,11 @@ class _RowStore:
         self.last = spec.positions == "last"
         self.base = num_prompt if spec.positions == "generated" else 0
         self.step = spec.every or 1
-        self.last_position = -1
+        self.last_positions = np.full(2, -1, dtype=np.int64)
         self.layers = np.asarray(layers, dtype=np.int64)
         self.all_layers = layers == list(range(num_layers))
         planned = min(max_tokens or _INITIAL_GENERATED, _MAX_INITIAL_GENERATED)
-        cap = 1 if self.last else max(1, len(spec.expected_positions(num_prompt, planned)))
+        cap = 2 if self.last else max(1, len(spec.expected_positions(num_prompt, planned)))
         dtype = _NUMPY_STORAGE[spec.dtype]
         self.sites = {site: np.empty((len(layers), cap, hidden), dtype) for site in spec.sites}
         self.filled = np.zeros(cap, dtype=bool)
@@ -148,9 +163,9 @@ class _RowStore:
     def add(self, positions: np.ndarray, rows: np.ndarray) -> None:
         """rows: [k, 2 * num_layers, H] buffer rows (storage dtype) of `positions`."""
         if self.last:
-            cols = np.zeros(1, dtype=np.int64)
-            self.last_position = int(positions[-1])
-            rows = rows[-1:]
+            positions, rows = positions[-2:], rows[-2:]
+            cols = positions % 2
+            self.last_positions[cols] = positions
         else:
             cols = (positions - self.base) // self.step
         if cols.max() >= len(self.filled):
@@ -179,16 +194,19 @@ class _RowStore:
     def missing(self, expected: list[int]) -> list[int]:
         """The expected positions that have no row."""
         if self.last:
-            return [] if [self.last_position] == expected else expected
+            return [] if self.last_positions[expected[0] % 2] == expected[0] else expected
         cols = (np.asarray(expected, dtype=np.int64) - self.base) // self.step
         have = np.zeros(len(cols), dtype=bool)
         inside = cols < len(self.filled)
         have[inside] = self.filled[cols[inside]]
         return [p for p, ok in zip(expected, have, strict=True) if not ok]
 
-    def layer_outputs(self, count: int) -> dict[str, np.ndarray]:
-        """Per site the [L, count, H] view of the first `count` columns."""
-        return {site: store[:, :count] for site, store in self.sites.items()}
+    def layer_outputs(self, expected: list[int]) -> dict[str, np.ndarray]:
+        """Per site the [L, len(expected), H] view of the expected positions' columns."""
+        if self.last:
+            col = expected[0] % 2
+            return {site: store[:, col : col + 1] for site, store in self.sites.items()}
+        return {site: store[:, : len(expected)] for site, store in self.sites.items()}
 
 
 @dataclass
@@ -199,6 +217,19 @@ class _WorkerRequest:
     spec: CaptureSpec
     store: _RowStore | None = None
     channel_stats: dict[str, np.ndarray] | None = None
+    # Set when the rows or statistics cannot be trusted; the writer reports it.
+    error: str | None = None
+
+
+@dataclass
+class _StatSlot:
+    """A running request's statistics slot, on every TP rank."""
+
+    slot: int
+    layers: list[int]
+    num_prompt: int
+    # One past the last position forwarded so far (from the scheduled token ranges).
+    forwarded_end: int = 0
 
 
 class ActivationCaptureConnector(KVConnectorBase_V1):
@@ -224,7 +255,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             self._requests: dict[str, _SchedulerRequest] = {}
             self._errors: dict[str, str] = {}
             self._finished: dict[str, FinishedCapture] = {}
-            self._num_stat_slots = channel_stats_slots()
+            self._num_stat_slots = channel_stats_slots(vllm_config)
             self._free_stat_slots = list(range(self._num_stat_slots))[::-1]
             self._resumed: set[str] = set()
         else:
@@ -237,7 +268,9 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             self._writer = _ShardWriterThread(vllm_config, self.model_attrs)
             self._capture = capture_state()
             self._stats = self._capture.channel_stats
-            self._stat_slots: dict[str, tuple[int, list[int]]] = {}
+            self._stat_slots: dict[str, _StatSlot] = {}
+            # Unpadded batch size of this step, when the runner says (Model Runner V2).
+            self._num_tokens: int | None = None
             if self._stats is not None:
                 self._stats.bind_blocks(kv_cache_config.num_blocks, self.block_size)
 
@@ -291,10 +324,15 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output) -> CaptureStepMetadata:
         meta = CaptureStepMetadata(finished=self._finished)
         self._finished = {}
+        num_scheduled = scheduler_output.num_scheduled_tokens
         for new_req in scheduler_output.scheduled_new_reqs:
             state = self._requests.get(new_req.req_id)
             if state is None:
                 continue
+            meta.scheduled[new_req.req_id] = (
+                new_req.num_computed_tokens,
+                num_scheduled.get(new_req.req_id, 0),
+            )
             state.block_ids = list(new_req.block_ids[0])
             if not state.announced:
                 state.announced = True
@@ -312,6 +350,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             state = self._requests.get(req_id)
             if state is None:
                 continue
+            meta.scheduled[req_id] = (cached.num_computed_tokens[i], num_scheduled.get(req_id, 0))
             new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 state.block_ids = list(new_ids[0]) if new_ids is not None else []
@@ -349,6 +388,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         """Before the forward: whether this step captures at all, and the statistics slots."""
         super().bind_connector_metadata(connector_metadata)
+        self._num_tokens = None
         if not isinstance(connector_metadata, CaptureStepMetadata):
             return
         self._capture.want_layers(self._layers_this_step(connector_metadata))
@@ -373,28 +413,35 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         """Before the forward, on every TP rank: finished slots out, new and resumed slots
         zeroed, then the block -> slot table of this step's scheduled requests."""
         stats = self._stats
-        for req_id in meta.finished:
+        for req_id, fin in meta.finished.items():
             entry = self._stat_slots.pop(req_id, None)
             if entry is None:
                 continue
-            slot, layers = entry
-            result = self._read_stat_slot(slot, layers)
+            result = self._finish_stat_slot(entry, fin)
             state = self._active.get(req_id) if self.is_writer else None
             if state is not None:
-                state.channel_stats = result
-            stats.zero_slot(slot)
+                if isinstance(result, str):
+                    state.error = result
+                else:
+                    state.channel_stats = result
+            stats.zero_slot(entry.slot)
         for req_id, new in meta.new.items():
             if new.stats_slot is not None:
-                self._stat_slots[req_id] = (new.stats_slot, new.layers)
+                self._stat_slots[req_id] = _StatSlot(
+                    new.stats_slot, new.layers, len(new.prompt_token_ids)
+                )
                 stats.zero_slot(new.stats_slot)
         for req_id in meta.resumed:
             if req_id in self._stat_slots:  # recomputed from its first token
-                stats.zero_slot(self._stat_slots[req_id][0])
-        owned = [
-            (self._stat_slots[r][0], table)
-            for r, table in meta.block_tables.items()
-            if r in self._stat_slots
-        ]
+                stats.zero_slot(self._stat_slots[req_id].slot)
+        owned = []
+        for req_id, table in meta.block_tables.items():
+            entry = self._stat_slots.get(req_id)
+            if entry is None:
+                continue
+            start, count = meta.scheduled.get(req_id, (0, 0))
+            entry.forwarded_end = max(entry.forwarded_end, start + count)
+            owned.append((entry.slot, table))
         if not owned and not stats.active:
             return
         owner = np.full(stats.block_owner.shape[0], stats.slots, dtype=np.int64)
@@ -402,6 +449,22 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             owner[np.asarray(table, dtype=np.int64)] = slot
         stats.block_owner.copy_(torch.from_numpy(owner))
         stats.active = bool(owned)
+
+    def _finish_stat_slot(
+        self, entry: _StatSlot, fin: FinishedCapture
+    ) -> dict[str, np.ndarray] | str:
+        """A finished request's statistics over exactly its forwarded positions 0..P+G-2, or
+        why they cannot be given."""
+        forwarded = entry.num_prompt + max(len(fin.output_token_ids), 1) - 1
+        extra = entry.forwarded_end - forwarded
+        if extra == 1:  # async scheduling's step after an EOS: one decode token too many
+            self._stats.remove_last_token(entry.slot)
+        elif extra > 1:
+            return (
+                f"channel statistics: {extra} tokens were forwarded past the request's end "
+                f"(position {forwarded - 1}); at most one can be taken out"
+            )
+        return self._read_stat_slot(entry.slot, entry.layers)
 
     def _read_stat_slot(self, slot: int, layers: list[int]) -> dict[str, np.ndarray]:
         """One request's statistics for its captured layers, all channels (TP-gathered)."""
@@ -422,7 +485,9 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         return out
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        return None
+        """Model Runner V2 passes the unpadded batch size: rows past it are padding."""
+        num_tokens = kwargs.get("num_tokens")
+        self._num_tokens = int(num_tokens) if num_tokens is not None else None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None
@@ -431,84 +496,104 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         return None
 
     def wait_for_save(self) -> None:
-        """After the forward: copy this step's capture rows out, then hand finished requests
-        to the writer."""
+        """After the forward (inside a forward context on V1, outside on V2): copy this step's
+        capture rows out, then hand finished requests to the writer."""
         if not self.is_writer or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
         assert isinstance(meta, CaptureStepMetadata)
         for req_id, new in meta.new.items():
             self._active[req_id] = _WorkerRequest(new=new, spec=CaptureSpec.from_dict(new.spec))
-        if meta.block_tables:
-            self._collect_rows(meta.block_tables)
+        if meta.scheduled:
+            self._collect_rows(meta)
         for req_id, fin in meta.finished.items():
             state = self._active.pop(req_id, None)
             if state is not None:
                 self._writer.submit(self.shard_dir, state, fin)
 
-    def _collect_rows(self, block_tables: dict[str, list[int]]) -> None:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
-        from vllm_activations.capture import capture_state
-
-        if not is_forward_context_available():
-            return
-        slot_mappings = get_forward_context().slot_mapping
-        if not slot_mappings:
-            return
-        if isinstance(slot_mappings, list):
-            raise RuntimeError("vllm-activations does not support micro-batching (--enable-dbo)")
-        slots = next(iter(slot_mappings.values())).cpu().numpy()
+    def _row_owners(
+        self, meta: CaptureStepMetadata
+    ) -> list[tuple[_WorkerRequest, np.ndarray, np.ndarray]]:
+        """(request, positions, buffer rows) of every capture request's kept rows this step,
+        positions ascending, from the positions and KV slots the capture op recorded."""
+        capture = self._capture
+        slots = capture.row_slots.cpu().numpy()
+        positions = capture.row_positions.cpu().numpy()
+        if self._num_tokens is not None:
+            slots, positions = slots[: self._num_tokens], positions[: self._num_tokens]
         rows = np.flatnonzero(slots >= 0)
-        blocks = slots[rows] // self.block_size
-        offsets = slots[rows] % self.block_size
-        # Dense block -> (owner, index in its table) lookup; -1 owns the other requests' blocks.
-        tables = [np.asarray(t, dtype=np.int64) for t in block_tables.values()]
-        size = int(max([blocks.max(initial=-1), *(t.max(initial=-1) for t in tables)])) + 1
-        owner = np.full(size, -1, dtype=np.int64)
-        block_index = np.zeros(size, dtype=np.int64)
-        for k, table in enumerate(tables):
-            owner[table] = k
-            block_index[table] = np.arange(len(table))
-        row_owner = owner[blocks]
-        selected: list[tuple[_WorkerRequest, np.ndarray, np.ndarray]] = []
-        for k, req_id in enumerate(block_tables):
+        row_slot, row_pos = slots[rows], positions[rows]
+        row_block, row_offset = row_slot // self.block_size, row_slot % self.block_size
+        selected = []
+        for req_id, (start, count) in meta.scheduled.items():
             state = self._active.get(req_id)
-            mine = row_owner == k
-            if state is None or not mine.any():
+            if state is None or count <= 0:
                 continue
-            pos = block_index[blocks[mine]] * self.block_size + offsets[mine]
-            if state.spec.positions == "last":
-                keep = pos == pos.max()
-            else:
+            table = np.asarray(meta.block_tables.get(req_id, ()), dtype=np.int64)
+            inside = np.flatnonzero((row_pos >= start) & (row_pos < start + count))
+            index = row_pos[inside] // self.block_size
+            inside, index = inside[index < len(table)], index[index < len(table)]
+            mine = inside[
+                (table[index] == row_block[inside])
+                & (row_offset[inside] == row_pos[inside] % self.block_size)
+            ]
+            pos = row_pos[mine]
+            if state.spec.positions != "last":
                 keep = state.spec.keeps_position(pos, len(state.new.prompt_token_ids))
-            if keep.any():
-                order = np.argsort(pos[keep], kind="stable")
-                selected.append((state, pos[keep][order], rows[mine][keep][order]))
+                mine, pos = mine[keep], pos[keep]
+            if len(mine):
+                order = np.argsort(pos, kind="stable")
+                selected.append((state, pos[order], rows[mine[order]]))
+        return selected
+
+    def _collect_rows(self, meta: CaptureStepMetadata) -> None:
+        selected = self._row_owners(meta)
         if not selected:
             return
-        # One gather (and on GPU one device-to-host copy) per step for every request.
-        buffer = capture_state().buffer
-        index = torch.as_tensor(np.concatenate([r for _, _, r in selected]), device=buffer.device)
-        gathered = buffer.index_select(0, index)
-        host: dict[str, np.ndarray] = {}
-        start = 0
-        for state, pos, request_rows in selected:
-            dtype = state.spec.dtype
-            if dtype not in host:
-                host[dtype] = _to_host(gathered, dtype)
-            part = host[dtype][start : start + len(request_rows)]
-            start += len(request_rows)
-            if state.store is None:
-                state.store = _RowStore(
-                    state.spec,
-                    state.new.layers,
-                    self.num_layers,
-                    buffer.shape[2],
-                    len(state.new.prompt_token_ids),
-                    state.new.sampling_params.get("max_tokens"),
-                )
-            state.store.add(pos, part)
+        buffer = self._capture.buffer
+        all_rows = np.concatenate([r for _, _, r in selected])
+        bounds = np.cumsum([0] + [len(r) for _, _, r in selected])
+        for stage_start, staged in self._staged_rows(all_rows):
+            stage_end = stage_start + len(staged)
+            host: dict[str, np.ndarray] = {}
+            for k, (state, pos, _) in enumerate(selected):
+                lo, hi = max(bounds[k], stage_start), min(bounds[k + 1], stage_end)
+                if lo >= hi:
+                    continue
+                dtype = state.spec.dtype
+                if dtype not in host:
+                    host[dtype] = _to_host(staged, dtype)
+                if state.store is None:
+                    state.store = _RowStore(
+                        state.spec,
+                        state.new.layers,
+                        self.num_layers,
+                        buffer.shape[2],
+                        len(state.new.prompt_token_ids),
+                        state.new.sampling_params.get("max_tokens"),
+                    )
+                part = host[dtype][lo - stage_start : hi - stage_start]
+                state.store.add(pos[lo - bounds[k] : hi - bounds[k]], part)
+
+    def _staged_rows(self, rows: np.ndarray):
+        """Yield (offset, host tensor) for `rows` of the capture buffer in bounded chunks: one
+        gather into the device staging buffer and one pinned, non-blocking device-to-host copy
+        per chunk (on CPU the gather lands in host staging directly). A chunk is valid until
+        the next one is requested."""
+        capture = self._capture
+        buffer, host = capture.buffer, capture.host_staging
+        device = capture.device_staging
+        chunk = host.shape[0]
+        for start in range(0, len(rows), chunk):
+            index = torch.as_tensor(rows[start : start + chunk], device=buffer.device)
+            k = index.shape[0]
+            if device is None:
+                torch.index_select(buffer, 0, index, out=host[:k])
+            else:
+                torch.index_select(buffer, 0, index, out=device[:k])
+                host[:k].copy_(device[:k], non_blocking=True)
+                torch.cuda.current_stream().synchronize()
+            yield start, host[:k]
 
     def get_finished(self, finished_req_ids: set[str]):
         return None, None
@@ -571,9 +656,12 @@ class _ShardWriterThread:
         return self._tokenizer.decode(token_ids)
 
     def _write(self, shard_dir: Path, state: _WorkerRequest, fin: FinishedCapture) -> None:
-        from vllm_activations.shard import write_shard
+        from vllm_activations.shard import staged_shard_path, write_shard
 
         new, spec = state.new, state.spec
+        if state.error is not None:
+            _write_error(shard_dir, new.capture_id, state.error)
+            return
         expected = spec.expected_positions(len(new.prompt_token_ids), len(fin.output_token_ids))
         missing = state.store.missing(expected) if state.store is not None else expected
         if missing:
@@ -592,7 +680,7 @@ class _ShardWriterThread:
             )
             return
         if state.store is not None:
-            outputs = state.store.layer_outputs(len(expected))
+            outputs = state.store.layer_outputs(expected)
         else:  # nothing to keep (e.g. `generated` of a request that generated one token)
             shape = (len(new.layers), 0, self._model_attrs["hidden_size"])
             outputs = {site: np.zeros(shape, _NUMPY_STORAGE[spec.dtype]) for site in spec.sites}
@@ -606,8 +694,11 @@ class _ShardWriterThread:
             completion=self._decode(fin.output_token_ids),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
+        final = shard_path(shard_dir, new.capture_id)
         write_shard(
-            shard_path(shard_dir, new.capture_id),
+            # Teacher logprobs exist only in the API response: the sidecar adds them to the
+            # staged (hidden) shard and renames it to `final` (shard.publish_with_teacher).
+            staged_shard_path(final) if spec.teacher_logprobs else final,
             input_tokens=new.prompt_token_ids,
             output_tokens=fin.output_token_ids,
             positions=expected,

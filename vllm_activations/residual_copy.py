@@ -26,6 +26,30 @@ def copy_residuals_fake(
     return None
 
 
+def record_rows(
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
+    row_positions: torch.Tensor,
+    row_slots: torch.Tensor,
+) -> None:
+    """Write down, for each row of this forward batch, its absolute position and KV slot.
+
+    The connector attributes buffer rows to requests from these two columns after the forward,
+    so it needs no forward context then (Model Runner V2 closes it before `wait_for_save`).
+    Rows past the batch (and every slot when there is no slot mapping, e.g. a profiling run)
+    become -1, which owns nothing. Fixed shapes and no host sync: graph-safe.
+    """
+    n = positions.shape[0]
+    row_positions[:n].copy_(positions)
+    row_positions[n:].fill_(-1)
+    if slot_mapping is None:
+        row_slots.fill_(-1)
+        return
+    k = min(n, slot_mapping.shape[0])
+    row_slots[:k].copy_(slot_mapping[:k])
+    row_slots[k:].fill_(-1)
+
+
 def accumulate_channels(
     x: torch.Tensor,
     slot_mapping: torch.Tensor,
@@ -34,6 +58,7 @@ def accumulate_channels(
     sums: torch.Tensor,
     sum_sqs: torch.Tensor,
     counts: torch.Tensor | None = None,
+    last: torch.Tensor | None = None,
 ) -> None:
     """Add each token's channels into the statistics slot of the request that owns it.
 
@@ -41,7 +66,9 @@ def accumulate_channels(
     slot per token, -1 for padding. block_owner: [num_blocks + 1] statistics slot per KV block;
     its last entry (and every block of a request that records no statistics) is the trash slot.
     sums, sum_sqs: [num_slots + 1, C] float32; counts: [num_slots + 1] int64, or None.
-    Fixed shapes and no host sync, so it can be recorded into a CUDA graph.
+    last: [num_slots + 1, C] float32, or None: each slot's most recent token (the one a decode
+    step adds), so a token forwarded after the request's end (async scheduling's extra step
+    after an EOS) can be taken out again. Fixed shapes and no host sync: graph-safe.
     """
     n = x.shape[0]
     slots = slot_mapping[:n]
@@ -54,3 +81,5 @@ def accumulate_channels(
     sum_sqs.index_add_(0, owner, xf * xf)
     if counts is not None:
         counts.index_add_(0, owner, torch.ones_like(owner))
+    if last is not None:
+        last.index_copy_(0, owner, xf)

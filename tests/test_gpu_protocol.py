@@ -1,0 +1,438 @@
+"""The GPU runners' call protocols, replayed on CPU against the real connector.
+
+A CUDA pod runs vLLM's Model Runner V2 with async scheduling and CUDA graphs; the CPU build
+cannot. These tests drive the real `ActivationCaptureConnector` (scheduler and worker roles,
+built by vLLM's own KV-transfer factory from a real `VllmConfig`) through each runner's exact
+call sequence, with vLLM's own data classes (`Request`, `SchedulerOutput`, `NewRequestData`,
+`CachedRequestData`) and vLLM's own runner-side wrappers:
+
+- V1 (`KVConnectorModelRunnerMixin._get_kv_connector_output`): bind, start_load_kv and
+  wait_for_save inside the forward context.
+- V2 PIECEWISE / eager (`v1/worker/gpu/kv_connector.ActiveKVConnector`): bind inside the
+  forward context, then `start_load_kv(**V2 kwargs)` and `wait_for_save` after it closed.
+- V2 FULL CUDA graphs: bind outside any context, the graph replays the capture ops (they read
+  the runner's persistent slot-mapping buffer, as here), `wait_for_save` outside any context.
+
+The "model" is the real capture ops on a real capture buffer: each layer's residual is a code
+for (request, position, layer), so every shard row can be checked to be the right
+(request, position). Also replayed: async scheduling's extra forward after an EOS, and two
+requests scheduled together whose block tables share blocks (a prefix-cache hit).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from server import free_port  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.config import KVTransferConfig, set_current_vllm_config  # noqa: E402
+from vllm.distributed.kv_transfer import kv_transfer_state  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.forward_context import set_forward_context  # noqa: E402
+from vllm.v1.core.sched.output import (  # noqa: E402
+    CachedRequestData,
+    NewRequestData,
+    SchedulerOutput,
+)
+from vllm.v1.kv_cache_interface import (  # noqa: E402
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+)
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm.v1.worker.gpu.kv_connector import ActiveKVConnector  # noqa: E402
+from vllm.v1.worker.kv_connector_model_runner_mixin import (  # noqa: E402
+    KVConnectorModelRunnerMixin,
+)
+
+from vllm_activations import capture  # noqa: E402
+from vllm_activations.connector import ActivationCaptureConnector  # noqa: E402
+from vllm_activations.residual_copy import accumulate_channels, record_rows  # noqa: E402
+from vllm_activations.shard import ShardReader, read_shard  # noqa: E402
+
+BLOCK = 16
+ROWS = 96  # the capture buffer's rows (max_num_batched_tokens)
+NUM_BLOCKS = 64
+SLOTS = 4
+WIDTH = 8  # channels of each statistics kind in this replay
+LAYOUTS = ("v1", "v2-piecewise", "v2-full")
+
+
+def code(req: int, position: int, layer: int) -> float:
+    """The residual the replayed model writes for (request, position, layer)."""
+    return 1000.0 * (req + 1) + position + layer / 64
+
+
+def channel_code(req: int, position: int) -> float:
+    return (req + 1) + position / 100
+
+
+@pytest.fixture(scope="module")
+def protocol_env(embedded_models, tmp_path_factory):
+    """A real VllmConfig for tiny Qwen3 with the capture connector, vLLM's distributed state
+    for one rank, the capture buffers, and both connector roles."""
+    from vllm.distributed import ensure_model_parallel_initialized, init_distributed_environment
+
+    shard_dir = tmp_path_factory.mktemp("protocol-shards")
+    config = EngineArgs(
+        model=str(embedded_models["tiny-qwen3-tied"]),
+        dtype="float32",
+        max_model_len=512,
+        max_num_batched_tokens=ROWS,
+        kv_transfer_config=KVTransferConfig(
+            kv_connector="ActivationCaptureConnector",
+            kv_connector_module_path="vllm_activations.connector",
+            kv_role="kv_producer",
+            kv_connector_extra_config={"shard_dir": str(shard_dir)},
+        ),
+        additional_config={"vllm_activations": {"channel_stats_slots": SLOTS}},
+    ).create_engine_config()
+    hf = config.model_config.hf_config
+    kv_cache_config = KVCacheConfig(
+        num_blocks=NUM_BLOCKS,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                layer_names=[f"model.layers.{i}.self_attn.attn" for i in range(4)],
+                kv_cache_spec=FullAttentionSpec(
+                    block_size=BLOCK,
+                    num_kv_heads=hf.num_key_value_heads,
+                    head_size=hf.head_dim,
+                    dtype=torch.float32,
+                ),
+            )
+        ],
+    )
+    with set_current_vllm_config(config):
+        init_distributed_environment(
+            world_size=1,
+            rank=0,
+            distributed_init_method=f"tcp://127.0.0.1:{free_port()}",
+            local_rank=0,
+            backend="gloo",
+        )
+        ensure_model_parallel_initialized(1, 1)
+        stats = capture.allocate_channel_stats(
+            hf.num_hidden_layers,
+            SLOTS,
+            {"mlp_intermediate": WIDTH, "attn_heads": WIDTH},
+            "cpu",
+        )
+        state = capture.allocate_capture_state(
+            hf.num_hidden_layers, hf.hidden_size, ROWS, torch.float32, stats=stats
+        )
+        capture.set_capture_state(state)
+        kv_transfer_state.ensure_kv_transfer_initialized(config, kv_cache_config)
+        worker = kv_transfer_state.get_kv_transfer_group()
+        assert isinstance(worker, ActivationCaptureConnector)
+        scheduler = ActivationCaptureConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config)
+        yield SimpleNamespace(
+            config=config,
+            worker=worker,
+            scheduler=scheduler,
+            state=state,
+            shard_dir=shard_dir,
+            num_layers=hf.num_hidden_layers,
+            hidden=hf.hidden_size,
+        )
+        kv_transfer_state.ensure_kv_transfer_shutdown()
+        capture.set_capture_state(None)
+
+
+@dataclass(eq=False)
+class Sim:
+    """One replayed request: its vLLM Request, blocks, and how far it has been computed."""
+
+    index: int
+    request: Request
+    blocks: list[int]
+    computed: int = 0
+    announced: bool = False
+    new_blocks: list[int] = field(default_factory=list)
+
+
+class Replay:
+    """Drives scheduler connector -> SchedulerOutput -> runner protocol -> worker connector."""
+
+    def __init__(self, env, layout: str) -> None:
+        self.env = env
+        self.layout = layout
+        self.sims: dict[str, Sim] = {}
+        self.next_block = 0
+        self.v2 = ActiveKVConnector.__new__(ActiveKVConnector)
+        self.v2.vllm_config = env.config
+        self.v2.kv_connector = env.worker
+        self.v2._pending_load_kwargs = None
+        self.v2._disabled = False
+        self.forwarded: dict[str, list[int]] = {}
+
+    def add(self, name: str, prompt_len: int, spec: dict, *, max_tokens: int = 64,
+            shared_blocks: list[int] | None = None, cached_tokens: int = 0) -> Sim:  # fmt: skip
+        spec = {"dtype": "float32", **spec}  # the codes need float32 to round-trip exactly
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            extra_args={"kv_transfer_params": {"capture": spec, "capture_id": name}},
+        )
+        request = Request(
+            request_id=f"{name}-0a1b", prompt_token_ids=list(range(3, 3 + prompt_len)),
+            sampling_params=params, pooling_params=None,
+        )  # fmt: skip
+        self.env.scheduler.on_new_request(request)
+        sim = Sim(len(self.sims), request, list(shared_blocks or []), computed=cached_tokens)
+        self.sims[request.request_id] = sim
+        return sim
+
+    def _allocate(self, sim: Sim, upto: int) -> None:
+        while len(sim.blocks) * BLOCK < upto:
+            sim.blocks.append(self.next_block)
+            sim.new_blocks.append(self.next_block)
+            self.next_block += 1
+
+    def step(self, plan: dict[Sim, int], *, padded: int | None = None) -> None:
+        """One engine step: `plan` maps each scheduled request to its token count."""
+        new_reqs, cached_ids, cached_blocks, cached_computed = [], [], [], []
+        num_scheduled, layout = {}, []
+        for sim, count in plan.items():
+            req = sim.request
+            self._allocate(sim, sim.computed + count)
+            req.num_computed_tokens = sim.computed
+            if not sim.announced:
+                new_reqs.append(NewRequestData.from_request(req, (list(sim.blocks),)))
+                sim.announced = True
+            else:
+                cached_ids.append(req.request_id)
+                cached_blocks.append((list(sim.new_blocks),) if sim.new_blocks else None)
+                cached_computed.append(sim.computed)
+            sim.new_blocks = []
+            num_scheduled[req.request_id] = count
+            for p in range(sim.computed, sim.computed + count):
+                layout.append((sim, p, sim.blocks[p // BLOCK] * BLOCK + p % BLOCK))
+            self.forwarded.setdefault(req.request_id, []).extend(
+                range(sim.computed, sim.computed + count)
+            )
+            sim.computed += count
+        output = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=CachedRequestData(
+                req_ids=cached_ids, resumed_req_ids=set(), new_token_ids=[],
+                all_token_ids={}, new_block_ids=cached_blocks,
+                num_computed_tokens=cached_computed,
+                num_output_tokens=[0] * len(cached_ids),
+            ),
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            scheduled_spec_decode_tokens={}, scheduled_encoder_inputs={},
+            finished_req_ids=set(), free_encoder_mm_hashes=[],
+        )  # fmt: skip
+        output.kv_connector_metadata = self.env.scheduler.build_connector_meta(output)
+        self._run(output, layout, padded or len(layout))
+
+    def _forward(self, layout, padded: int, *, graph: bool) -> None:
+        """The capture ops of every layer, as the compiled model (or its graph) runs them."""
+        env, n = self.env, len(layout)
+        positions = torch.zeros(padded, dtype=torch.long)
+        slots = torch.full((padded,), -1, dtype=torch.long)
+        values = torch.zeros(padded, env.num_layers)
+        channels = torch.zeros(padded, WIDTH)
+        for t, (sim, p, slot) in enumerate(layout):
+            positions[t], slots[t] = p, slot
+            values[t] = torch.tensor([code(sim.index, p, layer) for layer in range(env.num_layers)])
+            channels[t] = channel_code(sim.index, p)
+        state, stats = env.state, env.state.channel_stats
+        if graph:  # a replayed graph runs every recorded kernel, reading persistent buffers
+            record_rows(positions, slots, state.row_positions, state.row_slots)
+        else:
+            torch.ops.vllm_activations.record_rows(positions, state.row_positions, state.row_slots)
+        for layer in range(env.num_layers):
+            for kind_index, kind in enumerate(stats.sums):
+                args = (stats.sums[kind][layer], stats.sum_sqs[kind][layer])
+                count = stats.counts if layer == 0 and kind_index == 0 else None
+                if graph:
+                    accumulate_channels(
+                        channels, slots, stats.block_owner, stats.block_size, *args, count,
+                        stats.lasts[kind][layer],
+                    )  # fmt: skip
+                else:
+                    torch.ops.vllm_activations.channel_stats(
+                        channels, stats.sums[kind], stats.sum_sqs[kind], stats.lasts[kind],
+                        stats.counts, layer, layer == 0 and kind_index == 0,
+                    )  # fmt: skip
+            residual = values[:, layer : layer + 1].expand(padded, env.hidden).contiguous()
+            hidden = torch.full_like(residual, 0.25)
+            if graph:
+                from vllm_activations.residual_copy import copy_residuals
+
+                copy_residuals(hidden, residual, state.buffer, 2 * layer)
+            else:
+                torch.ops.vllm_activations.capture_residuals(
+                    hidden, residual, state.buffer, 2 * layer
+                )
+        assert n <= padded
+
+    def _run(self, output: SchedulerOutput, layout, padded: int) -> None:
+        env = self.env
+        slot_tensor = torch.tensor(
+            [s for _, _, s in layout] + [-1] * (padded - len(layout)), dtype=torch.long
+        )
+        context = {"slot_mapping": {"model.layers.0.self_attn.attn": slot_tensor}}
+        batch = SimpleNamespace(
+            req_ids=[sim.request.request_id for sim in dict.fromkeys(s for s, _, _ in layout)],
+            idx_mapping=None,
+            num_tokens=len(layout),
+        )
+        if self.layout == "v1":
+            with set_forward_context(None, env.config, **context):
+                with KVConnectorModelRunnerMixin._get_kv_connector_output(output):
+                    self._forward(layout, padded, graph=False)
+        elif self.layout == "v2-piecewise":
+            with set_forward_context(None, env.config, **context):
+                self.v2.pre_forward(output, batch)
+                self._forward(layout, padded, graph=False)
+            self.v2.finish_forward()
+            self.v2.post_forward(output.finished_req_ids)
+        else:
+            self.v2.pre_forward(output, batch, attn_metadata={})
+            self._forward(layout, padded, graph=True)
+            self.v2.finish_forward()
+            self.v2.post_forward(output.finished_req_ids)
+
+    def finish(self, sim: Sim, generated: int) -> dict:
+        """The request ends (EOS) with `generated` output tokens; returns what the client gets."""
+        req = sim.request
+        req.append_output_token_ids(list(range(100, 100 + generated)))
+        req.status = RequestStatus.FINISHED_STOPPED
+        _, params = self.env.scheduler.request_finished(req, list(sim.blocks))
+        return params
+
+    def idle_step(self) -> None:
+        self.step({})
+
+
+def wait_for(path: Path, timeout: float = 30.0) -> Path:
+    deadline = time.monotonic() + timeout
+    error = path.with_name(path.name.replace(".h5", ".error.json"))
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path
+        if error.exists():
+            raise AssertionError(json.loads(error.read_text())["error"])
+        time.sleep(0.05)
+    raise AssertionError(f"no shard {path.name}")
+
+
+def check_shard(env, sim: Sim, name: str, prompt_len: int, generated: int) -> None:
+    """Every row is (this request, its position); statistics cover exactly 0..P+G-2."""
+    shard = read_shard(wait_for(env.shard_dir / f"{name}.h5"))
+    spec = shard.attrs["capture_spec"]
+    forwarded = prompt_len + generated - 1
+    positions = shard.positions.tolist()
+    mode = spec["positions"]
+    expected = {
+        "all": list(range(forwarded)),
+        "generated": list(range(prompt_len, forwarded)),
+        "last": [forwarded - 1],
+    }[mode]
+    assert positions == expected, (name, mode)
+    for li, layer in enumerate(shard.layers.tolist()):
+        want = np.array([code(sim.index, p, layer) for p in positions], dtype=np.float32)
+        got = shard.layer_outputs["post_attention"][li]
+        np.testing.assert_allclose(got, np.repeat(want[:, None], got.shape[1], 1), rtol=1e-6)
+        np.testing.assert_allclose(shard.layer_outputs["post_mlp"][li], got + 0.25, rtol=1e-6)
+    with ShardReader(shard.path) as reader:
+        if not spec["channel_stats"]:
+            assert "channel_stats" not in reader
+            return
+        values = np.array([channel_code(sim.index, p) for p in range(forwarded)])
+        for kind in ("mlp_intermediate", "attn_heads"):
+            count = reader.dataset(f"channel_stats/{kind}/count")
+            assert count.tolist() == [forwarded] * len(shard.layers)
+            sums = reader.dataset(f"channel_stats/{kind}/sum")
+            np.testing.assert_allclose(sums, values.sum(), rtol=1e-5)
+            sum_sq = reader.dataset(f"channel_stats/{kind}/sum_sq")
+            np.testing.assert_allclose(sum_sq, (values**2).sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunked_prefill_and_decode_rows_land_at_their_request_and_position(protocol_env, layout):
+    """Two requests interleaved with chunked prefill and a CUDA-graph-padded decode batch."""
+    env, replay = protocol_env, Replay(protocol_env, layout)
+    all_spec = {"positions": "all", "channel_stats": True}
+    a = replay.add(f"chunk-a-{layout}", 40, all_spec)
+    b = replay.add(f"chunk-b-{layout}", 20, {"positions": "generated", "layers": [0, 2]})
+    replay.step({a: 32, b: 20})  # a's first chunk, b's whole prompt
+    replay.step({b: 1, a: 8})  # b decodes first in the batch (V2 orders as it likes)
+    for _ in range(4):
+        replay.step({a: 1, b: 1}, padded=8)  # decode batch padded to a graph size
+    params = {sim: replay.finish(sim, g) for sim, g in ((a, 5), (b, 6))}
+    replay.idle_step()
+    assert all("capture_error" not in p for p in params.values())
+    check_shard(env, a, f"chunk-a-{layout}", 40, 5)
+    check_shard(env, b, f"chunk-b-{layout}", 20, 6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_async_scheduling_extra_step_after_eos_is_dropped(protocol_env, layout, positions):
+    """Async scheduling schedules step N+1 before step N's EOS is seen: one more forward at
+    P+G-1. The shard and the statistics must not hold it."""
+    env, replay = protocol_env, Replay(protocol_env, layout)
+    name = f"async-{positions}-{layout}"
+    sim = replay.add(name, 24, {"positions": positions, "channel_stats": True})
+    replay.step({sim: 24})  # prefill: samples output token 1
+    replay.step({sim: 1})  # position 24: samples token 2 (EOS)
+    replay.step({sim: 1})  # position 25, scheduled before the EOS was seen
+    assert replay.forwarded[sim.request.request_id][-1] == 24 + 2 - 1
+    replay.finish(sim, 2)  # only now does the scheduler learn of the EOS
+    replay.idle_step()
+    check_shard(env, sim, name, 24, 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shared_prefix_blocks_belong_to_the_request_that_computes_them(protocol_env, layout):
+    """b's table starts with a's first two blocks (a prefix-cache hit on blocks a is
+    computing in the same step): those rows are a's, whichever table is read last."""
+    env, replay = protocol_env, Replay(protocol_env, layout)
+    a = replay.add(f"shared-a-{layout}", 40, {"positions": "all"})
+    replay._allocate(a, 40)
+    a.new_blocks = list(a.blocks)
+    b = replay.add(
+        f"shared-b-{layout}", 40, {"positions": "generated"},
+        shared_blocks=a.blocks[:2], cached_tokens=2 * BLOCK,
+    )  # fmt: skip
+    replay.step({a: 40, b: 40 - 2 * BLOCK})
+    replay.step({a: 1, b: 1})
+    replay.step({b: 1, a: 1})
+    replay.finish(a, 3)
+    replay.finish(b, 3)
+    replay.idle_step()
+    check_shard(env, a, f"shared-a-{layout}", 40, 3)
+    check_shard(env, b, f"shared-b-{layout}", 40, 3)
+
+
+def test_rows_of_requests_that_do_not_capture_are_ignored(protocol_env):
+    """A request without capture shares the batch (its own blocks, never in the capture
+    metadata); its rows never reach a shard."""
+    env, replay = protocol_env, Replay(protocol_env, "v2-full")
+    a = replay.add("plain-neighbour-a", 20, {"positions": "all"})
+    request = Request(
+        request_id="plain-1", prompt_token_ids=list(range(20)),
+        sampling_params=SamplingParams(max_tokens=4), pooling_params=None,
+    )  # fmt: skip
+    env.scheduler.on_new_request(request)
+    plain = Sim(99, request, [])
+    replay.step({plain: 20, a: 20})
+    replay.step({a: 1, plain: 1}, padded=4)
+    replay.finish(a, 2)
+    replay.idle_step()
+    check_shard(env, a, "plain-neighbour-a", 20, 2)
