@@ -32,6 +32,7 @@ CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 EMBEDDING = "embedding"
 DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
 COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever this is
+REBASE_TOKENS = 1024  # until then, the channel moments' shift follows the running mean
 TOP_EVENTS = 8  # largest massive activations kept per site
 
 
@@ -101,35 +102,24 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts, stops, strict=True))
 
 
-def _moments_direct(rows: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """(count, mean, M2) over axis 0 of a few gathered token rows [K, S, H], float64 two-pass."""
-    rows = rows.astype(np.float64)
-    mean = rows.mean(0)
-    centred = rows - mean
-    return len(rows), mean, np.einsum("tsh,tsh->sh", centred, centred)
+def _deviation_sums(
+    d: np.ndarray, runs: list[tuple[int, int]], rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sum d, sum d^2) over token rows of deviations d [T, S, H]: contiguous runs or a gather.
 
-
-def _moments_runs(x: np.ndarray, runs: list[tuple[int, int]]) -> tuple[int, np.ndarray, np.ndarray]:
-    """(count, mean, M2) over the token rows in `runs`: a shifted two-pass in x's dtype.
-
-    The shift is the rows' own mean (rounded to x's dtype), so the float32 squares are of
-    deviations and M2 = sum d^2 - (sum d)^2 / n keeps ~1e-7 relative precision even in
-    channels whose mean is far from zero (massive activations).
+    Block sums are taken in d's dtype (at most a block of tokens), then returned as float64.
     """
-    n = sum(b - a for a, b in runs)
-    total = sum(np.add.reduce(x[a:b], axis=0) for a, b in runs)
-    shift = (total / n).astype(x.dtype)
-    dev_sum = np.zeros(x.shape[1:])
-    dev_sq = np.zeros(x.shape[1:])
-    flat = x.shape[1] * x.shape[2]
+    shape = d.shape[1:]
+    if not runs or len(runs) > 8:
+        runs, d = ([(0, len(rows))], d[rows]) if len(rows) else ([], d)
+    total = np.zeros(shape)
+    total_sq = np.zeros(shape)
     for a, b in runs:
-        d = np.subtract(x[a:b], shift)
-        dev_sum += np.add.reduce(d, axis=0)
-        d2 = d.reshape(b - a, flat)
-        dev_sq += np.einsum("tk,tk->k", d2, d2).reshape(x.shape[1:])
-        del d, d2
-    mean = shift.astype(np.float64) + dev_sum / n
-    return n, mean, np.maximum(dev_sq - dev_sum * dev_sum / n, 0.0)
+        part = d[a:b]
+        total += np.add.reduce(part, axis=0)
+        flat = part.reshape(b - a, -1)
+        total_sq += np.einsum("tk,tk->k", flat, flat).reshape(shape)
+    return total, total_sq
 
 
 def _column_peak(mag: np.ndarray, runs: list[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
@@ -146,8 +136,9 @@ class TokenBlock:
 
     `x` is [tokens, sites, hidden] in the compute dtype. Holds the cosine matrix [T, S, S],
     boundary angles [T, B, B] (upper triangle), norms, update ratios, kurtosis, Hoyer
-    sparsity (all from `formulas`), and for each population its per-channel moments, column
-    peaks of |x| and the rows holding massive activations.
+    sparsity (all from `formulas`), and for each population its per-channel sums of
+    deviations from the block's `shift` [S, H], column peaks of |x| and the rows holding
+    massive activations.
     """
 
     def __init__(
@@ -176,7 +167,7 @@ class TokenBlock:
         self.kurtosis = formulas.excess_kurtosis(x)
         abs_sum = np.add.reduce(self.mag, axis=2, dtype=np.float64)
         self.hoyer = formulas.hoyer_sparsity(abs_sum, self.norms, hidden)
-        self._moments(x, masks["content"], masks["last"])
+        self._moments(x, masks)
         self._peaks(masks)
         rows_t, rows_s = np.nonzero(peak > rule.threshold)
         if len(rows_t):
@@ -186,24 +177,24 @@ class TokenBlock:
         else:
             self.massive = None
 
-    def _moments(self, x: np.ndarray, content: np.ndarray, last: np.ndarray) -> None:
-        # Cells content / other partition the block; "all" is their Chan merge.
-        other = ~content
-        big, small = (content, other) if content.sum() >= other.sum() else (other, content)
-        runs = _runs(big)
-        empty = (0, np.zeros(x.shape[1:]), np.zeros(x.shape[1:]))
-        cell_big = _moments_runs(x, runs) if runs else empty
-        small_rows = np.nonzero(small)[0]
-        cell_small = _moments_direct(x[small_rows]) if len(small_rows) else empty
-        cells = {"content": cell_big, "other": cell_small}
-        if big is other:
-            cells = {"content": cell_small, "other": cell_big}
-        self.moments = {
-            "all": chan_merge(*cells["content"], *cells["other"]),
-            "content": cells["content"],
+    def _moments(self, x: np.ndarray, masks: dict[str, np.ndarray]) -> None:
+        # Deviations from the block's own content mean (rounded to x's dtype), so the float32
+        # squares keep their precision in channels whose mean is far from zero. Content and
+        # other tokens partition the block; "all" is their sum (the shift is shared).
+        content = masks["content"]
+        runs = _runs(content) or [(0, len(content))]
+        n = sum(b - a for a, b in runs)
+        total = sum(np.add.reduce(x[a:b], axis=0, dtype=np.float64) for a, b in runs)
+        shift = (total / n).astype(x.dtype)
+        self.shift = shift.astype(np.float64)
+        d = np.subtract(x, shift)
+        sums = {
+            "content": _deviation_sums(d, _runs(content), np.nonzero(content)[0]),
+            "last": _deviation_sums(d, [], np.nonzero(masks["last"])[0]),
         }
-        last_rows = np.nonzero(last)[0]
-        self.moments["last"] = _moments_direct(x[last_rows]) if len(last_rows) else empty
+        other = _deviation_sums(d, [], np.nonzero(~content)[0])
+        sums["all"] = (sums["content"][0] + other[0], sums["content"][1] + other[1])
+        self.deviation_sums = sums
 
     def _peaks(self, masks: dict[str, np.ndarray]) -> None:
         content = masks["content"]
@@ -250,8 +241,10 @@ class ResidualStats:
         self.kurtosis_sum = np.zeros(s)
         self.hoyer_sum = np.zeros(s)
         self.update_ratio_sum = np.zeros(max(s - 1, 0))
-        self.channel_mean = np.zeros((s, h))
-        self.channel_m2 = np.zeros((s, h))
+        # per-channel moments as sums of deviations from a fixed shift near the mean
+        self.channel_shift: np.ndarray | None = None
+        self.channel_dev_sum = np.zeros((s, h))
+        self.channel_dev_sq = np.zeros((s, h))
         self.absmax = np.zeros((s, h))
         self.absmax_position = np.full((s, h), -1, dtype=np.int64)
         self.absmax_token = np.full((s, h), -1, dtype=np.int64)
@@ -281,11 +274,17 @@ class ResidualStats:
         self.update_ratio_sum += w @ block.update_ratio
         self.kurtosis_sum += w @ block.kurtosis
         self.hoyer_sum += w @ block.hoyer
-        n, mean, m2 = block.moments[population]
-        total, self.channel_mean, self.channel_m2 = chan_merge(
-            self.count, self.channel_mean, self.channel_m2, n, mean, m2
-        )
-        self.count = int(total)
+        dev_sum, dev_sq = block.deviation_sums[population]
+        if self.channel_shift is None:
+            self.channel_shift = block.shift
+        elif block.shift is not self.channel_shift:
+            # the same sums about this accumulator's shift (exact algebra, in float64)
+            offset = block.shift - self.channel_shift
+            dev_sq = dev_sq + 2.0 * offset * dev_sum + t * offset * offset
+            dev_sum = dev_sum + t * offset
+        self.channel_dev_sum += dev_sum
+        self.channel_dev_sq += dev_sq
+        self.count += t
         peak = block.peaks[population].ravel().astype(np.float64)
         current = self.absmax.ravel()
         flat = np.nonzero(
@@ -377,15 +376,19 @@ class ResidualStats:
             "massive_tokens",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        n, self.channel_mean, self.channel_m2 = chan_merge(
-            self.count,
-            self.channel_mean,
-            self.channel_m2,
-            other.count,
-            other.channel_mean,
-            other.channel_m2,
-        )
-        self.count = int(n)
+        if other.count:
+            n, mean, m2 = chan_merge(
+                self.count,
+                self.channel_mean,
+                self.channel_m2,
+                other.count,
+                other.channel_mean,
+                other.channel_m2,
+            )
+            if self.channel_shift is None:
+                self.channel_shift = other.channel_shift
+            self.count = int(n)
+            self.set_moments(mean, m2)
         self._update_absmax(
             np.arange(other.absmax.size),
             other.absmax.ravel(),
@@ -396,6 +399,35 @@ class ResidualStats:
         self.massive_token_ids.update(other.massive_token_ids)
         for s in range(self.num_sites):
             self.massive_events[s] = _top(self.massive_events[s] + other.massive_events[s])
+
+    @property
+    def channel_mean(self) -> np.ndarray:
+        """Per-site, per-channel mean over tokens [S, H]."""
+        if not self.count or self.channel_shift is None:
+            return np.zeros_like(self.channel_dev_sum)
+        return self.channel_shift + self.channel_dev_sum / self.count
+
+    @property
+    def channel_m2(self) -> np.ndarray:
+        """Per-site, per-channel sum of squared deviations from the mean [S, H]."""
+        if not self.count:
+            return np.zeros_like(self.channel_dev_sq)
+        m2 = self.channel_dev_sq - self.channel_dev_sum * self.channel_dev_sum / self.count
+        return np.maximum(m2, 0.0)
+
+    def rebase(self, shift: np.ndarray) -> None:
+        """Hold the channel moments as deviations from `shift` (a value near the mean)."""
+        mean, m2 = self.channel_mean, self.channel_m2
+        self.channel_shift = shift
+        self.set_moments(mean, m2)
+
+    def set_moments(self, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Re-express (mean, M2) of `count` tokens as deviation sums from the shift."""
+        if self.channel_shift is None:
+            self.channel_shift = mean.astype(np.float32).astype(np.float64)
+        offset = mean - self.channel_shift
+        self.channel_dev_sum = offset * self.count
+        self.channel_dev_sq = m2 + offset * offset * self.count
 
     # Read-outs ----------------------------------------------------------------------------
 
@@ -622,8 +654,20 @@ class AnalysisAccumulator:
                 for name, stats in self.populations.items():
                     stats.add_block(block, name)
                 del block, x
+                if first.count < REBASE_TOKENS:
+                    self._rebase()
             self.num_shards += 1
             self.bytes_read += reader.path.stat().st_size
+
+    def _rebase(self) -> None:
+        # Early on, move the moments' shift to the running mean (content tokens, else all), so
+        # the float64 deviation sums stay well conditioned whatever the first block held.
+        source = self.populations["content"]
+        if not source.count:
+            source = self.populations["all"]
+        shift = source.channel_mean.astype(np.float32).astype(np.float64)
+        for stats in self.populations.values():
+            stats.rebase(shift)
 
     def _read_block(
         self, reader: ShardReader, start: int, stop: int, tokens: np.ndarray
