@@ -16,6 +16,7 @@ from actclient import __version__
 COMMAND_MODULES = (
     "actclient.phase1.cli",
     "actclient.record",
+    "actclient.export_kd",
     "actclient.analysis.cli",
     "actclient.prune",
     "actclient.evaluate",
@@ -42,12 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. Bad input that a command did not report itself (a
+    missing or unreadable file, a directory where a file belongs, malformed JSON) is one line
+    on stderr and exit status 2, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"actclient {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+        print(f"actclient {args.command}: {_reason(exc)}", file=sys.stderr)
+        return 2
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        # A rename names its destination second: that is the path the user gave.
+        where = exc.filename2 if exc.filename2 is not None else exc.filename
+        return f"{where}: {exc.strerror or exc}"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -39,12 +39,15 @@ import httpx
 
 from actclient.http import (
     RetriesExhausted,
+    ServerCheckFailed,
     api_base,
     api_key_from,
     auth_headers,
     describe,
+    probe,
     request_with_retries,
 )
+from actclient.progress import Progress
 
 RESULT_SCHEMA = "actclient.evaluate/1"
 DEFAULT_TEXTS = Path(__file__).parent / "data" / "heldout_tour_texts.jsonl"
@@ -277,7 +280,12 @@ async def _served_model(client: httpx.AsyncClient, base: str) -> tuple[str, str 
 
 
 async def _score_text(
-    client: httpx.AsyncClient, base: str, model: str, text: ReferenceText, gate: asyncio.Semaphore
+    client: httpx.AsyncClient,
+    base: str,
+    model: str,
+    text: ReferenceText,
+    gate: asyncio.Semaphore,
+    bar: Progress,
 ) -> TextResult:
     body = {
         "model": model,
@@ -292,6 +300,7 @@ async def _score_text(
     if response.status_code != 200:
         raise EvaluateError(f"{text.id}: POST /v1/completions: {describe(response)}")
     ids, tokens, surprisal = parse_prompt_logprobs(response.json()["choices"][0], text.text)
+    bar.update(1)
     return text_result(text.id, tokens, surprisal, ids)
 
 
@@ -302,17 +311,26 @@ async def evaluate_async(
     api_key: str | None = None,
     model: str | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Score every text on one server; the result dict that `evaluate` writes as JSON."""
+    """Score every text on one server; the result dict that `evaluate` writes as JSON.
+    `progress`: a bar over the texts (None: only on a terminal)."""
+    if concurrency < 1:
+        raise EvaluateError(f"--concurrency must be at least 1, got {concurrency}")
     base = api_base(server)
     async with httpx.AsyncClient(
         headers=auth_headers(api_key), timeout=REQUEST_TIMEOUT_S
     ) as client:
+        try:
+            await probe(client, base, "openai")
+        except ServerCheckFailed as exc:
+            raise EvaluateError(str(exc)) from None
         served, root = await _served_model(client, base)
         gate = asyncio.Semaphore(concurrency)
-        results = await asyncio.gather(
-            *(_score_text(client, base, model or served, t, gate) for t in texts)
-        )
+        with Progress(len(texts), desc="evaluate", unit="text", enabled=progress) as bar:
+            results = await asyncio.gather(
+                *(_score_text(client, base, model or served, t, gate, bar) for t in texts)
+            )
     return {
         "schema": RESULT_SCHEMA,
         "server": base,
@@ -331,11 +349,19 @@ def evaluate(
     model: str | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     reference: dict[str, Any] | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Score every text; with a reference result, add the ratios and the pass rules."""
     try:
         result = asyncio.run(
-            evaluate_async(server, texts, api_key=api_key, model=model, concurrency=concurrency)
+            evaluate_async(
+                server,
+                texts,
+                api_key=api_key,
+                model=model,
+                concurrency=concurrency,
+                progress=progress,
+            )
         )
     except (RetriesExhausted, httpx.HTTPError) as exc:
         raise EvaluateError(f"{server}: {exc}") from exc
@@ -398,6 +424,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             model=args.model,
             concurrency=args.concurrency,
             reference=reference,
+            progress=False if args.no_progress else None,
         )
     except (EvaluateError, OSError, ValueError) as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
@@ -428,11 +455,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", help="served model name (default: the server's first model)")
     p.add_argument("--api-key", help="API key (default: $VLLM_ACTIVATIONS_API_KEY)")
-    p.add_argument("--out", metavar="PATH", help="write the result JSON here")
+    p.add_argument("-o", "--out", metavar="PATH", help="write the result JSON here")
     p.add_argument(
         "--reference", metavar="PATH", help="a dense model's result JSON: adds ratios and verdict"
     )
     p.add_argument(
         "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="requests in flight"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a TTY")
     p.set_defaults(func=_evaluate)

@@ -38,6 +38,7 @@ from actclient.analysis.embedding import (
     read_safetensors_metadata,
 )
 from actclient.analysis.plan import LAYER_STRATEGIES
+from actclient.progress import Progress
 
 PROVENANCE_KEY = "actclient_pruning"
 INDEX_NAME = "model.safetensors.index.json"
@@ -280,8 +281,10 @@ def prune_checkpoint(
     out_dir: str | Path,
     layers: LayerSelection,
     neurons: NeuronSelection | None = None,
+    progress: bool | None = None,
 ) -> dict:
-    """Write the pruned checkpoint to `out_dir` (created; must not exist or be empty).
+    """Write the pruned checkpoint to `out_dir` (created; must not exist or be empty), with a
+    progress bar over the source's bytes (`progress`: None draws it only on a terminal).
 
     Returns the provenance written into the config. The output is built in a temporary
     sibling directory and renamed into place, so a failed run leaves nothing half-written.
@@ -319,6 +322,9 @@ def prune_checkpoint(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.pruning-", dir=out_dir.parent))
+    bar = Progress(
+        sum(p.stat().st_size for p in files) // 2**20, desc="prune", unit="MiB", enabled=progress
+    )
     try:
         weight_map: dict[str, str] = {}
         total_size = 0
@@ -337,10 +343,10 @@ def prune_checkpoint(
                 else:
                     shape, nbytes, write = _sliced(info, *cut)
                 tensors.append(_OutTensor(new_name, info.dtype, shape, nbytes, write))
-            if not tensors:
-                continue
-            total_size += _write_safetensors(tmp / path.name, tensors, metadata)
-            weight_map.update({t.name: path.name for t in tensors})
+            if tensors:
+                total_size += _write_safetensors(tmp / path.name, tensors, metadata)
+                weight_map.update({t.name: path.name for t in tensors})
+            bar.update(path.stat().st_size // 2**20, file=path.name)
         if (model_dir / INDEX_NAME).is_file():
             index = json.loads((model_dir / INDEX_NAME).read_text())
             index["metadata"] = {**index.get("metadata", {}), "total_size": total_size}
@@ -363,6 +369,7 @@ def prune_checkpoint(
             out_dir.rmdir()
         os.rename(tmp, out_dir)
     finally:
+        bar.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return provenance
@@ -401,7 +408,9 @@ def _prune(args: argparse.Namespace) -> int:
             neurons = neurons_from_plan(plan, args.plan)
             if plan["neurons"].get("heads"):
                 print("prune: the plan's attention-head pruning is not applied", file=sys.stderr)
-        provenance = prune_checkpoint(args.model_dir, args.out, layers, neurons)
+        provenance = prune_checkpoint(
+            args.model_dir, args.out, layers, neurons, progress=False if args.no_progress else None
+        )
     except (PruneError, ModelFilesError, OSError, KeyError) as exc:
         print(f"prune: {exc}", file=sys.stderr)
         return 2
@@ -426,7 +435,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="source Hugging Face model directory")
     p.add_argument("plan", metavar="PLAN", nargs="?", help="plan JSON from `actclient plan`")
-    p.add_argument("--out", required=True, metavar="DIR", help="new model directory")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="new model directory")
     p.add_argument(
         "--strategy",
         choices=LAYER_STRATEGIES,
@@ -444,6 +453,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also prune MLP neurons by the plan's neuron section (intermediate_size changes)",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a TTY")
     p.set_defaults(func=_prune)
 
 

@@ -41,7 +41,13 @@ def load_analysis(path: str | Path) -> tuple[dict, Path]:
     file = path / "analysis.json" if path.is_dir() else path
     if not file.is_file():
         raise PlanError(f"{path}: no analysis.json; run `actclient analyze` first")
-    return json.loads(file.read_text()), file.parent
+    try:
+        analysis = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{file}: not an `actclient analyze` result ({exc})") from None
+    if not (isinstance(analysis, dict) and "by_tokens" in analysis):
+        raise PlanError(f"{file}: not an `actclient analyze` result (no by_tokens)")
+    return analysis, file.parent
 
 
 def _num_layers(analysis: dict) -> int:
@@ -332,7 +338,14 @@ def make_plan(
     total = _num_layers(analysis)
     if drop is None:
         assert target_layers is not None
+        if not 1 <= target_layers < total:
+            raise PlanError(
+                f"--target-layers must be 1..{total - 1} (the model has {total} layers), "
+                f"got {target_layers}"
+            )
         drop = total - target_layers
+    elif drop < 1:
+        raise PlanError(f"--drop must be at least 1, got {drop}")
     if tokens not in analysis["by_tokens"]:
         raise PlanError(f"tokens {tokens!r} is not one of {list(analysis['by_tokens'])}")
     model_dir = model_dir if model_dir is not None else analysis.get("model_dir")

@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write prompt records (JSONL) for the shipped places",
         description="Write one record per place and style as JSONL (atomically).",
     )
-    build.add_argument("--out", required=True, help="output JSONL path")
+    build.add_argument("-o", "--out", required=True, help="output JSONL path")
     build.add_argument(
         "--styles",
         type=_styles,
@@ -109,7 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("records", metavar="RECORDS", help="records JSONL (or a samples folder)")
     gen.add_argument("--server", required=True, help="server URL, e.g. http://localhost:8000")
-    gen.add_argument("--out", required=True, help="output JSONL, appended to")
+    gen.add_argument("-o", "--out", required=True, help="output JSONL, appended to")
     gen.add_argument(
         "--api-key", default=None, help=f"bearer key (default: ${API_KEY_ENV}); never printed"
     )

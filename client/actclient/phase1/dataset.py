@@ -121,7 +121,10 @@ class Phase1Record:
 def load_places(path: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
     """Read and check a places file (default: the shipped one); raise ValueError on a bad entry."""
     path = Path(path) if path is not None else default_places_path()
-    places = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        places = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
     if not isinstance(places, list):
         raise ValueError(f"{path}: expected a JSON list of places")
     seen: set[str] = set()

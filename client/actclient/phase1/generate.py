@@ -18,7 +18,14 @@ from pathlib import Path
 
 import httpx
 
-from actclient.http import MAX_ATTEMPTS, api_base, describe, request_with_retries
+from actclient.http import (
+    MAX_ATTEMPTS,
+    ServerCheckFailed,
+    api_base,
+    describe,
+    probe,
+    request_with_retries,
+)
 from actclient.jsonl import JsonlAppender
 from actclient.phase1.dataset import Phase1Record
 from actclient.phase1.ingest import load_records
@@ -92,6 +99,10 @@ async def _run(
     timeouts = httpx.Timeout(connect=10.0, read=timeout, write=60.0, pool=None)
     transport = httpx.AsyncHTTPTransport(retries=2, limits=limits)  # connect errors only
     async with httpx.AsyncClient(headers=headers, timeout=timeouts, transport=transport) as client:
+        try:
+            await probe(client, base, "openai")
+        except ServerCheckFailed as e:
+            raise GenerateError(str(e)) from None
         model = model or await _pick_model(client, base)
         appender = JsonlAppender(out_path)
         semaphore = asyncio.Semaphore(concurrency)
