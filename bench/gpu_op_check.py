@@ -8,7 +8,12 @@ op's own body (vllm_activations/residual_copy.py, registered with torch.library 
 helper is unavailable here), compiles it with CUDA graphs (mode="reduce-overhead"), replays it
 at several batch sizes, and compares the buffer with an eager, out-of-place reference.
 It also shows why the copy must happen right after each layer: keeping references to the
-layer outputs and reading them after the forward gives wrong values.
+layer outputs and reading them after the forward gives wrong values. The row bookkeeping op
+(`record_rows`: each row's position and KV slot, from a persistent slot-mapping buffer that
+is updated between replays, as vLLM's runners do) must hold the current step's values after a
+replay. Last, the connector's device-to-host path: a bounded gather into device staging and
+a pinned, non-blocking copy, checked for equality and timed against a pageable `.cpu()` of
+the same rows on the Qwen3-32B row shape.
 
     python bench/gpu_op_check.py        # prints PASS/FAIL per check, exit 1 on any FAIL
 """
@@ -21,7 +26,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
-from vllm_activations.residual_copy import copy_residuals, copy_residuals_fake  # noqa: E402
+import time  # noqa: E402
+
+from vllm_activations.residual_copy import (  # noqa: E402
+    copy_residuals,
+    copy_residuals_fake,
+    record_rows,
+)
 
 LIB = "vllm_activations_check"
 
@@ -45,6 +56,21 @@ def _(x, residual, weight):
 
 
 capture_residuals.register_fake(copy_residuals_fake)
+
+
+@torch.library.custom_op(f"{LIB}::record_rows", mutates_args=["row_positions", "row_slots"])
+def record_rows_op(
+    positions: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    row_positions: torch.Tensor,
+    row_slots: torch.Tensor,
+) -> None:
+    record_rows(positions, slot_mapping, row_positions, row_slots)
+
+
+@record_rows_op.register_fake
+def _(positions, slot_mapping, row_positions, row_slots):
+    return None
 
 
 class Layer(torch.nn.Module):
@@ -86,10 +112,17 @@ class Model(torch.nn.Module):
         super().__init__()
         self.layers = torch.nn.ModuleList(Layer(hidden) for _ in range(layers))
         self.register_buffer("buffer", torch.zeros(rows, 2 * layers, hidden), persistent=False)
+        self.register_buffer("row_positions", torch.full((rows,), -1), persistent=False)
+        self.register_buffer("row_slots", torch.full((rows,), -1), persistent=False)
+        # The runner's persistent slot mapping: refreshed in place before every replay.
+        self.register_buffer("slot_mapping", torch.full((rows,), -1), persistent=False)
         self.capture = capture
         self.kept: list = []
 
-    def forward(self, x, inplace: bool = True):
+    def forward(self, x, positions=None, inplace: bool = True):
+        if self.capture and positions is not None:
+            n = x.shape[0]
+            record_rows_op(positions, self.slot_mapping[:n], self.row_positions, self.row_slots)
         h, residual = x, None
         for i, layer in enumerate(self.layers):
             h, residual = layer(h, residual, inplace)
@@ -121,20 +154,29 @@ def main() -> int:
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     failures = 0
     with torch.no_grad():
-        for n in (7, 64, 200, 64, 7, 512):  # repeated sizes replay recorded CUDA graphs
+        for step, n in enumerate((7, 64, 200, 64, 7, 512)):  # repeats replay recorded graphs
             x = torch.randn(n, hidden, device=device)
+            positions = torch.arange(n, device=device) + 1000 * step
             model.buffer.zero_()
             for _ in range(3):
-                compiled(x.clone())
+                slots = torch.randperm(4 * rows, device=device)[:n]
+                model.slot_mapping[:n].copy_(slots)  # as the runner updates it between steps
+                compiled(x.clone(), positions)
             torch.cuda.synchronize()
             got = model.buffer[:n].clone()
             want = reference(model, x)
             err = (got - want).abs().max().item() / want.abs().max().item()
-            ok = err < 1e-5
+            rows_ok = (
+                torch.equal(model.row_positions[:n], positions)
+                and torch.equal(model.row_slots[:n], slots)
+                and bool((model.row_slots[n:] == -1).all())
+            )
+            ok = err < 1e-5 and rows_ok
             failures += not ok
             print(
                 f"{'PASS' if ok else 'FAIL'}: compiled+CUDA graphs, in-place norm, {n:3d} "
-                f"tokens: max rel diff {err:.2e}"
+                f"tokens: max rel diff {err:.2e}; row positions and slots of this replay "
+                f"{'recorded' if rows_ok else 'WRONG'}"
             )
         wrong = Model(layers, hidden, rows, capture=False).to(device).eval()
         wrong.load_state_dict(model.state_dict())
@@ -147,8 +189,58 @@ def main() -> int:
             f"wrong with the in-place norm (max abs diff {err:.2f}), as expected"
         )
         failures += err <= 1e-3
+    failures += staging_check(device)
     print("ALL PASS" if failures == 0 else f"{failures} FAILED")
     return 1 if failures else 0
+
+
+def staging_check(device: str, rows: int = 2048, sites: int = 128, hidden: int = 5120) -> int:
+    """The connector's device-to-host path on the Qwen3-32B row shape (64 layers x 2 sites x
+    5120, bf16): chunks of <= 256 MiB gathered into device staging, then one pinned,
+    non-blocking copy each, against a pageable `.cpu()` of the same rows. Returns failures."""
+    buffer = torch.randn(rows, sites, hidden, device=device).to(torch.bfloat16)
+    chunk = max(1, (256 * 2**20) // (sites * hidden * 2))
+    staging = torch.empty((chunk, sites, hidden), dtype=buffer.dtype, device=device)
+    host = torch.empty((chunk, sites, hidden), dtype=buffer.dtype, pin_memory=True)
+    index = torch.randperm(rows, device=device)[: rows // 2]
+    checked = []
+
+    def pinned(check: bool = False) -> None:
+        for start in range(0, len(index), chunk):
+            part = index[start : start + chunk]
+            torch.index_select(buffer, 0, part, out=staging[: len(part)])
+            host[: len(part)].copy_(staging[: len(part)], non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+            if check:
+                checked.append(torch.equal(host[: len(part)], buffer[part].cpu()))
+
+    def pageable() -> None:
+        for start in range(0, len(index), chunk):
+            buffer.index_select(0, index[start : start + chunk]).cpu()
+
+    pinned(check=True)
+    ok = bool(checked) and all(checked)
+    nbytes = len(index) * sites * hidden * 2
+    timings = {}
+    for name, fn in (("pinned", pinned), ("pageable", pageable)):
+        fn()  # warm-up
+        runs = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            runs.append(time.perf_counter() - start)
+        timings[name] = sorted(runs)
+    best = {k: nbytes / v[0] / 1e9 for k, v in timings.items()}
+    spread = {k: (v[-1] - v[0]) / v[0] for k, v in timings.items()}
+    print(
+        f"{'PASS' if ok else 'FAIL'}: pinned staging copy of {nbytes / 2**30:.2f} GiB in "
+        f"{chunk}-row chunks equals the rows; {best['pinned']:.1f} GB/s vs pageable "
+        f"{best['pageable']:.1f} GB/s ({best['pinned'] / best['pageable']:.2f}x, best of 5; "
+        f"spread {spread['pinned']:.0%} / {spread['pageable']:.0%})"
+    )
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -54,15 +54,28 @@ def test_selftest_passes_and_its_checks_catch_faults(embedded_models, tmp_path, 
     work = tmp_path / "selftest"
     rc = cli.main(
         [
-            "selftest", str(model), "--workdir", str(work), "--prompts", "3",
-            "--max-tokens", "12", "--max-num-batched-tokens", "64",
+            "selftest", str(model), "--workdir", str(work), "--quick",
+            "--max-num-batched-tokens", "64",
         ]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert out.count("PASS  ") == 3 and "selftest: PASS (3/3 checks)" in out
+    report = json.loads((work / "selftest-report.json").read_text())
+    checks = {c["check"]: c for c in report["checks"]}
+    assert report["verdict"] == "PASS" and all(c["passed"] for c in checks.values()), out
+    assert {c["config"] for c in checks.values()} == {"default"}  # no GPU: no opt-in pass
+    assert set(checks) >= {
+        "engine", "batch == solo", "position modes", "stop token, last + channel_stats",
+        "shared 64-token prefix (all + generated)", "full 64-token step",
+        "compiled == eager (incl. a 600-token prompt)",
+    }, sorted(checks)  # fmt: skip
+    assert "model runner v1" in checks["engine"]["detail"]
+    assert "async scheduling False" in checks["engine"]["detail"]
+    assert f"selftest: PASS ({len(checks)}/{len(checks)} checks)" in out
+    for line in ("config", "position modes", "full 64-token step"):
+        assert line in out  # the table
 
-    shards = sorted((work / "compiled" / "shards").glob("*.h5"))
+    shards = sorted((work / "default" / "compiled" / "shards").glob("*.h5"))
     good = next(p for p in shards if len(read_shard(p).input_tokens) > 5)
     weights = CheckpointWeights(model)
     assert max(e for _, _, e in chain_errors(good, weights)) < 5e-2

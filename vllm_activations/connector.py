@@ -760,7 +760,22 @@ def _model_attrs(vllm_config) -> dict[str, Any]:
         "hidden_size": hf.hidden_size,
         "model_dtype": str(model_config.dtype).replace("torch.", ""),
         "vllm_version": vllm.__version__,
+        "engine": _engine_attrs(vllm_config),
         "package_version": __version__,
+    }
+
+
+def _engine_attrs(vllm_config) -> dict[str, Any]:
+    """How the engine runs (the selftest checks the runner and graph mode it asked for)."""
+    scheduler = vllm_config.scheduler_config
+    mode = vllm_config.compilation_config.cudagraph_mode
+    return {
+        "model_runner": "v2" if vllm_config.use_v2_model_runner else "v1",
+        "async_scheduling": bool(scheduler.async_scheduling),
+        "cudagraph_mode": getattr(mode, "name", str(mode)),
+        "enforce_eager": bool(vllm_config.model_config.enforce_eager),
+        "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+        "tensor_parallel_size": vllm_config.parallel_config.tensor_parallel_size,
     }
 
 

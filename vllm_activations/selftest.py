@@ -1,25 +1,39 @@
-"""`vllm-activations selftest`: capture a few prompts on this machine and check the invariants
-that catch faults a CPU test run cannot see (CUDA graphs, in-place fused kernels, batching).
+"""`vllm-activations selftest`: the acceptance run for a new machine. It captures on this
+machine and checks the invariants a CPU test run cannot see (CUDA graphs, in-place fused
+kernels, Model Runner V2, async scheduling, batching), printing a PASS/FAIL table and writing
+a JSON report.
 
-It starts its own servers, one after the other (the default compiled / CUDA-graph mode, then
-`--enforce-eager`), with the tensor-parallel size given, captures every layer, both sites and
-the channel statistics of a few prompts, alone and all at once, and checks:
+It starts its own servers, one after the other: per configuration the default compiled /
+CUDA-graph mode, and for the default configuration also `--enforce-eager`. Configurations: the
+launcher's default (V1 runner, synchronous scheduling); on a GPU also Model Runner V2 + async
+scheduling (vLLM's GPU defaults, opt-in in `serve`), and TP=2 when two GPUs are present.
+Checks per configuration:
 
-1. compiled == eager: the default mode's shards agree with eager mode's. CUDA graphs and
-   Inductor fusions replay the capture op, so a copy recorded at the wrong point of a graph
-   (e.g. after the next layer's in-place add+RMSNorm overwrote its input) shows up here.
-2. layer chaining: each captured residual is the one the next block added to. The blocks are
+1. engine: the runner, CUDA-graph mode and scheduling that actually ran (recorded in the shard).
+2. batch == solo: rows of requests run concurrently equal rows of the same requests run alone
+   (no row is attributed to the wrong request or position).
+3. position modes: `prompt`, `generated`, `last`, `every:3` keep exactly their positions, with
+   the rows an `all` capture of the same request has.
+4. stop token: a request that stops on a token (decided in the engine core, like EOS, so async
+   scheduling has forwarded one more token) with `last` + channel statistics: the last row and
+   statistics over exactly P+G-1 tokens (equal to a teacher-forced run of those tokens).
+5. shared prefix: two concurrent captures sharing a 64-token prefix (`all` and `generated`,
+   the second reading the prefix cache) equal solo runs.
+6. full step: a prompt of max_num_batched_tokens tokens in one forward (no out-of-memory).
+7. layer chaining: each captured residual is the one the next block added to. The blocks are
    linear in what the channel statistics record, so over a request's tokens
        sum_t (post_attention[l] - post_mlp[l-1]) == W_o[l] @ sum_t o_proj_input[l]
        sum_t (post_mlp[l] - post_attention[l])   == W_down[l] @ sum_t down_proj_input[l]
    with post_mlp[-1] the token embeddings. The weights come from the checkpoint itself
    (block-scaled FP8 is dequantized), not from vLLM, so a residual that is stale, taken from
    another row, or not the one layer l+1 consumed fails it.
-3. batch == solo: rows of requests run concurrently equal rows of the same requests run alone
-   (no row is attributed to the wrong request or position).
+8. compiled == eager (default configuration), including a 600-token prompt: CUDA graphs and
+   Inductor fusions replay the capture op, so a copy recorded at the wrong point of a graph
+   (e.g. after the next layer's in-place add+RMSNorm overwrote its input) shows up here; and
+   each opt-in configuration's shards equal the default's.
 
 Greedy generations may diverge between modes in low precision; shards are compared only on the
-positions whose input tokens agree. Prints PASS/FAIL per check; exit status 1 if any fails.
+positions whose input tokens agree. Exit status 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import json
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,23 +88,30 @@ class CheckResult:
 # ------------------------------------------------------------------ capturing
 
 
-def _capture(server: ServerProcess, prompt: str, max_tokens: int, dtype: str) -> Path:
+def _capture(
+    server: ServerProcess,
+    prompt: str | list[int],
+    max_tokens: int,
+    dtype: str,
+    spec: CaptureSpec | None = None,
+    **sampling,
+) -> Path:
     body = completion_body(
         model="model",
         prompt=prompt,
-        spec=CaptureSpec(dtype=dtype, channel_stats=True),
+        spec=spec or CaptureSpec(dtype=dtype, channel_stats=True),
         max_tokens=max_tokens,
         temperature=0.0,
-        ignore_eos=True,
+        **{"ignore_eos": True, **sampling},
     )
     r = httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=900)
     if r.status_code != 200:
         raise RuntimeError(f"capture failed: HTTP {r.status_code} {r.text[:500]}")
-    return wait_for_shard(capture_params(r.json()), timeout=600)
+    return wait_for_shard(capture_params(r.json()), timeout=600, shard_dir=server.shard_dir)
 
 
 def capture_prompts(
-    server: ServerProcess, prompts: list[str], max_tokens: int, dtype: str, *, together: bool
+    server: ServerProcess, prompts: list, max_tokens: int, dtype: str, *, together: bool
 ) -> list[Path]:
     """Shards of `prompts`, sent one after another or all at once."""
     if not together:
@@ -253,6 +275,184 @@ def chain_check(shards: list[Path], model_dir: Path, tolerance: tuple) -> CheckR
     )
 
 
+# ------------------------------------------------------------------ checks on a running server
+
+
+@dataclass
+class Session:
+    """One running server and what the checks need to know about it."""
+
+    label: str
+    server: ServerProcess
+    dtype: str
+    tolerance: tuple
+    max_tokens: int
+    step_tokens: int
+    max_model_len: int
+    expect: dict
+
+
+def _rows_at(shard: Shard, positions: list[int]) -> dict[str, np.ndarray]:
+    index = np.searchsorted(shard.positions, positions)
+    if not np.array_equal(shard.positions[index], positions):
+        raise ValueError(f"{shard.path.name} lacks some of positions {positions[:4]}...")
+    return {site: x[:, index] for site, x in shard.layer_outputs.items()}
+
+
+def _cosines(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray:
+    out = []
+    for site in a:
+        x, y = a[site], b[site]
+        den = np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)
+        out.append(np.where(den > 0, (x * y).sum(-1) / np.maximum(den, 1e-30), 1.0).ravel())
+    return np.concatenate(out)
+
+
+def _rows_agree(a: Shard, b: Shard, positions: list[int], tolerance: tuple) -> tuple[bool, float]:
+    cos = _cosines(_rows_at(a, positions), _rows_at(b, positions))
+    worst = float(cos.min()) if len(cos) else 1.0
+    return worst >= tolerance[1], worst
+
+
+def check_engine(s: Session) -> CheckResult:
+    """Which runner, CUDA-graph mode and scheduling actually ran (the shard records it)."""
+    with ShardReader(_capture(s.server, "Hello", 2, s.dtype)) as reader:
+        engine = dict(reader.attrs.get("engine") or {})
+    detail = (
+        f"model runner {engine.get('model_runner')}, cudagraph_mode "
+        f"{engine.get('cudagraph_mode')}, async scheduling {engine.get('async_scheduling')}, "
+        f"{engine.get('max_num_batched_tokens')} tokens/step, "
+        f"TP {engine.get('tensor_parallel_size')}"
+    )
+    wrong = [
+        f"{k} is {engine.get(k)!r}, asked {v!r}" for k, v in s.expect.items() if engine.get(k) != v
+    ]
+    return CheckResult("engine", not wrong, detail + ("; " + "; ".join(wrong) if wrong else ""))
+
+
+def check_position_modes(s: Session, prompt: str) -> CheckResult:
+    """Every position mode keeps exactly its positions, with the rows an `all` capture has."""
+    full = read_shard(_capture(s.server, prompt, s.max_tokens, s.dtype))
+    problems, worst = [], 1.0
+    for mode in ("prompt", "generated", "last", "every:3"):
+        spec = CaptureSpec(positions=mode, dtype=s.dtype)
+        shard = read_shard(_capture(s.server, prompt, s.max_tokens, s.dtype, spec=spec))
+        want = spec.expected_positions(len(shard.input_tokens), len(shard.output_tokens))
+        if shard.positions.tolist() != want:
+            problems.append(f"{mode}: positions {shard.positions.tolist()[:6]} != {want[:6]}")
+            continue
+        same = _common_positions(full, shard)
+        kept = [p for p in want if p < same]
+        ok, cos = _rows_agree(shard, full, kept, s.tolerance)
+        worst = min(worst, cos)
+        if not ok:
+            problems.append(f"{mode}: worst cosine {cos:.6f} against the `all` capture")
+    detail = "; ".join(problems) or f"prompt, generated, last, every:3; worst cosine {worst:.6f}"
+    return CheckResult("position modes", not problems, detail)
+
+
+def check_stop(s: Session, prompt: str) -> CheckResult:
+    """A request that stops on a token (like EOS, decided in the engine core, so async
+    scheduling has already forwarded one token more) with `last` + channel statistics."""
+    probe = read_shard(_capture(s.server, prompt, s.max_tokens, s.dtype))
+    out = probe.output_tokens.tolist()
+    k = next((i for i in range(2, len(out)) if out[i] not in out[:i]), None)
+    if k is None:
+        return CheckResult("stop token, last + channel_stats", False, "no usable stop token")
+    spec = CaptureSpec(positions="last", dtype=s.dtype, channel_stats=True)
+    shard_path = _capture(
+        s.server, prompt, s.max_tokens, s.dtype, spec=spec, ignore_eos=False,
+        stop_token_ids=[out[k]],
+    )  # fmt: skip
+    shard = read_shard(shard_path)
+    p, g = len(shard.input_tokens), len(shard.output_tokens)
+    problems = []
+    if g != k + 1:
+        problems.append(f"generated {g} tokens, expected to stop after {k + 1}")
+    if shard.positions.tolist() != [p + g - 2]:
+        problems.append(f"positions {shard.positions.tolist()} != [{p + g - 2}]")
+    else:
+        ok, cos = _rows_agree(shard, probe, [p + g - 2], s.tolerance)
+        if not ok:
+            problems.append(f"last row cosine {cos:.6f} against the full capture")
+    # The statistics must cover exactly the forwarded tokens: a teacher-forced capture of the
+    # same P+G-1 tokens records the same sums.
+    forced_ids = probe.input_tokens.tolist() + out[: g - 1]
+    forced = _capture(s.server, forced_ids, 1, s.dtype, spec=spec)
+    with ShardReader(shard_path) as a, ShardReader(forced) as b:
+        for kind in ("mlp_intermediate", "attn_heads"):
+            count = a.dataset(f"channel_stats/{kind}/count")
+            if count.tolist() != [p + g - 1] * len(count):
+                problems.append(f"{kind}: {count[0]} tokens counted, forwarded {p + g - 1}")
+            x, y = a.dataset(f"channel_stats/{kind}/sum"), b.dataset(f"channel_stats/{kind}/sum")
+            rel = float(np.abs(x - y).max() / max(np.abs(y).max(), 1e-30))
+            if rel > s.tolerance[2]:
+                problems.append(f"{kind}: sums differ from a forced run by {rel:.2e}")
+    return CheckResult(
+        "stop token, last + channel_stats",
+        not problems,
+        "; ".join(problems)
+        or f"stopped after {g} tokens; row and statistics of P+G-1 = "
+        f"{p + g - 1} tokens, none past the stop",
+    )
+
+
+def check_shared_prefix(s: Session, ids: list[int]) -> CheckResult:
+    """Two concurrent captures sharing a 64-token prefix (`all` and `generated`), against
+    the same requests run alone."""
+    prefix = (ids * (64 // max(len(ids), 1) + 2))[:64]
+    prompts = [prefix + ids[:8], prefix + ids[-8:][::-1]]
+    specs = [CaptureSpec(dtype=s.dtype), CaptureSpec(positions="generated", dtype=s.dtype)]
+    with cf.ThreadPoolExecutor(2) as pool:
+        together = list(
+            pool.map(
+                lambda j: _capture(s.server, j[0], s.max_tokens, s.dtype, spec=j[1]),
+                zip(prompts, specs, strict=True),
+            )
+        )
+    problems, worst = [], 1.0
+    for prompt, path in zip(prompts, together, strict=True):
+        shard, solo = (
+            read_shard(path),
+            read_shard(_capture(s.server, prompt, s.max_tokens, s.dtype)),
+        )
+        same = _common_positions(shard, solo)
+        ok, cos = _rows_agree(
+            shard, solo, [p for p in shard.positions.tolist() if p < same], s.tolerance
+        )
+        worst = min(worst, cos)
+        if not ok:
+            problems.append(f"{shard.path.name}: worst cosine {cos:.6f} against a solo run")
+    return CheckResult(
+        "shared 64-token prefix (all + generated)",
+        not problems,
+        "; ".join(problems) or f"worst cosine {worst:.6f} against solo runs",
+    )
+
+
+def check_full_step(s: Session, ids: list[int]) -> CheckResult:
+    """A prompt that fills one engine step (the capture buffer's every row) in one forward."""
+    n = min(s.step_tokens, s.max_model_len - 4)
+    prompt = (ids * (n // max(len(ids), 1) + 1))[:n]
+    spec = CaptureSpec(positions="last", dtype=s.dtype, channel_stats=True)
+    start = time.perf_counter()
+    shard = read_shard(_capture(s.server, prompt, 2, s.dtype, spec=spec))
+    seconds = time.perf_counter() - start
+    ok = shard.positions.tolist() == [n] and len(shard.input_tokens) == n
+    return CheckResult(
+        f"full {n}-token step",
+        ok,
+        f"{n}-token prompt + 2 tokens with statistics in {seconds:.2f} s (no out-of-memory)"
+        if ok
+        else f"positions {shard.positions.tolist()}",
+    )
+
+
+def long_prompt(ids: list[int], n: int = 600) -> list[int]:
+    """A prompt above 512 tokens (compiled graphs and kernels switch paths past 512)."""
+    return (ids * (n // max(len(ids), 1) + 1))[:n]
+
+
 # ------------------------------------------------------------------ driver
 
 
@@ -266,7 +466,143 @@ def local_model_dir(model: str) -> Path:
     return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors"]))
 
 
+def _gpu_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def configurations(args: argparse.Namespace) -> list[tuple[str, list[str], dict]]:
+    """(label, extra serve flags, engine facts the shard must show) per pass."""
+    tp = args.tensor_parallel_size
+    configs = [("default", [], {"model_runner": "v1", "async_scheduling": False})]
+    gpus = _gpu_count()
+    if gpus and not args.no_opt_in:
+        configs.append(
+            (
+                "V2 + async",
+                ["--model-runner-v2", "--async-scheduling"],
+                {"model_runner": "v2", "async_scheduling": True},
+            )
+        )
+    if gpus >= 2 and tp == 1:
+        configs.append(("TP=2", ["--tensor-parallel-size", "2"], {"tensor_parallel_size": 2}))
+    return configs
+
+
+def _step_tokens(extra: list[str]) -> int:
+    from vllm_activations.cli import DEFAULT_MAX_NUM_BATCHED_TOKENS, _flag_value
+
+    return int(_flag_value(extra, "--max-num-batched-tokens") or DEFAULT_MAX_NUM_BATCHED_TOKENS)
+
+
+def _tokenize(server: ServerProcess, text: str) -> list[int]:
+    r = httpx.post(
+        f"{server.url}/tokenize", json={"model": "model", "prompt": text},
+        headers=server.headers, timeout=60,
+    )  # fmt: skip
+    if r.status_code != 200:  # the sidecar has no /tokenize: ask a capture's shard instead
+        with ShardReader(_capture(server, text, 1, "float32")) as reader:
+            return reader.dataset("input_tokens").tolist()
+    return r.json()["tokens"]
+
+
+def run_configuration(
+    label: str,
+    flags: list[str],
+    expect: dict,
+    args: argparse.Namespace,
+    model_dir: Path,
+    serve_args: list[str],
+    workdir: Path,
+    results: list[tuple[str, CheckResult]],
+) -> dict[str, list[Path]]:
+    """Start the configuration's server(s), run every check, return the solo shards."""
+    prompts: list = list(PROMPTS[: args.prompts])
+    shards: dict[str, list[Path]] = {}
+    modes = [("compiled", [])] + ([("eager", ["--enforce-eager"])] if label == "default" else [])
+    tolerance = TOLERANCES["bfloat16"]
+    for mode, mode_args in modes:
+        print(f"selftest [{label}]: starting the {mode} server on {model_dir} ...", flush=True)
+        server = ServerProcess(
+            model_dir, workdir / label.replace(" ", "") / mode, [*serve_args, *flags, *mode_args]
+        )
+        try:
+            server.wait_ready()
+            dtype = _served_dtype(server)
+            tolerance = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
+            if CheckpointWeights(model_dir).quantization:
+                tolerance = QUANTIZED_TOLERANCE
+            ids = _tokenize(server, PROMPTS[0])
+            if args.max_model_len > 600 + args.max_tokens:
+                prompts = [*prompts[:1], long_prompt(ids), *prompts[1:]]
+            shards[mode] = capture_prompts(server, prompts, args.max_tokens, dtype, together=False)
+            if mode != "compiled":
+                continue
+            session = Session(
+                label, server, dtype, tolerance, args.max_tokens, _step_tokens(serve_args),
+                args.max_model_len, expect,
+            )  # fmt: skip
+            for result in compiled_checks(session, prompts, shards["compiled"], ids, model_dir):
+                results.append((label, result))
+        finally:
+            server.stop()
+    if "eager" in shards:
+        results.append(
+            (
+                label,
+                compare(
+                    "compiled == eager (incl. a 600-token prompt)",
+                    list(zip(shards["compiled"], shards["eager"], strict=True)),
+                    tolerance,
+                ),
+            )
+        )
+    return shards
+
+
+def compiled_checks(
+    s: Session, prompts: list, solo: list[Path], ids: list[int], model_dir: Path
+) -> list[CheckResult]:
+    """Every check on the compiled (CUDA-graph) server; one failing does not stop the rest."""
+
+    def batch_equals_solo() -> CheckResult:
+        together = capture_prompts(s.server, prompts, s.max_tokens, s.dtype, together=True)
+        return compare("batch == solo", list(zip(together, solo, strict=True)), s.tolerance)
+
+    checks = [
+        ("engine", lambda: check_engine(s)),
+        ("batch == solo", batch_equals_solo),
+        ("position modes", lambda: check_position_modes(s, PROMPTS[1])),
+        ("stop token, last + channel_stats", lambda: check_stop(s, PROMPTS[0])),
+        ("shared 64-token prefix (all + generated)", lambda: check_shared_prefix(s, ids)),
+        ("full step", lambda: check_full_step(s, ids)),
+        ("layer chaining", lambda: chain_check(solo, model_dir, s.tolerance)),
+    ]
+    results = []
+    for name, check in checks:
+        try:
+            results.append(check())
+        except Exception as exc:  # noqa: BLE001 - a selftest reports, it does not crash
+            results.append(CheckResult(name, False, f"error: {exc}"))
+    return results
+
+
+def print_table(results: list[tuple[str, CheckResult]]) -> None:
+    width = max((len(c) for c, _ in results), default=7)
+    names = max((len(r.name) for _, r in results), default=5)
+    print(f"\n{'config':<{width}}  {'check':<{names}}  result  detail")
+    for config, r in results:
+        print(
+            f"{config:<{width}}  {r.name:<{names}}  {'PASS' if r.passed else 'FAIL':<6}  {r.detail}"
+        )
+
+
 def run(args: argparse.Namespace, extra: list[str]) -> int:
+    if args.quick:
+        args.prompts, args.max_tokens = min(args.prompts, 2), min(args.max_tokens, 12)
     if args.model is None:
         from vllm_activations import embedded
 
@@ -274,62 +610,58 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         model_dir = local_model_dir(args.model)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="selftest-"))
-    prompts = list(PROMPTS[: args.prompts])
     serve_args = [
-        "--served-model-name",
-        "model",
-        "--tensor-parallel-size",
-        str(args.tensor_parallel_size),
-        "--max-model-len",
-        str(args.max_model_len),
+        "--served-model-name", "model",
+        "--tensor-parallel-size", str(args.tensor_parallel_size),
+        "--max-model-len", str(args.max_model_len),
         *extra,
-    ]
+    ]  # fmt: skip
     if args.dtype:
         serve_args += ["--dtype", args.dtype]
-    results: list[CheckResult] = []
-    try:
-        shards: dict[str, list[Path]] = {}
-        for mode, mode_args in (("compiled", []), ("eager", ["--enforce-eager"])):
-            print(f"selftest: starting the {mode} server on {model_dir} ...", flush=True)
-            server = ServerProcess(model_dir, workdir / mode, [*serve_args, *mode_args])
-            try:
-                server.wait_ready()
-                dtype = _served_dtype(server)
-                shards[f"{mode}-solo"] = capture_prompts(
-                    server, prompts, args.max_tokens, dtype, together=False
+    results: list[tuple[str, CheckResult]] = []
+    started = time.perf_counter()
+    solo: dict[str, list[Path]] = {}
+    for label, flags, expect in configurations(args):
+        try:
+            solo[label] = run_configuration(
+                label, flags, expect, args, model_dir, serve_args, workdir, results
+            ).get("compiled", [])
+        except Exception as exc:  # noqa: BLE001 - a selftest reports, it does not crash
+            results.append((label, CheckResult("server and captures", False, str(exc))))
+    for label, paths in solo.items():
+        if label != "default" and paths and solo.get("default"):
+            results.append(
+                (
+                    label,
+                    compare(
+                        f"{label} == default",
+                        list(zip(paths, solo["default"], strict=True)),
+                        TOLERANCES["bfloat16"],
+                    ),
                 )
-                if mode == "compiled":
-                    shards["compiled-batch"] = capture_prompts(
-                        server, prompts, args.max_tokens, dtype, together=True
-                    )
-            finally:
-                server.stop()
-        tolerance = TOLERANCES.get(dtype, TOLERANCES["bfloat16"])
-        if CheckpointWeights(model_dir).quantization:
-            tolerance = QUANTIZED_TOLERANCE
-        results.append(
-            compare(
-                "compiled == eager",
-                list(zip(shards["compiled-solo"], shards["eager-solo"], strict=True)),
-                tolerance,
             )
-        )
-        results.append(chain_check(shards["compiled-solo"], model_dir, tolerance))
-        results.append(
-            compare(
-                "batch == solo",
-                list(zip(shards["compiled-batch"], shards["compiled-solo"], strict=True)),
-                tolerance,
-            )
-        )
-    except Exception as exc:  # noqa: BLE001 - a selftest reports, it does not crash
-        results.append(CheckResult("servers and captures", False, str(exc)))
-    print()
-    for result in results:
-        print(result.line())
-    failed = [r for r in results if not r.passed]
+    print_table(results)
+    failed = [r for _, r in results if not r.passed]
     verdict = "FAIL" if failed else "PASS"
+    report = Path(args.report) if args.report else workdir / "selftest-report.json"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(
+        json.dumps(
+            {
+                "verdict": verdict,
+                "model": str(args.model or model_dir),
+                "seconds": round(time.perf_counter() - started, 1),
+                "gpus": _gpu_count(),
+                "checks": [
+                    {"config": c, "check": r.name, "passed": r.passed, "detail": r.detail}
+                    for c, r in results
+                ],
+            },
+            indent=2,
+        )
+    )
     print(f"\nselftest: {verdict} ({len(results) - len(failed)}/{len(results)} checks)")
+    print(f"selftest: report written to {report}")
     if failed or args.keep:
         print(f"selftest: shards and server logs kept in {workdir}")
     elif not args.workdir:
@@ -348,9 +680,10 @@ def _served_dtype(server: ServerProcess) -> str:
 def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers type
     p = sub.add_parser(
         "selftest",
-        help="capture a few prompts and check compiled == eager, layer chaining and "
-        "batch == solo (run it on the GPU pod before a long recording); unknown arguments "
-        "go to the servers",
+        help="the acceptance run for a new machine: capture and check compiled == eager, "
+        "layer chaining, batch == solo, every position mode, a stop token, a shared prefix "
+        "and a full step, in the tested configuration and (on GPUs) with Model Runner V2 + "
+        "async scheduling; unknown arguments go to the servers",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument(
@@ -364,6 +697,13 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers typ
     p.add_argument("--prompts", type=int, default=4, help=f"1-{len(PROMPTS)} (default 4)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--quick", action="store_true", help="2 prompts, 12 tokens (CPU test mode)")
+    p.add_argument(
+        "--no-opt-in",
+        action="store_true",
+        help="skip the pass with Model Runner V2 + async scheduling (run on GPUs only)",
+    )
+    p.add_argument("--report", default=None, help="JSON report path (default: in the workdir)")
     p.add_argument("--workdir", default=None, help="keep shards and logs here")
     p.add_argument("--keep", action="store_true", help="keep the temporary workdir")
     p.set_defaults(func=run)
