@@ -1,10 +1,10 @@
-"""Open Location Code (Plus Code) encoding, decoding and validation, written from the public spec.
+"""Plus Codes (Open Location Code): the reference implementation, with messages that say why.
 
 Phase 1 prompts name a tour stop by its Plus Code, so the client must check codes and turn them
-into coordinates without network access or extra dependencies. The PyPI `openlocationcode`
-package is a 2019 snapshot that has drifted from the spec and only says "not valid"; this module
-follows the current spec (integer arithmetic, `floor`) and `validate` names the exact rule a
-code breaks.
+into coordinates without network access. Encoding, decoding and recovering short codes are the
+Open Location Code project's own Python implementation (`openlocationcode` on PyPI); this module
+adds what it lacks: `validate` names the exact rule a code breaks (the library only says "not
+valid"), errors are one exception type, and a decoded cell is a small dataclass.
 
 Spec: https://github.com/google/open-location-code/blob/main/Documentation/Specification/specification.md
 """
@@ -15,24 +15,19 @@ import math
 import re
 from dataclasses import dataclass
 
-ALPHABET = "23456789CFGHJMPQRVWX"
-SEPARATOR = "+"
-SEPARATOR_POSITION = 8
-PADDING = "0"
-PAIR_CODE_LENGTH = 10
-MAX_DIGIT_COUNT = 15
+from openlocationcode import openlocationcode as olc
+
+ALPHABET = olc.CODE_ALPHABET_
+SEPARATOR = olc.SEPARATOR_
+SEPARATOR_POSITION = olc.SEPARATOR_POSITION_
+PADDING = olc.PADDING_CHARACTER_
+PAIR_CODE_LENGTH = olc.PAIR_CODE_LENGTH_
+MAX_DIGIT_COUNT = olc.MAX_DIGIT_COUNT_
 MIN_CODE_LENGTH = 2
-LATITUDE_MAX = 90
-LONGITUDE_MAX = 180
+LATITUDE_MAX = olc.LATITUDE_MAX_
+LONGITUDE_MAX = olc.LONGITUDE_MAX_
 
 _BASE = len(ALPHABET)
-_GRID_ROWS = 5
-_GRID_COLUMNS = 4
-_GRID_LENGTH = MAX_DIGIT_COUNT - PAIR_CODE_LENGTH
-# Coordinates are handled as integers in units of the finest cell, so no digit suffers rounding.
-_PAIR_PRECISION = _BASE**3
-_LAT_PRECISION = _PAIR_PRECISION * _GRID_ROWS**_GRID_LENGTH
-_LNG_PRECISION = _PAIR_PRECISION * _GRID_COLUMNS**_GRID_LENGTH
 _VALUES = {c: i for i, c in enumerate(ALPHABET)}
 _VALID_CHARS = set(ALPHABET) | {SEPARATOR, PADDING}
 _PADDING_RUN = re.compile(PADDING + "+")
@@ -183,33 +178,9 @@ def encode(lat: float, lng: float, code_length: int = PAIR_CODE_LENGTH) -> str:
     _check_coordinates(lat, lng)
     if code_length < MIN_CODE_LENGTH or (code_length < PAIR_CODE_LENGTH and code_length % 2):
         raise PlusCodeError(f"code_length must be 2, 4, 6, 8 or 10-15, got {code_length}")
-    code_length = min(code_length, MAX_DIGIT_COUNT)
-    # floor(round(x, 6)) absorbs float noise such as 47.0 * P == 1174999999.9999998.
-    lat_val = math.floor(round(lat * _LAT_PRECISION, 6)) + LATITUDE_MAX * _LAT_PRECISION
-    lat_val = min(max(lat_val, 0), 2 * LATITUDE_MAX * _LAT_PRECISION - 1)
-    lng_val = math.floor(round(lng * _LNG_PRECISION, 6)) + LONGITUDE_MAX * _LNG_PRECISION
-    lng_val %= 2 * LONGITUDE_MAX * _LNG_PRECISION
-
-    digits: list[str] = []
-    if code_length > PAIR_CODE_LENGTH:
-        for _ in range(_GRID_LENGTH):
-            digits.append(
-                ALPHABET[(lat_val % _GRID_ROWS) * _GRID_COLUMNS + lng_val % _GRID_COLUMNS]
-            )
-            lat_val //= _GRID_ROWS
-            lng_val //= _GRID_COLUMNS
-    else:
-        lat_val //= _GRID_ROWS**_GRID_LENGTH
-        lng_val //= _GRID_COLUMNS**_GRID_LENGTH
-    for _ in range(PAIR_CODE_LENGTH // 2):
-        digits.append(ALPHABET[lng_val % _BASE])
-        digits.append(ALPHABET[lat_val % _BASE])
-        lat_val //= _BASE
-        lng_val //= _BASE
-    full = "".join(reversed(digits))[:code_length]
-    if code_length < SEPARATOR_POSITION:
-        return full + PADDING * (SEPARATOR_POSITION - code_length) + SEPARATOR
-    return full[:SEPARATOR_POSITION] + SEPARATOR + full[SEPARATOR_POSITION:]
+    # The library wraps longitude by adding 360 in a loop: wrap first, in one step.
+    lng = (lng + LONGITUDE_MAX) % (2 * LONGITUDE_MAX) - LONGITUDE_MAX
+    return olc.encode(lat, lng, min(code_length, MAX_DIGIT_COUNT))
 
 
 def decode(code: str) -> CodeArea:
@@ -220,32 +191,13 @@ def decode(code: str) -> CodeArea:
             f"{code!r} is not a valid Plus Code: short code needs a reference location "
             "(lat, lng) to recover the full code; use recover_nearest()"
         )
-    digits = code.upper().replace(SEPARATOR, "").replace(PADDING, "")[:MAX_DIGIT_COUNT]
-    lat_val = lng_val = 0
-    lat_place = _BASE ** (PAIR_CODE_LENGTH // 2 - 1) * _GRID_ROWS**_GRID_LENGTH
-    lng_place = _BASE ** (PAIR_CODE_LENGTH // 2 - 1) * _GRID_COLUMNS**_GRID_LENGTH
-    pairs = digits[:PAIR_CODE_LENGTH]
-    for i in range(0, len(pairs), 2):
-        if i:
-            lat_place //= _BASE
-            lng_place //= _BASE
-        lat_val += _VALUES[pairs[i]] * lat_place
-        lng_val += _VALUES[pairs[i + 1]] * lng_place
-    for c in digits[PAIR_CODE_LENGTH:]:
-        lat_place //= _GRID_ROWS
-        lng_place //= _GRID_COLUMNS
-        row, col = divmod(_VALUES[c], _GRID_COLUMNS)
-        lat_val += row * lat_place
-        lng_val += col * lng_place
-    # Shift to signed integers before dividing, so each bound is the double nearest the exact value.
-    lat_val -= LATITUDE_MAX * _LAT_PRECISION
-    lng_val -= LONGITUDE_MAX * _LNG_PRECISION
+    area = olc.decode(code)
     return CodeArea(
-        south=lat_val / _LAT_PRECISION,
-        west=lng_val / _LNG_PRECISION,
-        north=(lat_val + lat_place) / _LAT_PRECISION,
-        east=(lng_val + lng_place) / _LNG_PRECISION,
-        code_length=len(digits),
+        south=area.latitudeLo,
+        west=area.longitudeLo,
+        north=area.latitudeHi,
+        east=area.longitudeHi,
+        code_length=area.codeLength,
     )
 
 
@@ -260,21 +212,5 @@ def recover_nearest(short_code: str, ref_lat: float, ref_lng: float) -> str:
     if not is_short(short_code):
         validate(short_code)  # raises with the precise rule
         raise PlusCodeError(f"{short_code!r} is not a valid Plus Code: not a short code")
-    ref_lat = min(max(ref_lat, -LATITUDE_MAX), LATITUDE_MAX)
-    ref_lng = (ref_lng + LONGITUDE_MAX) % (2 * LONGITUDE_MAX) - LONGITUDE_MAX
-    code = short_code.upper()
-    padding_length = SEPARATOR_POSITION - code.index(SEPARATOR)
-    resolution = float(_BASE ** (2 - padding_length // 2))
-    half = resolution / 2
-    area = decode(encode(ref_lat, ref_lng)[:padding_length] + code)
-    lat, lng = area.center_lat, area.center_lng
-    # The reference's cell may be one cell off from the nearest match: move by one if so.
-    if ref_lat + half < lat and lat - resolution >= -LATITUDE_MAX:
-        lat -= resolution
-    elif ref_lat - half > lat and lat + resolution <= LATITUDE_MAX:
-        lat += resolution
-    if ref_lng + half < lng:
-        lng -= resolution
-    elif ref_lng - half > lng:
-        lng += resolution
-    return encode(lat, lng, area.code_length)
+    ref_lng = (ref_lng + LONGITUDE_MAX) % (2 * LONGITUDE_MAX) - LONGITUDE_MAX  # as in encode
+    return olc.recoverNearest(short_code, ref_lat, ref_lng).upper()

@@ -1,4 +1,5 @@
-"""Plus Code encode/decode/validation against known pairs and the spec's rules."""
+"""Our use of the reference Plus Code implementation: known pairs from the spec's test data,
+its rules with our messages, and wrapping it (huge longitudes) must not change the answers."""
 
 from __future__ import annotations
 
