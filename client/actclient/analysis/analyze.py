@@ -5,12 +5,24 @@ this module picks the inputs (embedding table, special tokens), turns the sums i
 person and `actclient plan` read, and flags redundant layers with the reasons behind each flag.
 Top-level metrics are over all tokens, as the papers define them; `by_tokens` repeats every
 metric for content tokens (no position 0, no special tokens) and for each shard's last token.
+
+Shards are analysed by `jobs` worker processes (spawned, each with its own accumulator and a
+share of the BLAS threads); each worker pulls shard paths from a queue and hands back one
+accumulator, which the parent merges, so memory grows with `jobs`, never with the shard count.
+Outputs are written to a temporary sibling directory and swapped in at the end, so an
+existing `out_dir` (only replaced with `force`) never keeps files of an earlier run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+import multiprocessing
+import os
+import queue
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +41,11 @@ from actclient.analysis.stats import (
     ResidualStats,
     SiteLayout,
     layer_metrics,
+    layout_of,
+    shard_attrs,
 )
 from actclient.progress import Progress
-from vllm_activations.shard import ShardError, iter_shard_paths
+from vllm_activations.shard import ShardError, ShardReader, iter_shard_paths
 
 ANALYSIS_SCHEMA = "actclient.analysis/1"
 REDUNDANT_FACTOR = 0.5  # a score at most half the median score of its kind is "redundant"
@@ -46,8 +60,189 @@ CONFIG_KEYS = (
 )
 
 
+BAD_SHARD_ERRORS = (ShardError, OSError, KeyError)  # what a corrupt or truncated shard raises
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+_POLL_S = 1.0  # how often the parent checks that its workers are still alive
+
+
 class AnalysisError(ValueError):
     """Inputs that cannot be analyzed; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class AccumulatorSettings:
+    """What a worker process needs to build the same accumulator as the parent (picklable)."""
+
+    model_dir: str | None
+    special_ids: frozenset[int]
+    rule: MassiveRule
+    block_bytes: int
+    layout: SiteLayout
+    hidden_size: int
+    attrs: dict
+    skip_bad_shards: bool
+
+    def accumulator(self) -> AnalysisAccumulator:
+        embed = EmbeddingTable(self.model_dir) if self.model_dir is not None else None
+        return AnalysisAccumulator(
+            embed=embed,
+            special_ids=self.special_ids,
+            rule=self.rule,
+            block_bytes=self.block_bytes,
+            layout=self.layout,
+            hidden_size=self.hidden_size,
+            attrs=dict(self.attrs),
+        )
+
+
+def default_jobs() -> int:
+    """Every core this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _add_one(acc: AnalysisAccumulator, path: Path, settings: AccumulatorSettings) -> str | None:
+    """Add one shard; with skip_bad_shards a failing shard leaves `acc` untouched."""
+    if not settings.skip_bad_shards:
+        acc.add_shard(path)
+        return None
+    one = settings.accumulator()
+    try:
+        one.add_shard(path)
+    except BAD_SHARD_ERRORS as exc:
+        return f"{type(exc).__name__}: {exc}"
+    acc.merge(one)
+    return None
+
+
+def _worker(settings: AccumulatorSettings, tasks, results) -> None:  # noqa: ANN001 - mp queues
+    """Worker process: add the shards it pulls from `tasks`, then send its accumulator."""
+    try:
+        acc = settings.accumulator()
+        while (item := tasks.get()) is not None:
+            index, path = item
+            try:
+                error = _add_one(acc, Path(path), settings)
+            except BAD_SHARD_ERRORS as exc:
+                results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+                return
+            results.put(("shard", index, error))
+        results.put(("done", None, acc))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+        results.put(("crashed", None, f"{type(exc).__name__}: {exc}"))
+
+
+@contextlib.contextmanager
+def _blas_threads(count: int) -> Iterator[None]:
+    # Spawned workers read these when they import numpy; the parent's own BLAS is unaffected.
+    saved = {name: os.environ.get(name) for name in BLAS_THREAD_VARS}
+    os.environ.update({name: str(count) for name in BLAS_THREAD_VARS})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def accumulate(
+    paths: list[Path],
+    settings: AccumulatorSettings,
+    jobs: int,
+    bar: Progress | None = None,
+) -> tuple[AnalysisAccumulator, list[dict]]:
+    """Add every shard in `paths` with `jobs` processes; return the merged accumulator and the
+    skipped shards ({"shard", "error"}; empty unless settings.skip_bad_shards)."""
+    skipped: list[dict] = []
+
+    def finished(index: int, error: str | None) -> None:
+        if error is not None:
+            skipped.append({"shard": paths[index].name, "error": error})
+        if bar is not None:
+            bar.update(1)
+
+    total = settings.accumulator()
+    jobs = max(1, min(jobs, len(paths)))
+    if jobs == 1:
+        for index, path in enumerate(paths):
+            finished(index, _add_one(total, path, settings))
+        return total, sorted(skipped, key=lambda s: s["shard"])
+    ctx = multiprocessing.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for item in enumerate(str(p) for p in paths):
+        tasks.put(item)
+    for _ in range(jobs):
+        tasks.put(None)
+    workers = [ctx.Process(target=_worker, args=(settings, tasks, results)) for _ in range(jobs)]
+    with _blas_threads(max(1, default_jobs() // jobs)):
+        for worker in workers:
+            worker.start()
+    try:
+        remaining = jobs
+        while remaining:
+            try:
+                kind, index, payload = results.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [w for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise AnalysisError(
+                        f"an analysis worker died (exit code {dead[0].exitcode}; out of "
+                        "memory?); retry with fewer --jobs"
+                    ) from None
+                continue
+            if kind == "shard":
+                finished(index, payload)
+            elif kind == "done":
+                total.merge(payload)
+                remaining -= 1
+            elif kind == "failed":
+                raise ShardError(f"{payload} (pass --skip-bad-shards to go on without it)")
+            else:
+                raise AnalysisError(f"an analysis worker failed: {payload}")
+        for worker in workers:
+            worker.join()
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    return total, sorted(skipped, key=lambda s: s["shard"])
+
+
+def check_out_dir(out_dir: str | Path, force: bool) -> None:
+    """Refuse a non-empty `out_dir` unless `force`; even then, only an earlier analysis."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"--out {out} is a file; give a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
+        raise AnalysisError(
+            f"--out {out} is not empty; pass --force to replace the analysis there, or choose "
+            "a new directory"
+        )
+    if not (out / "analysis.json").is_file():
+        raise AnalysisError(
+            f"--out {out} holds files but no analysis.json; --force only replaces an earlier "
+            "analysis, so choose an empty or new directory"
+        )
+
+
+def _first_readable(
+    paths: list[Path], has_embedding: bool, skip: bool
+) -> tuple[SiteLayout, int, dict]:
+    for path in paths:
+        try:
+            with ShardReader(path) as reader:
+                return layout_of(reader, has_embedding), reader.hidden_size, shard_attrs(reader)
+        except BAD_SHARD_ERRORS:
+            if not skip:
+                raise
+    raise AnalysisError(f"none of the {len(paths)} shards could be read")
 
 
 def analyze(
@@ -60,32 +255,50 @@ def analyze(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     pictures: bool = True,
     progress: bool = True,
+    jobs: int | None = None,
+    skip_bad_shards: bool = False,
+    force: bool = False,
 ) -> dict:
     """Analyze every shard in `shards_dir`, write outputs to `out_dir`, return analysis.json.
 
     `model_dir` (a Hugging Face checkpoint with safetensors) rebuilds the embedding output so
     layer 0 gets scores, and supplies the special token ids unless `special_ids` is given.
+    `jobs` worker processes (default: every core) share the shards. A shard that cannot be
+    read stops the analysis unless `skip_bad_shards`, which lists it in the report instead.
+    A non-empty `out_dir` is refused unless `force` (then replaced as a whole at the end).
     """
+    check_out_dir(out_dir, force)
     paths = list(iter_shard_paths(shards_dir))
     if not paths:
         raise AnalysisError(f"{shards_dir}: no *.h5 shards; run `actclient record` first")
-    embed = EmbeddingTable(model_dir) if model_dir is not None else None
     if special_ids is None:
         special_ids = special_token_ids(model_dir) if model_dir is not None else set()
-    acc = AnalysisAccumulator(
-        embed=embed,
+    if model_dir is not None:
+        EmbeddingTable(model_dir)  # fail on a bad checkpoint before starting workers
+    layout, hidden_size, attrs = _first_readable(paths, model_dir is not None, skip_bad_shards)
+    settings = AccumulatorSettings(
+        model_dir=str(model_dir) if model_dir is not None else None,
         special_ids=frozenset(int(i) for i in special_ids),
         rule=rule or MassiveRule(),
         block_bytes=block_bytes,
+        layout=layout,
+        hidden_size=hidden_size,
+        attrs=attrs,
+        skip_bad_shards=skip_bad_shards,
     )
     with Progress(
         len(paths), desc="analyze", unit="shard", enabled=None if progress else False
     ) as bar:
-        for path in paths:
-            acc.add_shard(path)
-            bar.update(1)
+        acc, skipped = accumulate(paths, settings, jobs or default_jobs(), bar)
+    if not acc.num_shards:
+        raise AnalysisError(f"{shards_dir}: every shard failed; see skipped_shards")
     return write_analysis(
-        acc, out_dir, shards_dir=shards_dir, model_dir=model_dir, pictures=pictures
+        acc,
+        out_dir,
+        shards_dir=shards_dir,
+        model_dir=model_dir,
+        pictures=pictures,
+        skipped=skipped,
     )
 
 
@@ -96,14 +309,46 @@ def write_analysis(
     shards_dir: str | Path | None = None,
     model_dir: str | Path | None = None,
     pictures: bool = True,
+    skipped: list[dict] | None = None,
 ) -> dict:
-    """Turn a filled accumulator into analysis.json, arrays/*.npy, pictures and report.md."""
-    if acc.layout is None:
+    """Turn a filled accumulator into analysis.json, arrays/*.npy, pictures and report.md.
+
+    Everything is written to a temporary sibling of `out_dir`, which then replaces it.
+    """
+    if acc.layout is None or not acc.num_shards:
         raise AnalysisError("no shard was added")
-    out = Path(out_dir)
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        analysis = _write_outputs(acc, out, shards_dir, model_dir, pictures, skipped or [])
+        _replace_dir(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return analysis
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_outputs(
+    acc: AnalysisAccumulator,
+    out: Path,
+    shards_dir: str | Path | None,
+    model_dir: str | Path | None,
+    pictures: bool,
+    skipped: list[dict],
+) -> dict:
+    layout = acc.layout
+    assert layout is not None
     arrays_dir = out / "arrays"
     arrays_dir.mkdir(parents=True, exist_ok=True)
-    layout = acc.layout
     by_tokens = {}
     arrays: dict[str, np.ndarray] = {}
     for name in POPULATIONS:
@@ -130,6 +375,7 @@ def write_analysis(
         "schema": ANALYSIS_SCHEMA,
         "shards_dir": str(shards_dir) if shards_dir is not None else None,
         "num_shards": acc.num_shards,
+        "skipped_shards": skipped,
         "bytes_read": acc.bytes_read,
         "model": acc.attrs.get("model"),
         "model_dir": str(model_dir) if model_dir is not None else None,

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from actclient.analysis.analyze import AnalysisError, analyze
+from actclient.analysis.analyze import AnalysisError, analyze, default_jobs
 from actclient.analysis.embedding import ModelFilesError
 from actclient.analysis.plan import HEAD_RULES, PlanError, make_plan
 from actclient.analysis.stats import MassiveRule
@@ -34,6 +34,18 @@ def _fraction(value: str) -> float:
     return x
 
 
+def _jobs(value: str) -> int:
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise argparse.ArgumentTypeError(
+            f"--jobs takes a positive number of processes, got {value!r}"
+        )
+    return jobs
+
+
 def _analyze(args: argparse.Namespace) -> int:
     try:
         analysis = analyze(
@@ -43,14 +55,19 @@ def _analyze(args: argparse.Namespace) -> int:
             special_ids=args.special_tokens,
             rule=MassiveRule(threshold=args.massive_threshold, ratio=args.massive_ratio),
             pictures=not args.no_pictures,
+            jobs=args.jobs,
+            skip_bad_shards=args.skip_bad_shards,
+            force=args.force,
         )
     except (AnalysisError, ShardError, ModelFilesError, OSError) as exc:
         print(f"analyze: {exc}", file=sys.stderr)
         return 2
     flagged = [e["layer"] for e in analysis["redundant_layers"]]
+    skipped = analysis["skipped_shards"]
     print(
         f"analyze: {analysis['num_shards']} shards, {analysis['tokens']['all']} tokens; "
-        f"redundant layers {flagged or 'none'}",
+        f"redundant layers {flagged or 'none'}"
+        + (f"; skipped {len(skipped)} bad shards (listed in the report)" if skipped else ""),
         file=sys.stderr,
     )
     print(f"analyze: report at {Path(args.out) / 'report.md'}")
@@ -121,6 +138,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="times the token's median |x| it exceeds (default %(default)s)",
     )
     p.add_argument("--no-pictures", action="store_true", help="skip the PNGs")
+    p.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=default_jobs(),
+        metavar="N",
+        help="worker processes sharing the shards (default: every core, %(default)s here)",
+    )
+    p.add_argument(
+        "--skip-bad-shards",
+        action="store_true",
+        help="go on past shards that cannot be read and list them in the report "
+        "(default: the first one stops the analysis)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier analysis in a non-empty --out (nothing of it is kept)",
+    )
     p.set_defaults(func=_analyze)
 
     q = subparsers.add_parser(

@@ -33,6 +33,16 @@ def render_report(analysis: dict) -> str:
         f"- Shards: {analysis['num_shards']} from `{analysis.get('shards_dir')}` "
         f"({analysis['bytes_read'] / 1e6:.1f} MB)"
     )
+    skipped = analysis.get("skipped_shards") or []
+    if skipped:
+        add(
+            f"- **Skipped shards: {len(skipped)}** (--skip-bad-shards); they are not in any "
+            "number below:"
+        )
+        for entry in skipped[:20]:
+            add(f"  - `{entry['shard']}`: {entry['error']}")
+        if len(skipped) > 20:
+            add(f"  - ... and {len(skipped) - 20} more (analysis.json lists all)")
     tokens = analysis["tokens"]
     add(
         f"- Tokens: {tokens['all']} all, {tokens['content']} content (no position 0, "

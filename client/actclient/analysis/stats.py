@@ -32,7 +32,7 @@ CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 EMBEDDING = "embedding"
 DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
 COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever this is
-REBASE_TOKENS = 1024  # until then, the channel moments' shift follows the running mean
+REBASE_TOKENS = 64  # until then, the channel moments' shift follows the running mean
 TOP_EVENTS = 8  # largest massive activations kept per site
 
 
@@ -209,9 +209,10 @@ class TokenBlock:
 
     def locate(self, mask: np.ndarray, flat: np.ndarray) -> np.ndarray:
         """Block row of the first largest |x| among `mask` rows, per flat (site, channel)."""
-        s, h = np.divmod(flat, self.mag.shape[2])
-        column = self.mag[:, s, h].astype(np.float64)
-        column[~mask] = -1.0
+        table = self.mag.reshape(self.mag.shape[0], -1)
+        column = table if len(flat) == table.shape[1] else np.take(table, flat, axis=1)
+        if not mask.all():
+            column = np.where(mask[:, None], column, -1.0)
         return column.argmax(0)
 
 
@@ -285,14 +286,15 @@ class ResidualStats:
         self.channel_dev_sum += dev_sum
         self.channel_dev_sq += dev_sq
         self.count += t
-        peak = block.peaks[population].ravel().astype(np.float64)
+        peak = block.peaks[population].ravel()
         current = self.absmax.ravel()
         flat = np.nonzero(
             (peak > current) | ((peak == current) & (self.absmax_position.ravel() >= 0))
         )[0]
         if len(flat):
             row = block.locate(mask, flat)
-            self._update_absmax(flat, peak[flat], block.positions[row], block.tokens[row])
+            value = peak[flat].astype(np.float64)
+            self._update_absmax(flat, value, block.positions[row], block.tokens[row])
         if block.massive is not None:
             rows_t, rows_s, flagged, values = block.massive
             keep = mask[rows_t]
