@@ -160,8 +160,14 @@ class _RowStore:
         self.sites = {site: np.empty((len(layers), cap, hidden), dtype) for site in spec.sites}
         self.filled = np.zeros(cap, dtype=bool)
 
-    def add(self, positions: np.ndarray, rows: np.ndarray) -> None:
-        """rows: [k, 2 * num_layers, H] buffer rows (storage dtype) of `positions`."""
+    def columns(self) -> np.ndarray:
+        """The capture-buffer columns (2 * layer + site) this request keeps."""
+        offsets = [SITES.index(site) for site in self.sites]
+        return np.sort((2 * self.layers[:, None] + np.asarray(offsets)[None, :]).ravel())
+
+    def add(self, positions: np.ndarray, rows: np.ndarray, column_of: np.ndarray) -> None:
+        """rows: [k, C, H] gathered rows (storage dtype) of `positions`; column_of maps a
+        capture-buffer column (2 * layer + site) to its index among the C gathered ones."""
         if self.last:
             positions, rows = positions[-2:], rows[-2:]
             cols = positions % 2
@@ -172,12 +178,13 @@ class _RowStore:
             self._grow(int(cols.max()) + 1)
         contiguous = cols[-1] - cols[0] == len(cols) - 1 and bool((np.diff(cols) == 1).all())
         target = slice(int(cols[0]), int(cols[-1]) + 1) if contiguous else cols
+        full = rows.shape[1] == len(column_of)
         for site, store in self.sites.items():
             offset = SITES.index(site)
-            if self.all_layers:
+            if self.all_layers and full:
                 src = rows[:, offset::2, :]
             else:
-                src = rows[:, 2 * self.layers + offset, :]
+                src = rows[:, column_of[2 * self.layers + offset], :]
             store[:, target, :] = src.transpose(1, 0, 2)
         self.filled[target] = True
 
@@ -538,7 +545,10 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
                 & (row_offset[inside] == row_pos[inside] % self.block_size)
             ]
             pos = row_pos[mine]
-            if state.spec.positions != "last":
+            if state.spec.positions == "last":  # the end is not known yet: the two newest
+                newest = np.argsort(pos, kind="stable")[-2:]
+                mine, pos = mine[newest], pos[newest]
+            else:
                 keep = state.spec.keeps_position(pos, len(state.new.prompt_token_ids))
                 mine, pos = mine[keep], pos[keep]
             if len(mine):
@@ -551,9 +561,23 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         if not selected:
             return
         buffer = self._capture.buffer
+        for state, _, _ in selected:
+            if state.store is None:
+                state.store = _RowStore(
+                    state.spec,
+                    state.new.layers,
+                    self.num_layers,
+                    buffer.shape[2],
+                    len(state.new.prompt_token_ids),
+                    state.new.sampling_params.get("max_tokens"),
+                )
+        # Only the columns (layer x site) some selected request keeps leave the device.
+        columns = np.unique(np.concatenate([s.store.columns() for s, _, _ in selected]))
+        column_of = np.full(buffer.shape[1], -1, dtype=np.int64)
+        column_of[columns] = np.arange(len(columns))
         all_rows = np.concatenate([r for _, _, r in selected])
         bounds = np.cumsum([0] + [len(r) for _, _, r in selected])
-        for stage_start, staged in self._staged_rows(all_rows):
+        for stage_start, staged in self._staged_rows(all_rows, columns):
             stage_end = stage_start + len(staged)
             host: dict[str, np.ndarray] = {}
             for k, (state, pos, _) in enumerate(selected):
@@ -563,37 +587,34 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
                 dtype = state.spec.dtype
                 if dtype not in host:
                     host[dtype] = _to_host(staged, dtype)
-                if state.store is None:
-                    state.store = _RowStore(
-                        state.spec,
-                        state.new.layers,
-                        self.num_layers,
-                        buffer.shape[2],
-                        len(state.new.prompt_token_ids),
-                        state.new.sampling_params.get("max_tokens"),
-                    )
                 part = host[dtype][lo - stage_start : hi - stage_start]
-                state.store.add(pos[lo - bounds[k] : hi - bounds[k]], part)
+                state.store.add(pos[lo - bounds[k] : hi - bounds[k]], part, column_of)
 
-    def _staged_rows(self, rows: np.ndarray):
-        """Yield (offset, host tensor) for `rows` of the capture buffer in bounded chunks: one
-        gather into the device staging buffer and one pinned, non-blocking device-to-host copy
-        per chunk (on CPU the gather lands in host staging directly). A chunk is valid until
-        the next one is requested."""
+    def _staged_rows(self, rows: np.ndarray, columns: np.ndarray):
+        """Yield (offset, host tensor [k, len(columns), H]) for `rows` x `columns` of the
+        capture buffer in bounded chunks: one gather into the device staging buffer and one
+        pinned, non-blocking device-to-host copy per chunk (on CPU the gather lands in host
+        staging directly). A chunk is valid until the next one is requested."""
         capture = self._capture
         buffer, host = capture.buffer, capture.host_staging
         device = capture.device_staging
-        chunk = host.shape[0]
+        sites, hidden = buffer.shape[1], buffer.shape[2]
+        width = len(columns)
+        chunk = max(1, host.shape[0] * sites // width)
+        flat = buffer.view(-1, hidden)  # row r, column c is flat row r * sites + c
+        cols = torch.as_tensor(columns, device=buffer.device)
         for start in range(0, len(rows), chunk):
             index = torch.as_tensor(rows[start : start + chunk], device=buffer.device)
             k = index.shape[0]
-            if device is None:
-                torch.index_select(buffer, 0, index, out=host[:k])
-            else:
-                torch.index_select(buffer, 0, index, out=device[:k])
-                host[:k].copy_(device[:k], non_blocking=True)
+            flat_index = (index[:, None] * sites + cols[None, :]).view(-1)
+            target = device if device is not None else host
+            out = target.view(-1)[: k * width * hidden].view(k * width, hidden)
+            torch.index_select(flat, 0, flat_index, out=out)
+            staged = host.view(-1)[: k * width * hidden].view(k, width, hidden)
+            if device is not None:
+                staged.copy_(out.view(k, width, hidden), non_blocking=True)
                 torch.cuda.current_stream().synchronize()
-            yield start, host[:k]
+            yield start, staged
 
     def get_finished(self, finished_req_ids: set[str]):
         return None, None
