@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_activations.spec import DEFAULT_MAX_LOGPROBS
+
 API_KEY_ENV = "VLLM_ACTIVATIONS_API_KEY"
 
 # Limit name -> the `vllm-activations serve` flag that sets it.
@@ -52,7 +54,8 @@ class Settings:
     num_layers / hidden_size: the served model's dimensions, used to validate capture layers
     and to estimate capture bytes before anything runs. api_keys empty means no auth (the
     launcher allows that only on loopback or with --insecure-no-auth). model_name None means
-    "ask vLLM's /v1/models".
+    "ask vLLM's /v1/models". max_logprobs: vLLM's --max-logprobs (-1: no limit), the largest
+    capture.teacher_logprobs a request may ask.
     """
 
     vllm_url: str
@@ -66,6 +69,7 @@ class Settings:
     request_timeout_s: float = 3600.0
     max_finished_jobs: int = 10000
     retry_after_s: int = 2
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS
 
 
 def key_matches(presented: str, keys: Sequence[str]) -> bool:
