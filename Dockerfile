@@ -20,14 +20,16 @@ COPY runpod/entrypoint.py runpod/entrypoint.py
 
 # 1. Record every installed version as a constraint, so no later step can change torch or vLLM.
 # 2. The package itself, without its dependencies.
-# 3. Only the dependencies the image lacks (h5py, maybe httpx); fastapi/uvicorn/numpy come
-#    with vLLM and the constraints keep them at the image's versions.
+# 3. Only the dependencies the image lacks (h5py, openlocationcode, matplotlib for the [plots]
+#    extra, so `actclient analyze` on the pod draws its pictures; maybe httpx);
+#    fastapi/uvicorn/numpy come with vLLM and the constraints keep them at the image's versions.
 RUN python3 -m pip list --format=freeze > /tmp/image-constraints.txt \
     && python3 -m pip install --no-cache-dir --no-deps . \
     && python3 -m pip install --no-cache-dir -c /tmp/image-constraints.txt \
-        "numpy>=1.24" "h5py>=3.9" "httpx>=0.27" "fastapi>=0.110" "uvicorn>=0.29" \
+        "numpy>=1.24" "h5py>=3.9" "httpx>=0.27" "openlocationcode>=1.0.1" \
+        "fastapi>=0.110" "uvicorn>=0.29" "matplotlib>=3.7" \
     && rm /tmp/image-constraints.txt \
-    && python3 -c "import vllm_activations, actclient, h5py, fastapi, uvicorn, httpx"
+    && python3 -c "import vllm_activations, actclient, h5py, fastapi, uvicorn, httpx, matplotlib"
 
 # The sidecar is the only port; vLLM itself listens on loopback inside the container.
 EXPOSE 8000

@@ -530,7 +530,9 @@ def test_dockerfile_install_cannot_replace_torch_or_vllm():
 def test_dockerfile_installs_exactly_the_declared_dependencies():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = set(project["dependencies"]) | set(project["optional-dependencies"]["server"])
+    extras = project["optional-dependencies"]
+    # The client's, the server extra's, and the plots extra's (analyze draws on the pod too).
+    declared = set(project["dependencies"]) | set(extras["server"]) | set(extras["plots"])
     deps = _pip_installs()[1]
     requirements = {w for w in deps[deps.index("-c") + 2 :] if not w.startswith("-")}
     assert requirements == declared

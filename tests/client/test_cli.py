@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from actclient.analysis.embedding import ModelFilesError, resolve_model_dir
 from actclient.cli import main as actclient
 from actclient.http import describe, is_retryable, request_with_retries
 from actclient.phase1.dataset import build_dataset, write_jsonl
@@ -239,3 +240,18 @@ def test_long_commands_take_no_progress(command, capsys):
     with pytest.raises(SystemExit):
         actclient([command, "--help"])
     assert "--no-progress" in capsys.readouterr().out
+
+
+def test_model_may_be_a_hub_id_in_the_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--Qwen--Qwen3-32B-FP8"
+    (repo / "snapshots" / "old1").mkdir(parents=True)
+    (repo / "snapshots" / "main2").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("main2\n")
+    assert resolve_model_dir("Qwen/Qwen3-32B-FP8") == repo / "snapshots" / "main2"
+    assert resolve_model_dir(tmp_path) == tmp_path  # a folder is itself
+    with pytest.raises(ModelFilesError, match="hf download Org/missing"):
+        resolve_model_dir("Org/missing")
+    with pytest.raises(ModelFilesError, match="no such model directory"):
+        resolve_model_dir(tmp_path / "nope")

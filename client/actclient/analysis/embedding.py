@@ -10,6 +10,7 @@ it; models that do (Gemma) are refused rather than rebuilt wrongly.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,37 @@ def _to_float32(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "BF16":
         return (x.astype(np.uint32) << 16).view(np.float32)
     return x.astype(np.float32)
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub
+    (on the pod, HF_HOME is /workspace/hf)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(home) / "hub"
+
+
+def resolve_model_dir(value: str | Path) -> Path:
+    """A model directory, or a hub id (`Qwen/Qwen3-32B-FP8`) found in the local Hugging Face
+    cache: its `main` snapshot, else the newest one. Nothing is downloaded."""
+    path = Path(value)
+    if path.is_dir():
+        return path
+    text = str(value)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        snapshots = hf_hub_cache() / f"models--{text.replace('/', '--')}" / "snapshots"
+        ref = snapshots.parent / "refs" / "main"
+        if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+            return snapshots / ref.read_text().strip()
+        found = sorted(snapshots.glob("*/"), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+        raise ModelFilesError(
+            f"{text}: not a directory, and no snapshot of it in the Hugging Face cache "
+            f"{hf_hub_cache()} (pass the model's folder, or `hf download {text}` first)"
+        )
+    raise ModelFilesError(f"{text}: no such model directory")
 
 
 def load_config(model_dir: str | Path) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actclient.analysis.embedding import Checkpoint, ModelFilesError
+from actclient.analysis.embedding import Checkpoint, ModelFilesError, resolve_model_dir
 
 HEAD_RULES: tuple[str, ...] = ("per-group", "whole-groups")
 LAYER_STRATEGIES: tuple[str, ...] = ("block_influence", "gromov", "alternating", "u_shaped")
@@ -349,8 +349,11 @@ def make_plan(
     if tokens not in analysis["by_tokens"]:
         raise PlanError(f"tokens {tokens!r} is not one of {list(analysis['by_tokens'])}")
     model_dir = model_dir if model_dir is not None else analysis.get("model_dir")
-    if model_dir is not None and not Path(model_dir).is_dir():
-        raise PlanError(f"model directory {model_dir} does not exist")
+    if model_dir is not None:
+        try:
+            model_dir = resolve_model_dir(model_dir)
+        except ModelFilesError as exc:
+            raise PlanError(str(exc)) from None
     try:
         neurons = neuron_plan(
             analysis,
