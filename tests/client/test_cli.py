@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from actclient.analysis.embedding import ModelFilesError, resolve_model_dir
+from actclient.analysis.embedding import ModelFilesError, load_config, resolve_model_dir
 from actclient.cli import main as actclient
 from actclient.http import describe, is_retryable, request_with_retries
 from actclient.phase1.dataset import build_dataset, write_jsonl
@@ -250,6 +250,8 @@ def test_model_may_be_a_hub_id_in_the_local_cache(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("main2\n")
     assert resolve_model_dir("Qwen/Qwen3-32B-FP8") == repo / "snapshots" / "main2"
+    (repo / "snapshots" / "main2" / "config.json").write_text('{"num_hidden_layers": 64}')
+    assert load_config("Qwen/Qwen3-32B-FP8") == {"num_hidden_layers": 64}  # analyze's reader
     assert resolve_model_dir(tmp_path) == tmp_path  # a folder is itself
     with pytest.raises(ModelFilesError, match="hf download Org/missing"):
         resolve_model_dir("Org/missing")

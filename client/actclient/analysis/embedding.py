@@ -76,7 +76,7 @@ class Checkpoint:
     """The safetensors tensors of a model directory (single file or sharded with an index)."""
 
     def __init__(self, model_dir: str | Path) -> None:
-        self.model_dir = Path(model_dir)
+        self.model_dir = resolve_model_dir(model_dir)
         files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
             raise ModelFilesError(
@@ -132,7 +132,8 @@ def hf_hub_cache() -> Path:
 
 def resolve_model_dir(value: str | Path) -> Path:
     """A model directory, or a hub id (`Qwen/Qwen3-32B-FP8`) found in the local Hugging Face
-    cache: its `main` snapshot, else the newest one. Nothing is downloaded."""
+    cache: its `main` snapshot, else the newest one. Nothing is downloaded. Every reader here
+    resolves its argument, so `analyze --model` and `plan --model` both take a hub id."""
     path = Path(value)
     if path.is_dir():
         return path
@@ -153,7 +154,7 @@ def resolve_model_dir(value: str | Path) -> Path:
 
 
 def load_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
+    path = resolve_model_dir(model_dir) / "config.json"
     if not path.is_file():
         raise ModelFilesError(f"{model_dir}: no config.json")
     return json.loads(path.read_text())
@@ -187,7 +188,7 @@ class EmbeddingTable:
 
 def special_token_ids(model_dir: str | Path) -> set[int]:
     """Ids of special tokens from tokenizer_config.json / tokenizer.json (added, special)."""
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     ids: set[int] = set()
     config_path = model_dir / "tokenizer_config.json"
     if config_path.is_file():
