@@ -2,7 +2,9 @@
 
 Every captured layer and site must equal the residual stream HF computes for the same token
 ids: post_mlp[l] == HF hidden_states[l+1] (the pre-final-norm residual for the last layer),
-post_attention[l] == the input of HF's post_attention_layernorm of layer l.
+post_attention[l] == the input of HF's post_attention_layernorm of layer l. Requests go to
+vLLM's own loopback port, so these test the connector and its answer (which names the files);
+tests/test_sidecar.py tests the sidecar's /v1 in front of it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def capture(server, prompt, max_tokens=8, spec=None, capture_id=None, timeout=30
         **kw,
     )
     r = httpx.post(
-        f"{server.url}/v1/completions", json=body, timeout=timeout, headers=server.headers
+        f"{server.vllm_url}/v1/completions", json=body, timeout=timeout, headers=server.headers
     )
     r.raise_for_status()
     response = r.json()
@@ -244,7 +246,9 @@ def test_bad_spec_is_rejected_and_writes_nothing(servers, spec, field, allowed):
         "max_tokens": 2,
         "kv_transfer_params": {"capture": spec, "capture_id": "bad-spec"},
     }
-    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120, headers=server.headers)
+    r = httpx.post(
+        f"{server.vllm_url}/v1/completions", json=body, timeout=120, headers=server.headers
+    )
     r.raise_for_status()
     with pytest.raises(CaptureFailed) as info:
         capture_params(r.json())
@@ -270,7 +274,7 @@ def test_killed_server_leaves_no_readable_shard(embedded_models, tmp_path):
         with cf.ThreadPoolExecutor(1) as pool:
             future = pool.submit(
                 httpx.post,
-                f"{server.url}/v1/completions",
+                f"{server.vllm_url}/v1/completions",
                 json=body,
                 timeout=600,
                 headers=server.headers,

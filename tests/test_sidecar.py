@@ -193,7 +193,9 @@ def test_app_without_vllm_answers_health_and_auth(tmp_path):
             schema["paths"]
         )
         both = client.post(
-            "/generate_with_activations", json={"prompt": "a", "messages": []}, headers=auth
+            "/generate_with_activations",
+            json={"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
+            headers=auth,
         )
         assert both.status_code == 400 and both.json()["error"]["field"] == "prompt"
         bad = client.post(

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{server.url}/v1/chat/completions", json=body, headers=server.headers, timeout=600
             )
             r.raise_for_status()
-            path = wait_for_shard(capture_params(r.json()))
+            path = wait_for_shard(capture_params(r.json()), shard_dir=server.shard_dir)
             with ShardReader(path) as shard:
                 size = path.stat().st_size / 2**20
                 print(

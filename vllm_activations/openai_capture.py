@@ -1,20 +1,24 @@
 """Capture through vLLM's OpenAI-compatible API: the request body and the wait for the shard.
 
 The capture spec travels in the completion's `kv_transfer_params` (vLLM hands it to the KV
-connector untouched); the response's `kv_transfer_params` names the shard. The shard is written
-by the worker one engine step after the response is produced, atomically, so waiting means
-waiting for the final file name (or `<id>.error.json`) to appear.
+connector untouched); the response's `kv_transfer_params` names the shard. From vLLM's own
+(loopback) port it names the files: the shard is written by the worker one engine step after
+the response is produced, atomically, so waiting means waiting for the final file name (or
+`<id>.error.json`) to appear. Through the sidecar's `/v1` the response comes once the shard is
+written and names it by `shard_id` and `shard_url` (no server paths leave the server).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_activations.shard import SHARD_SUFFIX
 from vllm_activations.spec import CaptureSpec
 
 
@@ -51,12 +55,22 @@ def capture_params(response: dict[str, Any]) -> dict[str, Any]:
     params = response.get("kv_transfer_params") or {}
     if "capture_error" in params:
         raise CaptureFailed(params["capture_error"])
-    if "shard_path" not in params:
+    if "shard_path" not in params and "shard_id" not in params:
         raise CaptureFailed(
             "the server did not capture this request: is it running `vllm-activations serve` "
             "(capture architecture and connector configured)?"
         )
     return params
+
+
+def _sidecar_shard(params: dict[str, Any], shard_dir: str | os.PathLike[str] | None) -> Path:
+    """The local path of a shard the sidecar named by id (it is complete already)."""
+    if shard_dir is None:
+        raise CaptureFailed(
+            f"the sidecar names shard {params['shard_id']!r} by id: download "
+            f"{params['shard_url']}, or pass shard_dir (the server's --shard-dir) on its machine"
+        )
+    return Path(shard_dir) / f"{params['shard_id']}{SHARD_SUFFIX}"
 
 
 def _check(params: dict[str, Any]) -> Path | None:
@@ -69,8 +83,14 @@ def _check(params: dict[str, Any]) -> Path | None:
     return None
 
 
-def wait_for_shard(params: dict[str, Any], timeout: float = 120.0) -> Path:
-    """Block until the shard named in `params` is complete."""
+def wait_for_shard(
+    params: dict[str, Any],
+    timeout: float = 120.0,
+    shard_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Block until the shard named in `params` is complete (`shard_dir`: see _sidecar_shard)."""
+    if "shard_path" not in params:
+        return _sidecar_shard(params, shard_dir)
     deadline = time.monotonic() + timeout
     while (path := _check(params)) is None:
         if time.monotonic() > deadline:
@@ -79,7 +99,13 @@ def wait_for_shard(params: dict[str, Any], timeout: float = 120.0) -> Path:
     return path
 
 
-async def wait_for_shard_async(params: dict[str, Any], timeout: float = 120.0) -> Path:
+async def wait_for_shard_async(
+    params: dict[str, Any],
+    timeout: float = 120.0,
+    shard_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    if "shard_path" not in params:
+        return _sidecar_shard(params, shard_dir)
     deadline = time.monotonic() + timeout
     while (path := _check(params)) is None:
         if time.monotonic() > deadline:

@@ -23,6 +23,8 @@ SPEC_FIELDS: tuple[str, ...] = (
     "dtype",
     "channel_stats",
     "teacher_logprobs",
+    "summary",
+    "tensors",
 )
 # vLLM's default `--max-logprobs`: the largest teacher_logprobs a default server accepts.
 DEFAULT_MAX_LOGPROBS = 20
@@ -60,6 +62,13 @@ class CaptureSpec:
         served model's top-K next-token ids and logprobs and the logprob of the token that
         followed, as vLLM's own prompt_logprobs / logprobs return them (the `teacher/`
         datasets of the shard, filled in by the sidecar).
+    summary: also accumulate, on the device, every token sum the layer analysis needs (site
+        cosines and their squares, boundary angles, norms, update ratios, channel moments,
+        massive activations; for all, content and last tokens) over the kept positions of
+        the captured layers, into the shard's `summary/` group (vllm_activations/summary.py).
+        Like channel_stats, turns off prefix-cache reads for the request.
+    tensors: store the raw layer outputs (`layer_outputs/`); false keeps only what else was
+        asked for (summary, channel statistics, teacher data): megabytes, not gigabytes.
     """
 
     layers: tuple[int, ...] | None = None
@@ -68,6 +77,8 @@ class CaptureSpec:
     dtype: str = "bfloat16"
     channel_stats: bool = False
     teacher_logprobs: int | None = None
+    summary: bool = False
+    tensors: bool = True
     every: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +116,11 @@ class CaptureSpec:
                 "channel_stats", f"{self.channel_stats!r} is not allowed; allowed: true, false"
             )
         check_teacher_logprobs(self.teacher_logprobs)
+        for name in ("summary", "tensors"):
+            if not isinstance(getattr(self, name), bool):
+                raise CaptureSpecError(
+                    name, f"{getattr(self, name)!r} is not allowed; allowed: true, false"
+                )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> CaptureSpec:
@@ -133,6 +149,9 @@ class CaptureSpec:
             kwargs["channel_stats"] = data["channel_stats"]
         if data.get("teacher_logprobs") is not None:
             kwargs["teacher_logprobs"] = data["teacher_logprobs"]
+        for name in ("summary", "tensors"):
+            if data.get(name) is not None:
+                kwargs[name] = data[name]
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +162,8 @@ class CaptureSpec:
             "dtype": self.dtype,
             "channel_stats": self.channel_stats,
             "teacher_logprobs": self.teacher_logprobs,
+            "summary": self.summary,
+            "tensors": self.tensors,
         }
 
     def resolve_layers(self, num_layers: int) -> list[int]:
@@ -207,7 +228,21 @@ class CaptureSpec:
         positions = len(self.expected_positions(num_prompt_tokens, max_new_tokens))
         layers = len(self.resolve_layers(num_layers))
         activations = positions * layers * len(self.sites) * hidden_size * DTYPE_BYTES[self.dtype]
-        return activations + positions * self.teacher_bytes_per_position
+        if not self.tensors:
+            activations = 0
+        summary = self.summary_bytes(layers, hidden_size) if self.summary else 0
+        return activations + summary + positions * self.teacher_bytes_per_position
+
+    def summary_bytes(self, layers: int, hidden_size: int) -> int:
+        """Bytes of the `summary/` group for `layers` captured layers, whatever the length:
+        per population, 3 site-pair matrices and the boundary angles (float64), 4 per-site
+        sums, and per (site, channel) sum, sum of squares (float64), max |x| (float32) and
+        massive counts (int32)."""
+        sites = 1 + layers * len(self.sites)
+        boundaries = 1 + (layers if "post_mlp" in self.sites else 0)
+        per_population = 8 * (3 * sites * sites + boundaries * boundaries + 4 * sites)
+        per_population += sites * hidden_size * (8 + 8 + 4 + 4) + 8 * sites + 8
+        return 3 * per_population
 
     @property
     def teacher_bytes_per_position(self) -> int:

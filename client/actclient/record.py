@@ -42,6 +42,8 @@ from actclient.http import (
     API_KEY_ENV,
     MAX_ATTEMPTS,
     RetriesExhausted,
+    ServerCheckFailed,
+    ServerUnreachable,
     api_base,
     api_key_from,
     auth_headers,
@@ -49,6 +51,7 @@ from actclient.http import (
     describe,
     error_field,
     is_retryable,
+    probe,
     request_with_retries,
 )
 from actclient.jsonl import JsonlAppender
@@ -259,6 +262,7 @@ class RecordOptions:
 class RecordSummary:
     ok: int = 0
     skipped: int = 0
+    skipped_unanswered: int = 0  # teacher-forced records without a response
     failed: int = 0
     tokens: int = 0
     bytes: int = 0
@@ -580,9 +584,9 @@ class Recorder:
             print(message, file=sys.stderr)
 
     async def run(self, todo: Sequence[Phase1Record]) -> RecordSummary:
-        """Record `todo` (from `plan`), appending to the manifest as records finish."""
-        self.paths.shards.mkdir(parents=True, exist_ok=True)
-        manifest = JsonlAppender(self.paths.manifest)
+        """Record `todo` (from `plan`), appending to the manifest as records finish. Nothing
+        is created in OUT before the servers pass `_preflight`."""
+        manifest: JsonlAppender | None = None
         limit = self.options.concurrency * len(self.pool.servers)
         semaphore = asyncio.Semaphore(limit)
         timeouts = httpx.Timeout(REQUEST_TIMEOUT_S, connect=10.0, pool=None)
@@ -595,6 +599,8 @@ class Recorder:
                 headers=auth_headers(self._api_key), timeout=timeouts, transport=transport
             ) as client:
                 await self._preflight(client)
+                self.paths.shards.mkdir(parents=True, exist_ok=True)
+                manifest = JsonlAppender(self.paths.manifest)
                 with Progress(
                     len(todo), desc="record", unit="rec", enabled=self.options.progress
                 ) as bar:
@@ -614,7 +620,8 @@ class Recorder:
 
                     await asyncio.gather(*(one(r) for r in todo))
         finally:
-            manifest.close()
+            if manifest is not None:
+                manifest.close()
             self._bar = None
             self.summary.elapsed_s = time.monotonic() - start
         if self._fatal is not None:
@@ -622,23 +629,25 @@ class Recorder:
         return self.summary
 
     async def _preflight(self, client: httpx.AsyncClient) -> None:
-        """Drop servers that cannot be reached at all; FatalError when none can.
+        """Check every server with `probe`: a wrong server or key stops the run (FatalError);
+        one that cannot be reached is left out while another can be, else FatalError.
 
-        A server that answers anything (even 503 while vLLM starts) is kept: requests to it
-        are retried with backoff.
+        A server that answers 503 while vLLM starts is kept: requests to it are retried.
         """
         reachable, problems = [], []
         for server in self.pool.servers:
             try:
-                await client.get(server.url("/health"), timeout=15.0)
-            except httpx.HTTPError as e:
-                problems.append(f"{server.base}: {type(e).__name__}: {e}")
+                await probe(client, server.base, "sidecar")
+            except ServerUnreachable as e:
+                problems.append(str(e))
+            except ServerCheckFailed as e:
+                raise FatalError(str(e)) from None
             else:
                 reachable.append(server)
         if not reachable:
-            raise FatalError("cannot reach any server: " + "; ".join(problems))
+            raise FatalError("; ".join(problems))
         for problem in problems:
-            self._log(f"warning: leaving out unreachable server {problem}")
+            self._log(f"warning: leaving out a server: {problem}")
         self.pool.servers = reachable
 
     async def _one_and_log(
@@ -726,35 +735,39 @@ def record(
     """Record every loadable record of `datasets` (Phase 1 JSONL files or sample folders).
 
     Ingest problems are printed (`file:line: message`) to `log` (default stderr) and counted;
-    the good records are still recorded. Teacher-forced records without a response are
-    reported and recorded as failed. Raises FatalError for a run that cannot proceed.
+    the good records are still recorded. Teacher-forced records without a response are counted
+    as skipped in one line and leave the manifest unchanged. Raises ValueError for a missing
+    dataset or one with no loadable record, FatalError for a run that cannot proceed; either
+    way before anything is created in `out_dir`.
     """
     options = options or RecordOptions()
     log = log or sys.stderr
     start = time.monotonic()
-    loaded = load_records(list(datasets))
+    datasets = list(datasets)
+    missing = [str(d) for d in datasets if not Path(d).exists()]
+    if missing:
+        raise ValueError(f"no such dataset file or folder: {', '.join(missing)}")
+    loaded = load_records(datasets)
     recorder = Recorder(servers, out_dir, options, api_key, transport)
     recorder.summary.ingest_errors = list(loaded.errors)
     for error in loaded.errors:
         print(error, file=log)
     records = loaded.records
+    if not records:
+        raise ValueError(f"no loadable records in {', '.join(map(str, datasets))}")
     todo = recorder.plan(records)
     if options.mode == "teacher-forced":
-        manifest = JsonlAppender(recorder.paths.manifest)
-        try:
-            ready = []
-            for r in todo:
-                if r.response:
-                    ready.append(r)
-                    continue
-                message = "no response to teacher-force (run `actclient phase1 generate` first)"
-                print(f"{r.id}: {message}; skipped", file=log)
-                recorder.summary.failed += 1
-                recorder.summary.errors.append(f"{r.id}: {message}")
-                manifest.append(_failed_entry(r.id, options, message))
-        finally:
-            manifest.close()
-        todo = ready
+        # Nothing to send for these; the manifest is left as it is, so a rerun is the same.
+        unanswered = [r.id for r in todo if not r.response]
+        if unanswered:
+            recorder.summary.skipped_unanswered = len(unanswered)
+            print(
+                f"record: skipped {len(unanswered)} record(s) without a response to "
+                f"teacher-force (first: {unanswered[0]}); run `actclient phase1 generate` "
+                "first, or use --mode generate",
+                file=log,
+            )
+        todo = [r for r in todo if r.response]
     if todo:
         asyncio.run(recorder.run(todo))
     recorder.summary.elapsed_s = time.monotonic() - start
@@ -765,8 +778,13 @@ def record(
 
 def format_summary(summary: RecordSummary, out_dir: str | os.PathLike[str]) -> str:
     mib = summary.bytes / 2**20
+    unanswered = (
+        f", {summary.skipped_unanswered} skipped (no response to teacher-force)"
+        if summary.skipped_unanswered
+        else ""
+    )
     lines = [
-        f"record: {summary.ok} ok, {summary.skipped} skipped (already in {out_dir}), "
+        f"record: {summary.ok} ok, {summary.skipped} skipped (already in {out_dir}){unanswered}, "
         f"{summary.failed} failed; {summary.tokens} tokens, {summary.bytes} bytes "
         f"({mib:.1f} MiB) in {summary.elapsed_s:.1f} s"
     ]
@@ -836,7 +854,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         required=True,
         help="server URL, e.g. http://localhost:8000; repeat to fan out across servers",
     )
-    p.add_argument("--out", required=True, help="output folder (shards/ and manifest.jsonl)")
+    p.add_argument("-o", "--out", required=True, help="output folder (shards/ and manifest.jsonl)")
     p.add_argument(
         "--mode",
         choices=MODES,

@@ -178,6 +178,11 @@ class FakeSidecar:
                     "result": job["result"],
                 },
             )
+        if method == "GET" and path == "/shards":
+            listed = [
+                {"id": i, "url": f"/shards/{i}", "bytes": 1, "modified": 0.0} for i in self.shards
+            ]
+            return httpx.Response(200, json={"shards": listed, "next_after": None})
         if path.startswith("/shards/"):
             shard_id = path.rsplit("/", 1)[1]
             if shard_id not in self.shards:
@@ -345,10 +350,12 @@ def test_fake_wrong_key_stops_the_run(tmp_path: Path, fast: None) -> None:
             api_key="wrong-key-xyz",
             transport=httpx.MockTransport(fake.handler),
         )
-    assert "wrong-key-xyz" not in str(info.value)
-    assert fake.count("POST", "/generate_with_activations") == 1  # not once per record
-    manifest = tmp_path / "out" / "manifest.jsonl"
-    assert not manifest.exists() or manifest.read_text() == ""
+    message = str(info.value)
+    assert "wrong-key-xyz" not in message
+    assert "--api-key" in message and "VLLM_ACTIVATIONS_API_KEY" in message
+    # The up-front probe finds the bad key: no record is submitted, nothing is created.
+    assert fake.count("POST", "/generate_with_activations") == 0
+    assert not (tmp_path / "out").exists()
 
 
 def test_fake_resumes_a_finished_capture_of_a_killed_run(tmp_path: Path, fast: None) -> None:
@@ -375,19 +382,25 @@ def test_fake_resumes_a_finished_capture_of_a_killed_run(tmp_path: Path, fast: N
     assert _manifest(tmp_path / "out")[0]["remote_id"] == shard_id
 
 
-def test_fake_teacher_forced_without_response_is_reported(
+def test_fake_teacher_forced_without_response_is_skipped_in_one_line(
     tmp_path: Path, fast: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     fake = FakeSidecar(tmp_path)
-    records = _records(2)
+    records = _records(5)
     records[0].response = "Welcome to the harbour."
     summary = _fake_run(tmp_path, fake, records, mode="teacher-forced")
-    assert (summary.ok, summary.failed) == (1, 1)
-    assert f"{records[1].id}: no response to teacher-force" in capsys.readouterr().err
-    status = {e["id"]: e["status"] for e in _manifest(tmp_path / "out")}
-    assert status == {records[0].id: "ok", records[1].id: "failed"}
+    assert (summary.ok, summary.failed, summary.skipped_unanswered) == (1, 0, 4)
+    err = capsys.readouterr().err
+    assert err.count("without a response") == 1 and "skipped 4 record(s)" in err
+    assert "skipped (no response to teacher-force)" in record.format_summary(summary, "out")
+    manifest = (tmp_path / "out" / "manifest.jsonl").read_text()
+    assert [e["id"] for e in _manifest(tmp_path / "out")] == [records[0].id]
     assert [b.get("text") for b in fake.bodies] == ["Welcome to the harbour."]
     assert fake.bodies[0]["messages"] == records[0].messages()
+    # A rerun changes nothing: the recorded one is skipped, the others stay out.
+    again = _fake_run(tmp_path, fake, records, mode="teacher-forced")
+    assert (again.ok, again.skipped, again.skipped_unanswered) == (0, 1, 4)
+    assert (tmp_path / "out" / "manifest.jsonl").read_text() == manifest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,27 +2,27 @@
 
 Auth is one bearer-key dependency on a router that holds every route but /health, so a new
 route cannot forget it. Captures are admitted in a fixed order, each step able to refuse
-before anything exists: validate and tokenize (400/413), free disk (507), a concurrency slot
-(429); only then is a job created or vLLM called.
+before anything exists: validate and tokenize (400/413), free disk after every admitted
+capture's shard (507), a concurrency slot (429); only then is a job created or vLLM called.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Receive, Scope, Send
 
 from vllm_activations import __version__
+from vllm_activations.sidecar import passthrough
 from vllm_activations.sidecar.errors import ApiError, install_error_handlers
-from vllm_activations.sidecar.generate import CaptureRunner
+from vllm_activations.sidecar.generate import CaptureRunner, shard_disk_bytes, vllm_error
 from vllm_activations.sidecar.jobs import CaptureSlots, JobRegistry
 from vllm_activations.sidecar.schemas import (
     ErrorResponse,
@@ -35,7 +35,7 @@ from vllm_activations.sidecar.schemas import (
     ShardListItem,
 )
 from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings, key_matches
-from vllm_activations.sidecar.store import ShardStore, validate_shard_id
+from vllm_activations.sidecar.store import SHARD_ID_RE, ShardStore, validate_shard_id
 
 # Hop-by-hop headers and ones httpx/uvicorn set themselves are not forwarded.
 _DROP_REQUEST_HEADERS = {
@@ -64,6 +64,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 bearer = HTTPBearer(auto_error=False, description="an API key of this server")
+# The id rule is stated in the schema and checked by validate_shard_id (400 naming the field).
+IdPath = Path(
+    description="a shard, job or capture id", json_schema_extra={"pattern": SHARD_ID_RE.pattern}
+)
 
 
 async def require_key(
@@ -148,20 +152,20 @@ def create_app(settings: Settings) -> FastAPI:
         hashed, or at once with 202 and a job URL when `wait` is false."""
         runner: CaptureRunner = request.app.state.runner
         prepared = await runner.prepare(body)
-        runner.check_disk(prepared.estimated_bytes)
+        promised = runner.reserve_disk(prepared)
         if not slots.try_acquire():
+            runner.disk.release(promised)
             raise _retry_later(settings)
-        if body.wait:
-            try:
-                return await runner.execute(prepared)
-            finally:
-                slots.release()
 
         async def work() -> GenerateResponse:
             try:
                 return await runner.execute(prepared)
             finally:
                 slots.release()
+                runner.disk.release(promised)
+
+        if body.wait:
+            return await work()
 
         job = jobs.start(prepared.capture_id, work, _job_error)
         accepted = JobAccepted(
@@ -175,7 +179,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @api.get("/jobs/{job_id}", response_model=JobStatus)
-    async def get_job(job_id: str) -> JobStatus:
+    async def get_job(job_id: Annotated[str, IdPath]) -> JobStatus:
         """A background capture's status; when succeeded, `result` is the full response."""
         validate_shard_id(job_id)
         job = jobs.get(job_id)
@@ -198,7 +202,7 @@ def create_app(settings: Settings) -> FastAPI:
             206: {"content": {"application/x-hdf5": {}}, "description": "a byte range"},
         },
     )
-    async def get_shard(shard_id: str) -> FileResponse:
+    async def get_shard(shard_id: Annotated[str, IdPath]) -> FileResponse:
         """Download a shard. Supports `Range`; `X-Content-SHA256` is the whole file's hash."""
         path = store.existing(shard_id)
         sha256 = await asyncio.to_thread(store.sha256, path)
@@ -210,7 +214,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
 
     @api.delete("/shards/{shard_id}", status_code=204, response_class=Response)
-    async def delete_shard(shard_id: str) -> Response:
+    async def delete_shard(shard_id: Annotated[str, IdPath]) -> Response:
         """Delete a shard file (409 while its capture is still running)."""
         validate_shard_id(shard_id)
         if shard_id in jobs.running_ids():
@@ -221,7 +225,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @api.get("/shards", response_model=ShardList)
     async def list_shards(
-        after: Annotated[str | None, Query(description="list ids after this one")] = None,
+        after: Annotated[
+            str | None,
+            Query(
+                description="list ids after this one",
+                json_schema_extra={"pattern": SHARD_ID_RE.pattern},
+            ),
+        ] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> ShardList:
         """Complete shards in id order, one page at a time."""
@@ -240,16 +250,16 @@ def create_app(settings: Settings) -> FastAPI:
             next_after=next_after,
         )
 
-    async def openai_passthrough(path: str, request: Request) -> StreamingResponse:
-        """Forwarded to vLLM unchanged. A request carrying `kv_transfer_params.capture`
-        takes a capture slot (429 when full) and needs the free-disk reserve (507)."""
+    async def openai_passthrough(path: str, request: Request) -> Response:
+        """Forwarded to vLLM unchanged, streaming included. A request carrying
+        `kv_transfer_params.capture` is admitted like /generate_with_activations (limits 413,
+        disk 507, a slot 429), answered once its shard is written, with the shard's id, URL,
+        size and sha256 in `kv_transfer_params`."""
         client: httpx.AsyncClient = request.app.state.client
         content = await request.body()
-        captures = _is_capture_request(content)
-        if captures:
-            request.app.state.runner.check_disk(0)
-            if not slots.try_acquire():
-                raise _retry_later(settings)
+        capture = passthrough.capture_body(content)
+        if capture is not None:
+            return await openai_capture(request, path, capture)
         headers = {
             k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST_HEADERS
         }
@@ -263,23 +273,43 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             response = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
-            if captures:
-                slots.release()
             raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
-
-        async def close() -> None:
-            await response.aclose()
-            if captures:
-                slots.release()
-
         return _UpstreamResponse(
-            close,
+            response.aclose,
             response.aiter_raw(),
             status_code=response.status_code,
             headers={
                 k: v for k, v in response.headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS
             },
         )
+
+    async def openai_capture(request: Request, path: str, body: dict[str, Any]) -> Response:
+        runner: CaptureRunner = request.app.state.runner
+        admitted = await passthrough.admit(runner, request.method, path, body)
+        promised = runner.reserve_disk_bytes(
+            shard_disk_bytes(admitted.spec, admitted.estimated_bytes, settings)
+        )
+        if not slots.try_acquire():
+            runner.disk.release(promised)
+            raise _retry_later(settings)
+        try:
+            try:
+                r = await request.app.state.client.post(
+                    f"{settings.vllm_url}/v1/{path}", json=admitted.body
+                )
+            except httpx.HTTPError as exc:
+                raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
+            if r.status_code != 200:
+                raise vllm_error(r)
+            completion = r.json()
+            params = completion.get(passthrough.PARAMS) or {}
+            if "shard_path" in params:
+                shard = await runner.wait_and_describe(params)
+                completion[passthrough.PARAMS] = passthrough.public_params(params, shard)
+            return JSONResponse(completion)
+        finally:
+            slots.release()
+            runner.disk.release(promised)
 
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
         api.add_api_route(
@@ -297,12 +327,34 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(app.openapi())
 
     app.include_router(api)
+    generated_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            state_server_limits(generated_openapi(), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
+def state_server_limits(schema: dict[str, Any], settings: Settings) -> None:
+    """Write this server's model and limits into its schema: the layer index range and the
+    `--max-tokens-limit` maximum (limits on tokens and bytes depend on the tokenizer and are
+    answered with 413)."""
+    components = schema["components"]["schemas"]
+    n = settings.num_layers
+    for branch in components["CaptureRequest"]["properties"]["layers"]["anyOf"]:
+        if branch.get("type") == "array":
+            branch["items"].update(minimum=-n, maximum=n - 1)
+    components["GenerateRequest"]["properties"]["max_tokens"]["maximum"] = (
+        settings.limits.max_tokens
+    )
+
+
 class _UpstreamResponse(StreamingResponse):
-    """A streamed vLLM response that always closes upstream and frees its slot, also when the
-    client disconnects (Starlette skips `background` tasks then)."""
+    """A streamed vLLM response that always closes upstream, also when the client disconnects
+    (Starlette skips `background` tasks then)."""
 
     def __init__(self, on_close: Callable[[], Awaitable[None]], *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -313,17 +365,6 @@ class _UpstreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self._on_close()
-
-
-def _is_capture_request(content: bytes) -> bool:
-    if b"kv_transfer_params" not in content:
-        return False
-    try:
-        body = json.loads(content)
-    except ValueError:
-        return False
-    params = body.get("kv_transfer_params") if isinstance(body, dict) else None
-    return isinstance(params, dict) and "capture" in params
 
 
 def _job_error(exc: BaseException) -> dict[str, Any]:

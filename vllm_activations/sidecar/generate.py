@@ -11,7 +11,6 @@ tokens and positions and hashes it in a worker thread.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -28,10 +27,15 @@ from vllm_activations.openai_capture import (
 )
 from vllm_activations.shard import ShardReader
 from vllm_activations.sidecar.errors import ApiError
+from vllm_activations.sidecar.jobs import DiskBudget, DiskFull
 from vllm_activations.sidecar.schemas import GenerateRequest, GenerateResponse, ShardInfo, Timings
 from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings
 from vllm_activations.sidecar.store import ShardStore
 from vllm_activations.spec import CaptureSpec, CaptureSpecError
+
+
+# HDF5 superblock, attributes, chunk indexes and the token arrays of a long request.
+SHARD_OVERHEAD_BYTES = 1 << 20
 
 
 @dataclass
@@ -49,13 +53,10 @@ class PreparedCapture:
 
 
 def check_inputs(req: GenerateRequest) -> None:
-    """Exactly one of prompt / messages, none of them empty (400 naming the field)."""
+    """Exactly one of prompt / messages (400 naming the field; the schema says it as oneOf,
+    and pydantic has already refused empty `messages` and `text`)."""
     if (req.prompt is None) == (req.messages is None):
         raise ApiError(400, "give exactly one of `prompt` or `messages`", "prompt")
-    if req.messages is not None and not req.messages:
-        raise ApiError(400, "must not be empty", "messages")
-    if req.text is not None and not req.text:
-        raise ApiError(400, "must not be empty (omit it to generate)", "text")
 
 
 def limit_message(what: str, value: int, limit_name: str, limit: int) -> str:
@@ -75,11 +76,33 @@ def vllm_error(response: httpx.Response) -> ApiError:
     return ApiError(status, f"vLLM: {message}")
 
 
+def shard_disk_bytes(spec: CaptureSpec, activation_bytes: int, settings: Settings) -> int:
+    """Disk bytes to promise a shard: its activations, plus the HDF5 metadata and token
+    arrays, plus channel statistics (three float64 vectors per layer of the MLP and attention
+    widths, bounded by 8 x hidden: Qwen3-32B's are 5 x and 1.6 x)."""
+    layers = len(spec.resolve_layers(settings.num_layers))
+    stats = layers * 3 * 8 * 8 * settings.hidden_size if spec.channel_stats else 0
+    return activation_bytes + stats + SHARD_OVERHEAD_BYTES
+
+
+def capture_failure(exc: CaptureFailed, shard_dir: Path) -> ApiError:
+    """The connector's failure as an answer: a full disk is 507 naming the directory."""
+    message = str(exc)
+    if "Errno 28" in message or "No space left" in message:
+        return ApiError(
+            507,
+            f"the shard directory {shard_dir} ran out of space while writing the shard "
+            f"(nothing partial was kept; free space and retry): {message}",
+        )
+    return ApiError(500, f"capture failed: {message}")
+
+
 class CaptureRunner:
     def __init__(self, settings: Settings, client: httpx.AsyncClient, store: ShardStore) -> None:
         self.settings = settings
         self.client = client
         self.store = store
+        self.disk = DiskBudget(store.root, settings.limits.min_free_disk_bytes)
         self._model_name = settings.model_name
 
     async def model_name(self) -> str:
@@ -91,6 +114,20 @@ class CaptureRunner:
             except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
                 raise ApiError(503, f"vLLM is not ready: {exc}") from exc
         return self._model_name
+
+    async def max_model_len(self) -> int:
+        """The served model's context length, from vLLM's /v1/models."""
+        try:
+            r = await self.client.get(f"{self.settings.vllm_url}/v1/models")
+            r.raise_for_status()
+            return int(r.json()["data"][0]["max_model_len"])
+        except (httpx.HTTPError, KeyError, IndexError, ValueError, TypeError) as exc:
+            raise ApiError(503, f"vLLM is not ready: {exc}") from exc
+
+    async def tokenize(self, payload: dict[str, Any], field: str) -> tuple[list[int], int]:
+        """Token ids and the model's context length from vLLM's /tokenize (errors name
+        `field`)."""
+        return await self._tokenize(payload, field)
 
     async def _tokenize(self, payload: dict[str, Any], field: str) -> tuple[list[int], int]:
         payload = {"model": await self.model_name(), **payload}
@@ -107,7 +144,7 @@ class CaptureRunner:
 
     async def prepare(self, req: GenerateRequest) -> PreparedCapture:
         """Validate and tokenize; raises ApiError (400/413/...) with nothing left behind."""
-        settings, limits = self.settings, self.settings.limits
+        settings = self.settings
         check_inputs(req)
         try:
             spec = CaptureSpec.from_dict(req.capture.model_dump(exclude_none=True))
@@ -138,47 +175,15 @@ class CaptureRunner:
         tokenize_s = time.perf_counter() - start
         if not ids:
             raise ApiError(400, "the prompt is empty after tokenization", prompt_field)
-        if len(ids) > limits.max_prompt_tokens:
-            raise ApiError(
-                413,
-                limit_message(
-                    "the prompt length in tokens",
-                    len(ids),
-                    "max_prompt_tokens",
-                    limits.max_prompt_tokens,
-                ),
-                prompt_field,
-            )
         max_tokens = 1 if req.text is not None else req.max_tokens
-        if max_tokens > limits.max_tokens:
-            raise ApiError(
-                413,
-                limit_message("max_tokens", max_tokens, "max_tokens", limits.max_tokens),
-                "max_tokens",
-            )
-        if len(ids) + max_tokens > max_model_len:
-            raise ApiError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                f"context of {max_model_len} tokens",
-                "max_tokens" if req.text is None else prompt_field,
-            )
-        estimate = spec.estimate_bytes(
-            len(ids), max_tokens, settings.num_layers, settings.hidden_size
+        estimate = self.check_limits(
+            spec,
+            len(ids),
+            max_tokens,
+            max_model_len,
+            prompt_field,
+            "max_tokens" if req.text is None else prompt_field,
         )
-        if estimate > limits.max_capture_bytes:
-            raise ApiError(
-                413,
-                limit_message(
-                    "the estimated capture size in bytes (tokens x layers x sites x hidden x "
-                    "dtype bytes)",
-                    estimate,
-                    "max_capture_bytes",
-                    limits.max_capture_bytes,
-                )
-                + "; or capture fewer layers, sites or positions",
-                "capture",
-            )
         return PreparedCapture(
             capture_id=uuid.uuid4().hex,
             request=req,
@@ -190,18 +195,81 @@ class CaptureRunner:
             tokenize_s=tokenize_s,
         )
 
-    def check_disk(self, estimated_bytes: int) -> None:
-        """507 unless the shard directory keeps its reserve after this capture is written."""
-        free = shutil.disk_usage(self.store.root).free
-        reserve = self.settings.limits.min_free_disk_bytes
-        if free - estimated_bytes < reserve:
+    def check_limits(
+        self,
+        spec: CaptureSpec,
+        prompt_tokens: int,
+        max_tokens: int,
+        max_model_len: int,
+        prompt_field: str,
+        tokens_field: str,
+    ) -> int:
+        """The token, context and capture-byte limits (413/400 naming the field); returns the
+        estimated activation bytes."""
+        settings, limits = self.settings, self.settings.limits
+        if prompt_tokens > limits.max_prompt_tokens:
+            raise ApiError(
+                413,
+                limit_message(
+                    "the prompt length in tokens",
+                    prompt_tokens,
+                    "max_prompt_tokens",
+                    limits.max_prompt_tokens,
+                ),
+                prompt_field,
+            )
+        if max_tokens > limits.max_tokens:
+            raise ApiError(
+                413,
+                limit_message("max_tokens", max_tokens, "max_tokens", limits.max_tokens),
+                tokens_field,
+            )
+        if prompt_tokens + max_tokens > max_model_len:
+            raise ApiError(
+                400,
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context of {max_model_len} tokens",
+                tokens_field,
+            )
+        estimate = spec.estimate_bytes(
+            prompt_tokens, max_tokens, settings.num_layers, settings.hidden_size
+        )
+        if estimate > limits.max_capture_bytes:
+            raise ApiError(
+                413,
+                limit_message(
+                    "the estimated capture size in bytes (tokens x layers x sites x hidden x "
+                    "dtype bytes, plus tokens x (8 K + 4) with teacher_logprobs K)",
+                    estimate,
+                    "max_capture_bytes",
+                    limits.max_capture_bytes,
+                )
+                + "; or capture fewer layers, sites or positions",
+                "capture",
+            )
+        return estimate
+
+    def reserve_disk(self, prepared: PreparedCapture) -> int:
+        """Promise the shard's bytes on disk (507 if that would eat into the reserve); pass
+        the returned count to `disk.release` once the capture has ended."""
+        return self.reserve_disk_bytes(
+            shard_disk_bytes(prepared.spec, prepared.estimated_bytes, self.settings)
+        )
+
+    def reserve_disk_bytes(self, nbytes: int) -> int:
+        try:
+            return self.disk.reserve_for(nbytes)
+        except DiskFull as full:
+            reserve = self.disk.reserve
             raise ApiError(
                 507,
-                f"the shard directory has {free} bytes free; this capture needs about "
-                f"{estimated_bytes} and the server keeps {reserve} free "
-                f"(free space, or lower it with `vllm-activations serve "
+                f"the shard directory {self.store.root} has {full.free} bytes free, "
+                f"{full.promised} of them promised to {full.in_flight} captures in flight; this "
+                f"capture needs about {nbytes} and the server keeps {reserve} free (free "
+                f"space, retry later, or lower the reserve with `vllm-activations serve "
                 f"{LIMIT_FLAGS['min_free_disk_bytes']}`)",
-            )
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
 
     async def execute(self, prepared: PreparedCapture) -> GenerateResponse:
         """Run the capture and return the finished result (the shard is complete and hashed)."""
@@ -237,7 +305,7 @@ class CaptureRunner:
                 capture_params(completion), self.settings.shard_timeout_s
             )
         except CaptureFailed as exc:
-            raise ApiError(500, f"capture failed: {exc}") from exc
+            raise capture_failure(exc, self.store.root) from exc
         t2 = time.perf_counter()
         sha256, meta = await asyncio.to_thread(self._hash_and_read, path)
         t3 = time.perf_counter()
@@ -269,6 +337,21 @@ class CaptureRunner:
                 total_s=prepared.tokenize_s + t3 - t0,
             ),
         )
+
+    async def wait_and_describe(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Wait for the shard the connector named in `params`; its public description."""
+        try:
+            path = await wait_for_shard_async(params, self.settings.shard_timeout_s)
+        except CaptureFailed as exc:
+            raise capture_failure(exc, self.store.root) from exc
+        sha256 = await asyncio.to_thread(self.store.sha256, path)
+        shard_id = str(params["capture_id"])
+        return {
+            "shard_id": shard_id,
+            "shard_url": f"/shards/{shard_id}",
+            "bytes": path.stat().st_size,
+            "sha256": sha256,
+        }
 
     def _hash_and_read(self, path: Path) -> tuple[str, dict[str, Any]]:
         sha256 = self.store.sha256(path)

@@ -1,7 +1,10 @@
 """Capture admission and background jobs, in memory on the sidecar's event loop.
 
 `CaptureSlots` bounds concurrent captures (a full server answers 429 at once rather than
-queueing work the client may abandon). `JobRegistry` keeps `wait: false` requests: a job is
+queueing work the client may abandon). `DiskBudget` admits a capture only if the free space
+left after every admitted, not yet written shard and this one still keeps the reserve:
+checking free space alone would admit each of N concurrent requests against space the others
+are about to fill. `JobRegistry` keeps `wait: false` requests: a job is
 created only after a request passed every check and got a slot, so a rejected request leaves
 no job behind. Finished jobs beyond `max_finished` are forgotten oldest first (their shards
 stay on disk).
@@ -10,9 +13,11 @@ stay on disk).
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -31,6 +36,41 @@ class CaptureSlots:
 
     def release(self) -> None:
         self.in_use -= 1
+
+
+class DiskFull(Exception):
+    """Admitting a capture would eat into the free-disk reserve."""
+
+    def __init__(self, free: int, promised: int, in_flight: int) -> None:
+        super().__init__(f"{free} bytes free, {promised} promised to {in_flight} captures")
+        self.free = free
+        self.promised = promised
+        self.in_flight = in_flight
+
+
+class DiskBudget:
+    """Bytes promised to admitted captures whose shards are not yet written (one event loop,
+    and no await between the check and the reservation: no lock needed)."""
+
+    def __init__(self, root: Path, reserve: int) -> None:
+        self.root = root
+        self.reserve = reserve
+        self.promised = 0
+        self.in_flight = 0
+
+    def reserve_for(self, nbytes: int) -> int:
+        """Promise `nbytes` to one capture, or raise DiskFull; returns `nbytes` for `release`."""
+        free = shutil.disk_usage(self.root).free
+        if free - self.promised - nbytes < self.reserve:
+            raise DiskFull(free, self.promised, self.in_flight)
+        self.promised += nbytes
+        self.in_flight += 1
+        return nbytes
+
+    def release(self, nbytes: int) -> None:
+        """The capture's shard is written (its bytes now show as used) or it failed."""
+        self.promised -= nbytes
+        self.in_flight -= 1
 
 
 @dataclass

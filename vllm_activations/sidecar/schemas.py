@@ -8,9 +8,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from vllm_activations.spec import DTYPES, SITES
+from vllm_activations.spec import DTYPES, POSITION_MODES, SITES
+
+# The `positions` grammar of CaptureSpec (K a positive integer, leading zeros allowed).
+POSITIONS_PATTERN = r"^(all|prompt|generated|last|every:0*[1-9][0-9]*)$"
+assert {m.split(":")[0] for m in POSITION_MODES} == {"all", "prompt", "generated", "last", "every"}
+# Inside torch.Generator's range, and exact as a JSON number (OpenAPI tools read floats).
+SEED_MIN, SEED_MAX = -(2**53), 2**53
 
 Site = Literal["post_attention", "post_mlp"]
 Dtype = Literal["bfloat16", "float16", "float32"]
@@ -24,27 +30,42 @@ class CaptureRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     layers: list[int] | None = Field(
-        None, description="decoder layer indices (negative count from the end); null = all"
+        None,
+        min_length=1,
+        description="decoder layer indices (negative count from the end); null = all",
     )
-    sites: list[Site] | None = Field(None, description="residual-stream sites per layer")
+    sites: list[Site] | None = Field(
+        None, min_length=1, description="residual-stream sites per layer"
+    )
     positions: str | None = Field(
         None,
-        description="'all', 'prompt', 'generated', 'last' or 'every:K'",
+        description="'all', 'prompt', 'generated', 'last' or 'every:K' (K >= 1)",
+        # Stated, not checked here: CaptureSpec answers a bad value with the allowed ones.
+        json_schema_extra={"pattern": POSITIONS_PATTERN},
         examples=["all", "every:4"],
     )
     dtype: Dtype | None = Field(None, description="storage dtype of the shard")
-    channel_stats: bool | None = Field(
+    channel_stats: StrictBool | None = Field(
         None,
         description="also record per-channel count/sum/sum of squares of the down_proj and "
         "o_proj inputs (width-pruning statistics) for every captured layer",
     )
 
 
+class TextPart(BaseModel):
+    """One part of a message's content (the served models read text only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: str
-    content: str | list[dict[str, Any]]
+    content: str | list[TextPart]
 
 
 class GenerateRequest(BaseModel):
@@ -52,19 +73,32 @@ class GenerateRequest(BaseModel):
     to teacher-force: capture over the prompt followed by `text`, generating nothing (the
     sampling fields are then ignored)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Stated for generated clients and fuzzers; the server checks it in `check_inputs` (400).
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
 
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    text: str | None = Field(None, description="continuation to teacher-force after the prompt")
-    max_tokens: int = Field(16, ge=1)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    text: str | None = Field(
+        None, min_length=1, description="continuation to teacher-force after the prompt"
+    )
+    max_tokens: int = Field(
+        16, ge=1, description="the server's `--max-tokens-limit` is stated as the maximum"
+    )
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
-    ignore_eos: bool = Field(False, description="keep generating past end-of-sequence")
+    ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence")
     capture: CaptureRequest = Field(default_factory=CaptureRequest)
-    wait: bool = Field(
+    wait: StrictBool = Field(
         True, description="false: answer 202 at once with a job URL (for long requests)"
     )
 

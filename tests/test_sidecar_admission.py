@@ -1,0 +1,389 @@
+"""Sidecar admission under pressure: a small full disk, captures on /v1, a schema fuzzer.
+
+The disk tests mount a small tmpfs over the shard directory of a session server (the vLLM
+worker writes there by path, so its shards land on the tmpfs) and unmount it afterwards; they
+skip only where mounting is impossible (not root, or no mount privilege). The schemathesis run
+is bounded (a fixed seed and example count) and excludes /v1, which is vLLM's own API.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from server import free_port
+from test_sidecar import MODEL, InProcessSidecar, shard_files, tokenize
+
+from vllm_activations.openai_capture import CaptureFailed
+from vllm_activations.shard import ShardReader
+from vllm_activations.sidecar import Limits, Settings, create_app
+from vllm_activations.sidecar.errors import ApiError
+from vllm_activations.sidecar.generate import capture_failure
+from vllm_activations.sidecar.jobs import DiskBudget, DiskFull
+from vllm_activations.spec import CaptureSpec
+
+KEY = {"Authorization": "Bearer right-key"}
+
+
+def _mount_tmpfs(path: Path, size: int) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+
+
+def _unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A function mounting a tmpfs of `size` bytes at a path; all are unmounted at the end."""
+    mounted: list[Path] = []
+
+    def mount(size: int, path: Path | None = None) -> Path:
+        path = path or tmp_path / f"disk{len(mounted)}"
+        path.mkdir(exist_ok=True)
+        _mount_tmpfs(path, size)
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        _unmount(path)
+
+
+def no_partial_files(directory: Path) -> list[str]:
+    """Names in a shard directory other than complete shards and error records."""
+    return [
+        p.name
+        for p in directory.iterdir()
+        if not (p.name.endswith(".h5") or p.name.endswith(".error.json")) or p.name.startswith(".")
+    ]
+
+
+# ---------------------------------------------------------------- unit: the disk budget
+
+
+def test_disk_budget_counts_every_capture_in_flight(small_disk):
+    root = small_disk(4 * 2**20)
+    free = shutil.disk_usage(root).free
+    budget = DiskBudget(root, reserve=2**20)
+    first = budget.reserve_for(2 * 2**20)
+    # Free space alone would admit this one too; the first capture's promise does not.
+    assert free - 2 * 2**20 >= 2**20
+    with pytest.raises(DiskFull) as info:
+        budget.reserve_for(2 * 2**20)
+    assert info.value.promised == first and info.value.in_flight == 1
+    budget.release(first)
+    assert budget.promised == 0 and budget.in_flight == 0
+    budget.release(budget.reserve_for(2 * 2**20))
+
+
+def test_full_disk_answers_507_naming_the_directory(small_disk):
+    root = small_disk(2**20)
+    settings = Settings(
+        vllm_url=f"http://127.0.0.1:{free_port()}",
+        shard_dir=root,
+        num_layers=4,
+        hidden_size=8,
+        api_keys=("right-key",),
+        limits=Limits(min_free_disk_bytes=0),
+    )
+    with TestClient(create_app(settings)) as client:
+        runner = client.app.state.runner
+        with pytest.raises(ApiError) as info:
+            runner.reserve_disk_bytes(2 * 2**20)
+        assert info.value.status == 507 and str(root) in info.value.message
+        assert "--min-free-disk-bytes" in info.value.message
+        assert runner.disk.in_flight == 0
+    failure = capture_failure(
+        CaptureFailed("shard write failed: [Errno 28] No space left on device"), root
+    )
+    assert failure.status == 507 and str(root) in failure.message
+    other = capture_failure(CaptureFailed("shard x not written after 3 s"), root)
+    assert other.status == 500
+
+
+# ---------------------------------------------------------------- unit: the schema
+
+
+def test_openapi_states_the_rules_the_server_enforces(tmp_path):
+    settings = Settings(
+        vllm_url=f"http://127.0.0.1:{free_port()}",
+        shard_dir=tmp_path,
+        num_layers=4,
+        hidden_size=8,
+        api_keys=("right-key",),
+        limits=Limits(max_tokens=64),
+    )
+    with TestClient(create_app(settings)) as client:
+        schema = client.get("/openapi.json", headers=KEY).json()
+        paths, components = schema["paths"], schema["components"]["schemas"]
+        for path, method in (("/shards/{shard_id}", "get"), ("/jobs/{job_id}", "get")):
+            (param,) = paths[path][method]["parameters"]
+            assert param["schema"]["pattern"].startswith("^[A-Za-z0-9]")
+        after = next(p for p in paths["/shards"]["get"]["parameters"] if p["name"] == "after")
+        assert after["schema"]["pattern"] == param["schema"]["pattern"]
+        generate = components["GenerateRequest"]
+        assert [b["required"] for b in generate["oneOf"]] == [["prompt"], ["messages"]]
+        assert generate["properties"]["max_tokens"]["maximum"] == 64
+        capture = components["CaptureRequest"]["properties"]
+        assert "every:" in capture["positions"]["pattern"]
+        (layers,) = [b for b in capture["layers"]["anyOf"] if b.get("type") == "array"]
+        assert layers["items"] == {"type": "integer", "minimum": -4, "maximum": 3}
+
+        # The server agrees with what the schema says: ids, `after`, prompt xor messages.
+        for bad in ("a b", "-x", ".hidden"):
+            r = client.get(f"/shards/{bad}", headers=KEY)
+            assert r.status_code == 400 and r.json()["error"]["field"] == "id"
+        r = client.get("/shards", params={"after": ""}, headers=KEY)
+        assert r.status_code == 400 and r.json()["error"]["field"] == "after"
+        r = client.post("/generate_with_activations", json={"max_tokens": 2}, headers=KEY)
+        assert r.status_code == 400 and r.json()["error"]["field"] == "prompt"
+        r = client.post("/generate_with_activations", json={"prompt": "a", "wait": 0}, headers=KEY)
+        assert r.status_code == 422 and r.json()["error"]["field"] == "wait"
+
+        # A wrong method names every method of the path.
+        r = client.put("/shards/abc", headers=KEY)
+        assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET"
+
+
+# ---------------------------------------------------------------- unit: /v1 refusals
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, field",
+    [
+        ("POST", "/v1/completions", {"prompt": "a", "stream": True}, 400, "stream"),
+        ("POST", "/v1/completions", {"prompt": "a", "n": 2}, 400, "n"),
+        ("POST", "/v1/embeddings", {"input": "a"}, 400, "kv_transfer_params.capture"),
+        ("POST", "/v1/completions", {"prompt": "a", "layers": 1}, 400, None),
+    ],
+)
+def test_v1_capture_is_checked_before_vllm_is_asked(tmp_path, method, path, body, status, field):
+    settings = Settings(
+        vllm_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: vLLM is never reached
+        shard_dir=tmp_path,
+        num_layers=4,
+        hidden_size=8,
+        api_keys=("right-key",),
+    )
+    capture = {"layers": [9]} if body.pop("layers", None) else {}
+    body["kv_transfer_params"] = {"capture": capture}
+    with TestClient(create_app(settings)) as client:
+        r = client.request(method, path, json=body, headers=KEY)
+        error = r.json()["error"]
+        assert r.status_code == status, error
+        assert error["field"] == (field or "kv_transfer_params.capture.layers"), error
+        assert client.app.state.runner.disk.in_flight == 0
+        assert client.app.state.slots.in_use == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- integration
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers.get(MODEL)
+
+
+def _post_all(sidecar, bodies, threads):
+    with cf.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(sidecar.post, bodies))
+
+
+@pytest.mark.integration
+def test_concurrent_captures_on_a_small_disk_get_200_or_507_never_500(
+    server, embedded_models, small_disk
+):
+    small_disk(8 * 2**20, server.shard_dir)
+    limits = Limits(min_free_disk_bytes=0, max_concurrent_captures=16)
+    bodies = [
+        {
+            "prompt": f"harbour bridge opera {i}",
+            "max_tokens": 64,
+            "ignore_eos": True,
+            "capture": {"dtype": "float32"},
+        }
+        for i in range(40)
+    ]
+    with InProcessSidecar(server, embedded_models[MODEL], limits) as sidecar:
+        responses = _post_all(sidecar, bodies, threads=8)
+        assert sidecar.app.state.runner.disk.promised == 0
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 507}, [r.text for r in responses if r.status_code != 200]
+    assert 200 in statuses and 507 in statuses, statuses
+    for r in responses:
+        if r.status_code == 507:
+            assert str(server.shard_dir) in r.json()["error"]["message"]
+        else:
+            path = server.shard_dir / f"{r.json()['id']}.h5"
+            with ShardReader(path) as shard:
+                assert len(shard.positions) == len(r.json()["shard"]["positions"])
+    assert no_partial_files(server.shard_dir) == []
+
+
+@pytest.mark.integration
+def test_disk_filling_up_during_a_capture_answers_507_and_keeps_nothing_partial(
+    server, embedded_models, small_disk
+):
+    small_disk(16 * 2**20, server.shard_dir)
+    limits = Limits(min_free_disk_bytes=0)
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "wait": False,
+        "capture": {"dtype": "float32"},
+    }
+    with InProcessSidecar(server, embedded_models[MODEL], limits) as sidecar:
+        accepted = sidecar.post(body)
+        assert accepted.status_code == 202, accepted.text
+        # Someone else fills the disk while the capture generates; leave room for the
+        # connector's small error record.
+        free = shutil.disk_usage(server.shard_dir).free
+        with open(server.shard_dir / "filler", "wb") as filler:
+            os.posix_fallocate(filler.fileno(), 0, free - 256 * 2**10)
+        job_id = accepted.json()["id"]
+        deadline = time.monotonic() + 300
+        while (job := sidecar.app.state.jobs.get(job_id)).status == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert job.status == "failed" and job.error["status"] == 507, job.error
+        assert str(server.shard_dir) in job.error["message"]
+        assert sidecar.app.state.runner.disk.promised == 0
+    (server.shard_dir / "filler").unlink()
+    assert no_partial_files(server.shard_dir) == []
+    assert not (server.shard_dir / f"{job_id}.h5").exists()
+
+
+def _v1_body(**kw):
+    body = {
+        "model": "model",
+        "prompt": "The harbour bridge",
+        "max_tokens": 4,
+        "temperature": 0,
+        "kv_transfer_params": {"capture": {"layers": [0, -1], "dtype": "float32"}},
+    }
+    body.update(kw)
+    return body
+
+
+@pytest.mark.integration
+def test_v1_capture_answers_shard_ids_and_urls_not_paths(server):
+    chat = {
+        "model": "model",
+        "messages": [{"role": "user", "content": "Name a harbour."}],
+        "max_tokens": 3,
+        "kv_transfer_params": {"capture": {"sites": ["post_mlp"]}},
+    }
+    for route, body in (("/v1/completions", _v1_body()), ("/v1/chat/completions", chat)):
+        r = httpx.post(f"{server.url}{route}", json=body, headers=server.headers, timeout=120)
+        assert r.status_code == 200, r.text
+        params = r.json()["kv_transfer_params"]
+        assert "shard_path" not in params and "error_path" not in params
+        assert str(server.shard_dir) not in r.text and str(server.shard_dir.parent) not in r.text
+        assert params["shard_url"] == f"/shards/{params['shard_id']}"
+        shard = httpx.get(f"{server.url}{params['shard_url']}", headers=server.headers, timeout=60)
+        assert shard.status_code == 200 and len(shard.content) == params["bytes"]
+        assert hashlib.sha256(shard.content).hexdigest() == params["sha256"]
+
+
+@pytest.mark.integration
+def test_v1_capture_has_the_same_limits_as_generate(server, embedded_models):
+    n = len(tokenize(server, prompt="The harbour bridge"))
+    spec = CaptureSpec(layers=(0, -1), dtype="float32")
+    estimate = spec.estimate_bytes(n, 4, 4, 128)
+    limits = Limits(max_prompt_tokens=n, max_tokens=4, max_capture_bytes=estimate)
+    cases = [
+        (_v1_body(max_tokens=5), 413, "max_tokens", "--max-tokens-limit"),
+        (_v1_body(prompt="The harbour bridge of Sydney"), 413, "prompt", "--max-prompt-tokens"),
+        (
+            _v1_body(kv_transfer_params={"capture": {"dtype": "float32"}}),
+            413,
+            "capture",
+            "--max-capture-bytes",
+        ),
+        (_v1_body(kv_transfer_params={"capture": {"layers": [7]}}), 400, None, "0..3"),
+        (_v1_body(stream=True), 400, "stream", "/generate_with_activations"),
+    ]
+    with InProcessSidecar(server, embedded_models[MODEL], limits) as sidecar:
+        url = f"{sidecar.url}/v1/completions"
+        for body, status, field, hint in cases:
+            before = shard_files(server)
+            r = httpx.post(url, json=body, headers=sidecar.headers, timeout=120)
+            assert r.status_code == status, r.text
+            error = r.json()["error"]
+            assert error["field"] == (field or "kv_transfer_params.capture.layers"), error
+            assert hint in error["message"], error
+            assert shard_files(server) == before
+        ok = httpx.post(url, json=_v1_body(), headers=sidecar.headers, timeout=120)
+        assert ok.status_code == 200, ok.text
+        assert sidecar.app.state.runner.disk.promised == 0
+    disk = Limits(min_free_disk_bytes=2**62)
+    with InProcessSidecar(server, embedded_models[MODEL], disk) as sidecar:
+        before = shard_files(server)
+        r = httpx.post(
+            f"{sidecar.url}/v1/completions", json=_v1_body(), headers=sidecar.headers, timeout=60
+        )
+        assert r.status_code == 507 and "--min-free-disk-bytes" in r.json()["error"]["message"]
+        assert shard_files(server) == before
+
+
+SCHEMATHESIS_CONFIG = """
+[checks.positive_data_acceptance]
+# Valid by the schema, refused by the server's state or the tokenizer: a prompt too long in
+# tokens or a capture too large (413), a full disk (507), busy (429), an id in use (409).
+expected-statuses = ["2xx", "401", "403", "404", "409", "413", "429", "507"]
+"""
+
+
+@pytest.mark.integration
+def test_schemathesis_finds_no_disagreement_with_the_schema(server, embedded_models, tmp_path):
+    pytest.importorskip("schemathesis")
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(SCHEMATHESIS_CONFIG)
+    limits = Limits(max_prompt_tokens=64, max_tokens=16, max_concurrent_captures=4)
+    with InProcessSidecar(server, embedded_models[MODEL], limits) as sidecar:
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("st")),
+                "--config-file",
+                str(config),
+                "run",
+                f"{sidecar.url}/openapi.json",
+                "--header",
+                f"Authorization: Bearer {sidecar.key}",
+                "--checks",
+                "all",
+                "--exclude-path-regex",
+                "^/v1",
+                "--max-examples",
+                "30",
+                "--seed",
+                "1",
+                "--request-timeout",
+                "120",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert "passed" in result.stdout

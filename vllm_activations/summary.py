@@ -1,0 +1,386 @@
+"""Summary capture: the layer analysis accumulated on the device, per request, in torch alone.
+
+Why on the device: the analyzer (`actclient analyze`) needs only sums over tokens of per-token
+quantities, and full capture of Qwen3-32B costs 1.25 MiB per token. Here every kept token of a
+`summary: true` request adds, on the device and right after the forward that computed it:
+its site Gram (embedding + both sites of every layer, S = 1 + 2L sites) as cosines and their
+squares, the angle between every pair of layer boundaries (B = L + 1), the relative update
+|x_b - x_a| / |x_a| of every site pair, norms and squared norms, excess kurtosis and Hoyer
+sparsity across channels, per-channel sums and squares, per-channel max |x| and massive
+activation counts (Sun et al.: |x| > threshold and > ratio x the token's median |x|). A
+shard then holds O(S^2 + S*H) numbers per request instead of O(T*S*H).
+
+The per-token formulas are those of `client/actclient/analysis/formulas.py`, written in torch
+(float64 here: one Gram per token, so angles stay accurate near cos = 1 without the
+analyzer's exact recomputation); `tests/test_summary.py` checks them against the analyzer's
+own on the same vectors, including massive channels and near-identical sites.
+
+Populations, as the analyzer reports them: `all` kept tokens, `content` (not position 0 and
+not a special token id), and `last` (the request's last kept position). The end of a request
+is known only after async scheduling may have forwarded one token past it, so each slot keeps
+its two newest kept tokens in a ring (index = kept-order parity) and adds a token to its sums
+only when a newer one evicts it; at the end the ring's valid entries are added and the newest
+is the `last` population. Every shape is fixed and nothing syncs with the host, so the op can
+be recorded into CUDA graphs; token blocks are bounded (`block_tokens`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# Position modes of the per-slot keep rule (spec.positions).
+MODE_CODES = {"all": 0, "prompt": 1, "generated": 2, "last": 3, "every": 4}
+# Massive-activation rule (Sun et al. 2024), the analyzer's defaults.
+MASSIVE_THRESHOLD = 100.0
+MASSIVE_RATIO = 1000.0
+# Populations whose sums live on the device; `last` comes from the ring.
+SUMMED = ("all", "content")
+PAIR_SUMS = ("cos_sum", "cos_sq_sum", "ratio_sum")
+SITE_SUMS = ("norm_sum", "norm_sq_sum", "kurtosis_sum", "hoyer_sum")
+
+
+def num_sites(num_layers: int) -> int:
+    return 1 + 2 * num_layers
+
+
+def boundary_sites(num_layers: int) -> list[int]:
+    """Site index of the residual entering layer b: the embedding, then each post_mlp."""
+    return [0] + [2 + 2 * layer for layer in range(num_layers)]
+
+
+def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token quantities of site vectors x [T, S, H] (float64), the analyzer's formulas.
+
+    cos [T,S,S] (normalised by the Gram's own diagonal; a zero vector has cosine 0), angle
+    [T,B,B] upper triangle, 2*atan2(sqrt(1-c), sqrt(1+c)); ratio [T,S,S] = |x_b - x_a| /
+    |x_a|; sq, norms, kurtosis (m4/m2^2 - 3 across channels, 0 where m2 = 0), hoyer
+    ((sqrt(H) - |x|_1/|x|_2) / (sqrt(H) - 1)); mag = |x|; flags = massive activations.
+    """
+    hidden = x.shape[2]
+    gram = torch.matmul(x, x.transpose(1, 2))
+    sq = torch.diagonal(gram, dim1=1, dim2=2).clone()
+    norms = sq.sqrt()
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    cos = (gram / safe[:, :, None] / safe[:, None, :]).clamp_(-1.0, 1.0)
+    cb = cos[:, boundary][:, :, boundary]
+    angle = 2.0 * torch.atan2((1.0 - cb).clamp(min=0.0).sqrt(), (1.0 + cb).sqrt())
+    angle = torch.triu(angle, diagonal=1)
+    d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_(min=0.0)
+    ratio = d2.sqrt() / safe[:, :, None]
+    centred = x - x.mean(2, keepdim=True)
+    c2 = centred * centred
+    m2 = c2.mean(2)
+    m4 = (c2 * c2).mean(2)
+    safe_m2 = torch.where(m2 > 0, m2, torch.ones_like(m2))
+    kurtosis = torch.where(m2 > 0, m4 / (safe_m2 * safe_m2) - 3.0, torch.zeros_like(m2))
+    mag = x.abs()
+    root_h = math.sqrt(hidden)
+    l1_ratio = torch.where(norms > 0, mag.sum(2) / safe, torch.full_like(norms, root_h))
+    hoyer = (root_h - l1_ratio) / max(root_h - 1.0, 1e-12)
+    ordered = mag.sort(dim=2).values
+    mid = hidden // 2
+    median = (
+        ordered[:, :, mid] if hidden % 2 else 0.5 * (ordered[:, :, mid - 1] + ordered[:, :, mid])
+    )
+    flags = (mag > MASSIVE_THRESHOLD) & (mag > MASSIVE_RATIO * median[:, :, None])
+    return {
+        "cos": cos, "angle": angle, "ratio": ratio, "sq": sq, "norms": norms,
+        "kurtosis": kurtosis, "hoyer": hoyer, "x": x, "mag": mag, "flags": flags,
+    }  # fmt: skip
+
+
+@dataclass
+class PopulationSums:
+    """Sums over tokens of one population, per slot (slot `slots` is the trash)."""
+
+    count: torch.Tensor  # [P] int64
+    pairs: dict[str, torch.Tensor]  # cos_sum, cos_sq_sum, ratio_sum: [P, S, S] float64
+    angle_sum: torch.Tensor  # [P, B, B] float64
+    sites: dict[str, torch.Tensor]  # norm_sum ... hoyer_sum: [P, S] float64
+    x_sum: torch.Tensor  # [P, S, H] float64
+    x_sq_sum: torch.Tensor  # [P, S, H] float64
+    absmax: torch.Tensor  # [P, S, H] float32
+    massive_count: torch.Tensor  # [P, S, H] int32
+    massive_tokens: torch.Tensor  # [P, S] int64
+
+    @classmethod
+    def zeros(cls, slots: int, s: int, b: int, h: int, device) -> PopulationSums:  # noqa: ANN001
+        def z(*shape, dtype=torch.float64):
+            return torch.zeros(slots, *shape, dtype=dtype, device=device)
+
+        return cls(
+            count=z(dtype=torch.long),
+            pairs={name: z(s, s) for name in PAIR_SUMS},
+            angle_sum=z(b, b),
+            sites={name: z(s) for name in SITE_SUMS},
+            x_sum=z(s, h),
+            x_sq_sum=z(s, h),
+            absmax=z(s, h, dtype=torch.float32),
+            massive_count=z(s, h, dtype=torch.int32),
+            massive_tokens=z(s, dtype=torch.long),
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [
+            self.count, *self.pairs.values(), self.angle_sum, *self.sites.values(), self.x_sum,
+            self.x_sq_sum, self.absmax, self.massive_count, self.massive_tokens,
+        ]  # fmt: skip
+
+    def add(self, owner: torch.Tensor, q: dict[str, torch.Tensor]) -> None:
+        """Add token quantities `q` into the slots `owner` [T] (the trash slot for others)."""
+        self.count.index_add_(0, owner, torch.ones_like(owner))
+        self.pairs["cos_sum"].index_add_(0, owner, q["cos"])
+        self.pairs["cos_sq_sum"].index_add_(0, owner, q["cos"] * q["cos"])
+        self.pairs["ratio_sum"].index_add_(0, owner, q["ratio"])
+        self.angle_sum.index_add_(0, owner, q["angle"])
+        self.sites["norm_sum"].index_add_(0, owner, q["norms"])
+        self.sites["norm_sq_sum"].index_add_(0, owner, q["sq"])
+        self.sites["kurtosis_sum"].index_add_(0, owner, q["kurtosis"])
+        self.sites["hoyer_sum"].index_add_(0, owner, q["hoyer"])
+        self.x_sum.index_add_(0, owner, q["x"])
+        self.x_sq_sum.index_add_(0, owner, q["x"] * q["x"])
+        self.absmax.index_reduce_(0, owner, q["mag"].float(), "amax")
+        self.massive_count.index_add_(0, owner, q["flags"].int())
+        self.massive_tokens.index_add_(0, owner, q["flags"].any(2).long())
+
+    def zero_slot(self, slot: int) -> None:
+        for t in self.tensors():
+            t[slot].zero_()
+
+
+RING_FIELDS = ("cos", "angle", "ratio", "sq", "norms", "kurtosis", "hoyer", "x", "mag", "flags")
+
+
+@dataclass
+class SummaryState:
+    """Device state of summary capture for `slots` requests (+ the trash slot).
+
+    Per slot: the keep rule (mode, prompt length, K), the sums of `all` and `content`, and a
+    ring of its two newest kept tokens (valid, position, content flag and every per-token
+    quantity). `block_owner` maps each KV block to its slot (set by the connector before each
+    forward); `special` marks special token ids; `embedding` and `tokens` are filled by the
+    model (layer 0's input, the forward's token ids).
+    """
+
+    slots: int
+    num_layers: int
+    hidden: int
+    block_tokens: int
+    sums: dict[str, PopulationSums]
+    ring: dict[str, torch.Tensor]
+    ring_valid: torch.Tensor
+    ring_position: torch.Tensor
+    ring_content: torch.Tensor
+    mode: torch.Tensor
+    num_prompt: torch.Tensor
+    every: torch.Tensor
+    special: torch.Tensor
+    embedding: torch.Tensor
+    tokens: torch.Tensor
+    boundary: torch.Tensor
+    block_owner: torch.Tensor | None = None
+    block_size: int = 0
+    active: bool = False
+    special_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def allocate(
+        cls, slots: int, num_layers: int, hidden: int, rows: int, dtype: torch.dtype,
+        vocab_size: int, special_ids: list[int], device=None, block_bytes: int = 256 << 20,
+    ) -> SummaryState:  # fmt: skip
+        s, b = num_sites(num_layers), num_layers + 1
+        per_token = s * hidden * 8 * 8 + s * s * 8 * 8  # float64 x, |x|, sort, temporaries
+        trash = slots + 1
+        special = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        ids = [i for i in special_ids if 0 <= i < vocab_size]
+        if ids:
+            special[torch.as_tensor(ids, device=special.device)] = True
+
+        def ring_tensor(*shape, dtype=torch.float64):
+            return torch.zeros(trash * 2, *shape, dtype=dtype, device=special.device)
+
+        ring = {
+            "cos": ring_tensor(s, s), "angle": ring_tensor(b, b), "ratio": ring_tensor(s, s),
+            "sq": ring_tensor(s), "norms": ring_tensor(s), "kurtosis": ring_tensor(s),
+            "hoyer": ring_tensor(s), "x": ring_tensor(s, hidden, dtype=torch.float32),
+            "mag": ring_tensor(s, hidden, dtype=torch.float32),
+            "flags": ring_tensor(s, hidden, dtype=torch.bool),
+        }  # fmt: skip
+        return cls(
+            slots=slots,
+            num_layers=num_layers,
+            hidden=hidden,
+            block_tokens=max(1, block_bytes // per_token),
+            sums={p: PopulationSums.zeros(trash, s, b, hidden, special.device) for p in SUMMED},
+            ring=ring,
+            ring_valid=torch.zeros(trash * 2, dtype=torch.bool, device=special.device),
+            ring_position=torch.full((trash * 2,), -1, dtype=torch.long, device=special.device),
+            ring_content=torch.zeros(trash * 2, dtype=torch.bool, device=special.device),
+            mode=torch.zeros(trash, dtype=torch.long, device=special.device),
+            num_prompt=torch.zeros(trash, dtype=torch.long, device=special.device),
+            every=torch.ones(trash, dtype=torch.long, device=special.device),
+            special=special,
+            embedding=torch.zeros(rows, hidden, dtype=dtype, device=special.device),
+            tokens=torch.zeros(rows, dtype=torch.long, device=special.device),
+            boundary=torch.as_tensor(boundary_sites(num_layers), device=special.device),
+            special_ids=sorted(ids),
+        )
+
+    def nbytes(self) -> int:
+        tensors = [t for p in self.sums.values() for t in p.tensors()] + list(self.ring.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def bind_blocks(self, num_blocks: int, block_size: int) -> None:
+        self.block_owner = torch.full(
+            (num_blocks + 1,), self.slots, dtype=torch.long, device=self.special.device
+        )
+        self.block_size = block_size
+
+    def start_slot(self, slot: int, positions: str, every: int, num_prompt: int) -> None:
+        """Zero `slot` for a new (or recomputed) request with this keep rule."""
+        for sums in self.sums.values():
+            sums.zero_slot(slot)
+        ring = slice(2 * slot, 2 * slot + 2)
+        self.ring_valid[ring] = False
+        self.ring_position[ring] = -1
+        mode = "every" if every else positions
+        self.mode[slot] = MODE_CODES[mode]
+        self.every[slot] = max(every, 1)
+        self.num_prompt[slot] = num_prompt
+
+    def accumulate(
+        self, buffer: torch.Tensor, row_positions: torch.Tensor, row_slots: torch.Tensor
+    ) -> None:
+        """Add this forward's rows (capture buffer [rows, 2L, H] + embedding) to their slots."""
+        n = buffer.shape[0]
+        trash = self.slots
+        pos = row_positions[:n]
+        slot_of_row = row_slots[:n]
+        block = torch.where(
+            slot_of_row >= 0,
+            torch.div(slot_of_row, max(self.block_size, 1), rounding_mode="floor"),
+            self.block_owner.shape[0] - 1,
+        )
+        owner = self.block_owner[block]
+        mode = self.mode[owner]
+        prompt = self.num_prompt[owner]
+        every = self.every[owner]
+        keep = (owner != trash) & (pos >= 0)
+        keep &= (mode != MODE_CODES["prompt"]) | (pos < prompt)
+        keep &= (mode != MODE_CODES["generated"]) | (pos >= prompt)
+        keep &= (mode != MODE_CODES["every"]) | (pos % every == 0)
+        base = torch.where(mode == MODE_CODES["generated"], prompt, torch.zeros_like(prompt))
+        parity = torch.div(pos - base, every, rounding_mode="floor") % 2
+        key = torch.where(keep, 2 * owner + parity, 2 * trash + parity)
+        newest = torch.full_like(self.ring_position, -1)
+        newest.index_reduce_(0, key, torch.where(keep, pos, torch.full_like(pos, -1)), "amax")
+        winner = keep & (pos == newest[key])
+        content = (pos != 0) & ~self.special[self.tokens[:n].clamp(0, len(self.special) - 1)]
+        # Ring entries a newer token replaces join the sums now (never for `last` slots,
+        # whose only token is the final one).
+        slot_ids = torch.arange(trash + 1, device=pos.device).repeat_interleave(2)
+        evict = (newest >= 0) & self.ring_valid & (self.mode[slot_ids] != MODE_CODES["last"])
+        evict[2 * trash :] = False
+        ring_q = dict(self.ring)
+        ring_q["x"] = ring_q["x"].double()
+        self._add(torch.where(evict, slot_ids, trash), self.ring_content, ring_q)
+        committed = keep & ~winner & (mode != MODE_CODES["last"])
+        for start in range(0, n, self.block_tokens):
+            stop = min(n, start + self.block_tokens)
+            x = torch.cat([self.embedding[start:stop, None], buffer[start:stop]], dim=1).double()
+            q = token_quantities(x, self.boundary)
+            rows = slice(start, stop)
+            self._add(torch.where(committed[rows], owner[rows], trash), content[rows], q)
+            target = torch.where(winner[rows], key[rows], 2 * trash)
+            for name in RING_FIELDS:
+                value = q[name] if name != "x" else q[name].float()
+                self.ring[name].index_copy_(0, target, value.to(self.ring[name].dtype))
+            self.ring_position.index_copy_(0, target, pos[rows])
+            self.ring_content.index_copy_(0, target, content[rows])
+            self.ring_valid.index_copy_(0, target, winner[rows])
+
+    def _add(self, owner: torch.Tensor, content: torch.Tensor, q: dict) -> None:
+        self.sums["all"].add(owner, q)
+        self.sums["content"].add(torch.where(content, owner, self.slots), q)
+
+
+# ------------------------------------------------------------------ host side
+
+_NAMES = ("count", *PAIR_SUMS, "angle_sum", *SITE_SUMS, "x_sum", "x_sq_sum", "absmax",
+          "massive_count", "massive_tokens")  # fmt: skip
+
+
+def _population_host(sums: PopulationSums, slot: int) -> dict[str, np.ndarray]:
+    values = [t[slot].cpu().numpy() for t in sums.tensors()]
+    return dict(zip(_NAMES, values, strict=True))
+
+
+def _entry_host(state: SummaryState, index: int) -> dict[str, np.ndarray]:
+    """One ring entry (one token) as population sums of count 1."""
+    q = {name: state.ring[name][index].cpu().numpy() for name in RING_FIELDS}
+    x = q["x"].astype(np.float64)
+    return {
+        "count": np.int64(1), "cos_sum": q["cos"], "cos_sq_sum": q["cos"] * q["cos"],
+        "ratio_sum": q["ratio"], "angle_sum": q["angle"], "norm_sum": q["norms"],
+        "norm_sq_sum": q["sq"], "kurtosis_sum": q["kurtosis"], "hoyer_sum": q["hoyer"],
+        "x_sum": x, "x_sq_sum": x * x, "absmax": q["mag"],
+        "massive_count": q["flags"].astype(np.int32),
+        "massive_tokens": q["flags"].any(1).astype(np.int64),
+    }  # fmt: skip
+
+
+def _plus(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.maximum(a[k], b[k]) if k == "absmax" else a[k] + b[k] for k in a}
+
+
+def _empty_like(template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.zeros_like(v) for k, v in template.items()}
+
+
+def read_slot(state: SummaryState, slot: int, last_position: int) -> dict[str, dict]:
+    """A finished request's sums per population (`all`, `content`, `last`) over its kept
+    positions up to `last_position` (P+G-2): the device sums plus the ring's valid entries
+    (a ring entry past `last_position` is async scheduling's extra forward: dropped)."""
+    out = {p: _population_host(state.sums[p], slot) for p in SUMMED}
+    last_mode = int(state.mode[slot]) == MODE_CODES["last"]
+    entries = []
+    for index in (2 * slot, 2 * slot + 1):
+        position = int(state.ring_position[index])
+        valid = bool(state.ring_valid[index]) and 0 <= position <= last_position
+        if valid and (not last_mode or position == last_position):
+            entries.append((position, index, bool(state.ring_content[index])))
+    entries.sort()
+    for _, index, content in entries:
+        entry = _entry_host(state, index)
+        out["all"] = _plus(out["all"], entry)
+        if content:
+            out["content"] = _plus(out["content"], entry)
+    out["last"] = _entry_host(state, entries[-1][1]) if entries else _empty_like(out["all"])
+    return out
+
+
+def select_sites(
+    result: dict[str, dict], sites: list[int], boundaries: list[int]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Restrict sums over all S sites to `sites` (and the boundary angles to `boundaries`,
+    indices among all B boundaries); the update ratio becomes that of consecutive kept sites."""
+    s = np.asarray(sites, dtype=np.int64)
+    b = np.asarray(boundaries, dtype=np.int64)
+    out = {}
+    for population, sums in result.items():
+        picked = {
+            "count": np.asarray(sums["count"], dtype=np.int64),
+            "cos_sum": sums["cos_sum"][np.ix_(s, s)],
+            "cos_sq_sum": sums["cos_sq_sum"][np.ix_(s, s)],
+            "angle_sum": sums["angle_sum"][np.ix_(b, b)],
+            "update_ratio_sum": sums["ratio_sum"][s[:-1], s[1:]],
+        }
+        for name in (*SITE_SUMS, "x_sum", "x_sq_sum", "absmax", "massive_count"):
+            picked[name] = sums[name][s]
+        picked["massive_tokens"] = sums["massive_tokens"][s]
+        out[population] = picked
+    return out
