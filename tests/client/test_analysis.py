@@ -188,13 +188,18 @@ def _brute(shards: Path, emb: np.ndarray, population: str) -> dict:
 
 
 def _accumulate(
-    paths: list[Path], model_dir: Path, block_bytes: int = 1 << 26, compute_dtype=np.float32
+    paths: list[Path],
+    model_dir: Path,
+    block_bytes: int = 1 << 26,
+    compute_dtype=np.float32,
+    warm_tokens: int = 64,
 ):
     acc = AnalysisAccumulator(
         embed=EmbeddingTable(model_dir),
         special_ids=frozenset(SPECIAL),
         block_bytes=block_bytes,
         compute_dtype=compute_dtype,
+        warm_tokens=warm_tokens,
     )
     acc.add_shards(paths)
     return acc
@@ -236,15 +241,20 @@ SPLIT_TOLERANCES = {
 }
 
 
+@pytest.mark.parametrize("warm_tokens", [64, 3])  # block shifts only / the running mean
 @pytest.mark.parametrize("compute_dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("population", ["all", "content", "last"])
 def test_metrics_match_brute_force(
-    shards: Path, model_dir: Path, population: str, compute_dtype: type
+    shards: Path, model_dir: Path, population: str, compute_dtype: type, warm_tokens: int
 ) -> None:
     tol = TOLERANCES[compute_dtype]
     acc = _accumulate(
-        sorted(shards.glob("*.h5")), model_dir, block_bytes=1, compute_dtype=compute_dtype
-    )  # 1 token blocks
+        sorted(shards.glob("*.h5")),
+        model_dir,
+        block_bytes=1,  # 1 token blocks
+        compute_dtype=compute_dtype,
+        warm_tokens=warm_tokens,
+    )
     stats: ResidualStats = acc.populations[population]
     ref = _brute(shards, _embedding(model_dir), population)
     assert stats.count == ref["x"].shape[1]

@@ -127,18 +127,40 @@ def boundary_angles(
     return angle
 
 
-def update_norms(x: np.ndarray) -> np.ndarray:
-    """|x_{s+1} - x_s| between consecutive sites: [T, S, H] -> [T, S-1] float64."""
+def _scratch(x: np.ndarray, scratch: np.ndarray | None) -> np.ndarray:
+    if scratch is None:
+        return np.empty_like(x)
+    if scratch.shape != x.shape or scratch.dtype != x.dtype:
+        raise ValueError(
+            f"scratch must be {x.shape} {x.dtype}, got {scratch.shape} {scratch.dtype}"
+        )
+    return scratch
+
+
+def channel_sums(x: np.ndarray) -> np.ndarray:
+    """sum over H per token and site: [T, S, H] -> [T, S] (a BLAS matrix-vector product)."""
+    return (x @ np.ones(x.shape[2], dtype=x.dtype)).astype(np.float64)
+
+
+def update_norms(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """|x_{s+1} - x_s| between consecutive sites: [T, S, H] -> [T, S-1] float64.
+
+    `scratch`, a buffer like x, is overwritten (saves an allocation per block).
+    """
     if x.shape[1] < 2:
         return np.zeros((x.shape[0], 0))
-    diff = np.subtract(x[:, 1:], x[:, :-1])
+    diff = np.subtract(x[:, 1:], x[:, :-1], out=_scratch(x, scratch)[:, 1:])
     return np.sqrt(np.vecdot(diff, diff).astype(np.float64))
 
 
-def excess_kurtosis(x: np.ndarray) -> np.ndarray:
-    """Excess kurtosis across channels per token and site: m4 / m2^2 - 3 (0 where m2 = 0)."""
+def excess_kurtosis(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Excess kurtosis across channels per token and site: m4 / m2^2 - 3 (0 where m2 = 0).
+
+    `scratch`, a buffer like x, is overwritten (saves an allocation per block).
+    """
     hidden = x.shape[2]
-    centred = x - x.mean(2, keepdims=True)
+    mean = (channel_sums(x) / hidden).astype(x.dtype)
+    centred = np.subtract(x, mean[..., None], out=_scratch(x, scratch))
     m2 = np.vecdot(centred, centred).astype(np.float64) / hidden
     np.multiply(centred, centred, out=centred)
     m4 = np.vecdot(centred, centred).astype(np.float64) / hidden

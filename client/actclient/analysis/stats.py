@@ -32,7 +32,7 @@ CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 EMBEDDING = "embedding"
 DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
 COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever this is
-REBASE_TOKENS = 64  # until then, the channel moments' shift follows the running mean
+REBASE_TOKENS = 64  # tokens after which blocks take the running mean as the moments' shift
 TOP_EVENTS = 8  # largest massive activations kept per site
 
 
@@ -150,11 +150,15 @@ class TokenBlock:
         boundary_sites: list[int],
         rule: MassiveRule,
         masks: dict[str, np.ndarray],
+        shift: np.ndarray | None = None,
+        scratch: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.positions, self.tokens, self.shard = positions, tokens, shard
         t, num_sites, hidden = x.shape
         self.masks = masks
-        self.mag = np.abs(x)
+        # two buffers like x (|x| and temporaries), reused across blocks when given
+        mag_buf, temp = scratch if scratch is not None else (np.empty_like(x), np.empty_like(x))
+        self.mag = np.abs(x, out=mag_buf)
         peak = np.maximum.reduce(self.mag, axis=2)
         self.sq = formulas.squared_norms(x)
         self.norms = np.sqrt(self.sq)
@@ -163,11 +167,11 @@ class TokenBlock:
         del gram
         self.angle = formulas.boundary_angles(x, self.gram, rest, boundary_sites)
         safe = np.where(self.norms > 0, self.norms, 1.0)
-        self.update_ratio = formulas.update_norms(x) / safe[:, :-1]
-        self.kurtosis = formulas.excess_kurtosis(x)
-        abs_sum = np.add.reduce(self.mag, axis=2, dtype=np.float64)
+        self.update_ratio = formulas.update_norms(x, temp) / safe[:, :-1]
+        self.kurtosis = formulas.excess_kurtosis(x, temp)
+        abs_sum = formulas.channel_sums(self.mag)
         self.hoyer = formulas.hoyer_sparsity(abs_sum, self.norms, hidden)
-        self._moments(x, masks)
+        self._moments(x, masks, shift, temp)
         self._peaks(masks)
         rows_t, rows_s = np.nonzero(peak > rule.threshold)
         if len(rows_t):
@@ -177,17 +181,28 @@ class TokenBlock:
         else:
             self.massive = None
 
-    def _moments(self, x: np.ndarray, masks: dict[str, np.ndarray]) -> None:
-        # Deviations from the block's own content mean (rounded to x's dtype), so the float32
-        # squares keep their precision in channels whose mean is far from zero. Content and
-        # other tokens partition the block; "all" is their sum (the shift is shared).
+    def _moments(
+        self,
+        x: np.ndarray,
+        masks: dict[str, np.ndarray],
+        shift: np.ndarray | None,
+        temp: np.ndarray,
+    ) -> None:
+        # Deviations from a shift near the channel means (the accumulator's, once it has seen
+        # enough tokens; else the block's own content mean), rounded to x's dtype, so the
+        # float32 squares keep their precision in channels whose mean is far from zero.
+        # Content and other tokens partition the block; "all" is their sum.
         content = masks["content"]
-        runs = _runs(content) or [(0, len(content))]
-        n = sum(b - a for a, b in runs)
-        total = sum(np.add.reduce(x[a:b], axis=0, dtype=np.float64) for a, b in runs)
-        shift = (total / n).astype(x.dtype)
-        self.shift = shift.astype(np.float64)
-        d = np.subtract(x, shift)
+        if shift is None:
+            runs = _runs(content) or [(0, len(content))]
+            n = sum(b - a for a, b in runs)
+            total = sum(np.add.reduce(x[a:b], axis=0) for a, b in runs)
+            shift = (total / n).astype(x.dtype).astype(np.float64)
+        self.shift = shift
+        d = temp
+        shift_x = shift.astype(x.dtype)
+        for t in range(len(x)):  # row by row: a broadcast over tokens is slower
+            np.subtract(x[t], shift_x, out=d[t])
         sums = {
             "content": _deviation_sums(d, _runs(content), np.nonzero(content)[0]),
             "last": _deviation_sums(d, [], np.nonzero(masks["last"])[0]),
@@ -207,13 +222,15 @@ class TokenBlock:
             "last": _column_peak(self.mag, [], np.nonzero(masks["last"])[0]),
         }
 
-    def locate(self, mask: np.ndarray, flat: np.ndarray) -> np.ndarray:
-        """Block row of the first largest |x| among `mask` rows, per flat (site, channel)."""
-        table = self.mag.reshape(self.mag.shape[0], -1)
+    def locate(self, mask: np.ndarray, flat: np.ndarray, peak: np.ndarray) -> np.ndarray:
+        """Block row of the first `peak` value of |x| among `mask` rows, per flat (site,
+        channel): the largest row code (T - row where |x| equals the peak), so only
+        elementwise passes and a reduction, never numpy's slow argmax across rows."""
+        t = self.mag.shape[0]
+        table = self.mag.reshape(t, -1)
         column = table if len(flat) == table.shape[1] else np.take(table, flat, axis=1)
-        if not mask.all():
-            column = np.where(mask[:, None], column, -1.0)
-        return column.argmax(0)
+        code = np.arange(t, 0, -1, dtype=np.int32)[:, None] * (mask[:, None] & (column == peak))
+        return t - np.maximum.reduce(code, axis=0)
 
 
 @dataclass
@@ -281,20 +298,21 @@ class ResidualStats:
         elif block.shift is not self.channel_shift:
             # the same sums about this accumulator's shift (exact algebra, in float64)
             offset = block.shift - self.channel_shift
-            dev_sq = dev_sq + 2.0 * offset * dev_sum + t * offset * offset
+            dev_sq = dev_sq + (2.0 * dev_sum + t * offset) * offset
             dev_sum = dev_sum + t * offset
         self.channel_dev_sum += dev_sum
         self.channel_dev_sq += dev_sq
         self.count += t
         peak = block.peaks[population].ravel()
-        current = self.absmax.ravel()
-        flat = np.nonzero(
-            (peak > current) | ((peak == current) & (self.absmax_position.ravel() >= 0))
-        )[0]
+        flat = np.flatnonzero(peak >= self.absmax.ravel())  # better or tied: _update_absmax
+        if 4 * len(flat) > len(peak):
+            flat = np.arange(len(peak))  # most channels: whole arrays beat fancy indexing
         if len(flat):
-            row = block.locate(mask, flat)
-            value = peak[flat].astype(np.float64)
-            self._update_absmax(flat, value, block.positions[row], block.tokens[row])
+            value = peak[flat]
+            row = block.locate(mask, flat, value)
+            self._update_absmax(
+                flat, value.astype(np.float64), block.positions[row], block.tokens[row]
+            )
         if block.massive is not None:
             rows_t, rows_s, flagged, values = block.massive
             keep = mask[rows_t]
@@ -316,13 +334,22 @@ class ResidualStats:
         absmax, pos, tok = (
             a.reshape(-1) for a in (self.absmax, self.absmax_position, self.absmax_token)
         )
-        cur, cur_pos, cur_tok = absmax[flat], pos[flat], tok[flat]
+        everything = len(flat) == len(absmax)  # then plain slices, not fancy indexing
+        if everything:
+            cur, cur_pos, cur_tok = absmax, pos, tok
+        else:
+            cur, cur_pos, cur_tok = absmax[flat], pos[flat], tok[flat]
         tie = (
             (peak == cur)
             & (cur_pos >= 0)
             & ((position < cur_pos) | ((position == cur_pos) & (token < cur_tok)))
         )
         better = (peak > cur) | tie
+        if everything:
+            np.copyto(absmax, peak, where=better)
+            np.copyto(pos, position, where=better)
+            np.copyto(tok, token, where=better)
+            return
         idx = flat[better]
         absmax[idx], pos[idx], tok[idx] = peak[better], position[better], token[better]
 
@@ -569,7 +596,8 @@ class AnalysisAccumulator:
 
     `embed(token_ids) -> float32 [T, H]` rebuilds layer 0's input (None: no embedding site).
     Content tokens exclude position 0 and `special_ids`; `last` is each shard's last position.
-    `compute_dtype` is the per-token arithmetic type (float32; float64 for audits). A preset
+    `compute_dtype` is the per-token arithmetic type (float32; float64 for audits); after
+    `warm_tokens` tokens the channel moments use the running mean as their shift. A preset
     `layout` and `hidden_size` make every shard that differs a ShardError (parallel workers
     get the layout of the first shard this way).
     """
@@ -579,6 +607,7 @@ class AnalysisAccumulator:
     rule: MassiveRule = field(default_factory=MassiveRule)
     block_bytes: int = DEFAULT_BLOCK_BYTES
     compute_dtype: type = COMPUTE_DTYPE
+    warm_tokens: int = REBASE_TOKENS
     layout: SiteLayout | None = None
     hidden_size: int = 0
     populations: dict[str, ResidualStats] = field(default_factory=dict)
@@ -636,14 +665,20 @@ class AnalysisAccumulator:
             per_token = len(layout.labels) * self.hidden_size * itemsize * 6  # x, |x|, temps
             step = max(1, self.block_bytes // per_token)
             first = next(iter(self.populations.values()))
+            shape = (min(step, len(positions)), len(layout.labels), self.hidden_size)
+            # buffers reused by every block of the shard: fresh memory costs page faults
+            work = [np.empty(shape, self.compute_dtype) for _ in range(3)]
             for start in range(0, len(positions), step):
                 stop = min(start + step, len(positions))
-                x = self._read_block(reader, start, stop, tokens[start:stop])
+                x = self._read_block(reader, start, stop, tokens[start:stop], work[0])
                 masks = {
                     "all": np.ones(stop - start, dtype=bool),
                     "content": content[start:stop],
                     "last": last[start:stop],
                 }
+                warm = first.count >= self.warm_tokens and all(
+                    p.channel_shift is first.channel_shift for p in self.populations.values()
+                )
                 block = TokenBlock(
                     x,
                     positions[start:stop],
@@ -652,11 +687,13 @@ class AnalysisAccumulator:
                     first.boundary_sites,
                     self.rule,
                     masks,
+                    first.channel_shift if warm else None,
+                    (work[1][: stop - start], work[2][: stop - start]),
                 )
                 for name, stats in self.populations.items():
                     stats.add_block(block, name)
-                del block, x
-                if first.count < REBASE_TOKENS:
+                del block
+                if first.count < self.warm_tokens:
                     self._rebase()
             self.num_shards += 1
             self.bytes_read += reader.path.stat().st_size
@@ -672,12 +709,19 @@ class AnalysisAccumulator:
             stats.rebase(shift)
 
     def _read_block(
-        self, reader: ShardReader, start: int, stop: int, tokens: np.ndarray
+        self,
+        reader: ShardReader,
+        start: int,
+        stop: int,
+        tokens: np.ndarray,
+        buffer: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Site vectors of tokens [start, stop) as [T, S, H] in the compute dtype."""
+        """Site vectors of tokens [start, stop) as [T, S, H] in the compute dtype (written
+        into the leading rows of `buffer` when given)."""
         layout = self.layout
         assert layout is not None
-        x = np.empty((stop - start, len(layout.labels), self.hidden_size), self.compute_dtype)
+        shape = (stop - start, len(layout.labels), self.hidden_size)
+        x = np.empty(shape, self.compute_dtype) if buffer is None else buffer[: stop - start]
         base = 0
         if layout.has_embedding and self.embed is not None:
             x[:, 0] = self.embed(tokens)
