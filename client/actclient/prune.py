@@ -284,7 +284,7 @@ def prune_checkpoint(
     progress: bool | None = None,
 ) -> dict:
     """Write the pruned checkpoint to `out_dir` (created; must not exist or be empty), with a
-    progress bar over the source's bytes (`progress`: None draws it only on a terminal).
+    progress bar over the source's safetensors files (`progress`: None: only on a terminal).
 
     Returns the provenance written into the config. The output is built in a temporary
     sibling directory and renamed into place, so a failed run leaves nothing half-written.
@@ -322,9 +322,7 @@ def prune_checkpoint(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.pruning-", dir=out_dir.parent))
-    bar = Progress(
-        sum(p.stat().st_size for p in files) // 2**20, desc="prune", unit="MiB", enabled=progress
-    )
+    bar = Progress(len(files), desc="prune", unit="file", enabled=progress)
     try:
         weight_map: dict[str, str] = {}
         total_size = 0
@@ -346,7 +344,7 @@ def prune_checkpoint(
             if tensors:
                 total_size += _write_safetensors(tmp / path.name, tensors, metadata)
                 weight_map.update({t.name: path.name for t in tensors})
-            bar.update(path.stat().st_size // 2**20, file=path.name)
+            bar.update(1, file=path.name)
         if (model_dir / INDEX_NAME).is_file():
             index = json.loads((model_dir / INDEX_NAME).read_text())
             index["metadata"] = {**index.get("metadata", {}), "total_size": total_size}

@@ -20,10 +20,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+# The tiny checkpoint and the fake vLLM of the prune and evaluate tests.
+from test_evaluate import _FakeVllm  # noqa: E402
+from test_prune_safetensors import model_dir  # noqa: F401, F811 (a fixture)
+
+from actclient.analysis import plots
 from actclient.analysis.embedding import ModelFilesError, load_config, resolve_model_dir
 from actclient.cli import main as actclient
+from actclient.evaluate import ReferenceText, evaluate
 from actclient.http import describe, is_retryable, request_with_retries
 from actclient.phase1.dataset import build_dataset, write_jsonl
+from actclient.prune import LayerSelection, prune_checkpoint
 from vllm_activations.process import free_loopback_port
 
 
@@ -235,10 +242,10 @@ def test_every_command_takes_o_for_out(command, capsys):
     assert "-o OUT, --out OUT" in text or "-o DIR, --out DIR" in text or "-o PATH" in text
 
 
-@pytest.mark.parametrize("command", ["record", "evaluate", "prune"])
+@pytest.mark.parametrize("command", [["record"], ["evaluate"], ["prune"], ["phase1", "generate"]])
 def test_long_commands_take_no_progress(command, capsys):
     with pytest.raises(SystemExit):
-        actclient([command, "--help"])
+        actclient([*command, "--help"])
     assert "--no-progress" in capsys.readouterr().out
 
 
@@ -257,3 +264,27 @@ def test_model_may_be_a_hub_id_in_the_local_cache(tmp_path, monkeypatch):
         resolve_model_dir("Org/missing")
     with pytest.raises(ModelFilesError, match="no such model directory"):
         resolve_model_dir(tmp_path / "nope")
+
+
+def test_missing_pictures_name_the_plots_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    assert plots.render({}, {}, tmp_path) == []
+    assert "[plots] extra" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_and_evaluate_draw_a_progress_bar_when_asked(model_dir, tmp_path, capsys):  # noqa: F811
+    prune_checkpoint(model_dir, tmp_path / "pruned", LayerSelection([1], {}), progress=True)
+    assert "prune [" in capsys.readouterr().err
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeVllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        texts = [
+            ReferenceText("a", "The bridge opened in May 1937."),
+            ReferenceText("b", "It was."),
+        ]
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        evaluate(url, texts, api_key="k", progress=True)
+    finally:
+        server.shutdown()
+    assert "evaluate [" in capsys.readouterr().err

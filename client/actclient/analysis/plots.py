@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 MISSING_MATPLOTLIB = (
-    "pictures skipped: matplotlib is not installed (pip install matplotlib, then re-run analyze)"
+    "pictures skipped: matplotlib is not installed (install the client's [plots] extra, "
+    "e.g. pip install '.[plots]' in a checkout, then re-run analyze)"
 )
 
 

@@ -57,6 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
             model=args.model,
             concurrency=args.concurrency,
             timeout=args.timeout,
+            progress=False if args.no_progress else None,
         )
     except (GenerateError, ValueError) as e:
         print(f"phase1 generate: {e}", file=sys.stderr)
@@ -121,4 +122,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds to wait for one answer (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar, even on a TTY")
     gen.set_defaults(func=_generate)

@@ -92,6 +92,7 @@ async def _run(
     concurrency: int,
     timeout: float,
     summary: GenerateSummary,
+    progress: bool | None = None,
 ) -> None:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=concurrency)
@@ -106,7 +107,7 @@ async def _run(
         model = model or await _pick_model(client, base)
         appender = JsonlAppender(out_path)
         semaphore = asyncio.Semaphore(concurrency)
-        with Progress(len(todo), desc="phase1 generate", unit="rec") as bar:
+        with Progress(len(todo), desc="phase1 generate", unit="rec", enabled=progress) as bar:
 
             async def one(record: Phase1Record) -> None:
                 async with semaphore:
@@ -136,6 +137,7 @@ def generate(
     model: str | None = None,
     concurrency: int = 4,
     timeout: float = DEFAULT_TIMEOUT_S,
+    progress: bool | None = None,
 ) -> GenerateSummary:
     """Generate a response for every record in `records_path` not yet answered in `out_path`.
 
@@ -155,7 +157,17 @@ def generate(
     summary = GenerateSummary(skipped=len(loaded.records) - len(todo))
     if todo:
         asyncio.run(
-            _run(todo, out, api_base(server_url), api_key, model, concurrency, timeout, summary)
+            _run(
+                todo,
+                out,
+                api_base(server_url),
+                api_key,
+                model,
+                concurrency,
+                timeout,
+                summary,
+                progress,
+            )
         )
     return summary
 
