@@ -216,7 +216,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        if kind == "analyze":
+        if kind == "write":
+            write_shards(Path(rest[0]), *(int(v) for v in rest[1:]))
+            result = {}
+        elif kind == "analyze":
             result = child_analyze(Path(rest[0]), Path(rest[1]), int(rest[2]))
         elif kind == "reference":
             result = child_reference(Path(rest[0]), int(rest[1]))
@@ -232,8 +235,11 @@ def main() -> None:
         pool_dir = Path(tmp) / "pool"
         pool_dir.mkdir()
         t0 = time.perf_counter()
-        write_shards(pool_dir, args.shards, args.layers, args.hidden, args.tokens)
+        # in a child, so this process stays small: children inherit a parent's peak RSS
+        shape = (args.shards, args.layers, args.hidden, args.tokens)
+        run_child("write", str(pool_dir), *(str(v) for v in shape))
         print(f"wrote {args.shards} shards in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+        load_before = os.getloadavg()
         pool = sorted(pool_dir.glob("*.h5"))
         small = _subset(pool, args.small, Path(tmp) / "small")
         full = _subset(pool, args.shards, Path(tmp) / "full")
@@ -242,6 +248,7 @@ def main() -> None:
             "analyzer": run_child("analyze", str(full), f"{tmp}/out-full", str(jobs)),
             "reference": run_child("reference", str(full), str(DEFAULT_BLOCK_BYTES)),
         }
+        load_after = os.getloadavg()
         precision = (
             None if args.no_precision else run_child("precision", str(pool[0]), args.baseline)
         )
@@ -264,7 +271,10 @@ def main() -> None:
             f"{name:<16} {count:>6} {r['mb']:>8.1f} {r['seconds']:>7.2f} {r['mb_per_s']:>7.1f} "
             f"{r['cpu_per_wall']:>8.2f} {r['rss_mb']:>7.0f} {r['worker_rss_mb']:>13.0f}"
         )
-    print(f"analyzer / reference: {ratio:.2f}x (jobs {jobs}, cores {os.cpu_count()})")
+    print(
+        f"analyzer / reference: {ratio:.2f}x (jobs {jobs}, cores {os.cpu_count()}); "
+        f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}"
+    )
     if precision is not None:
         worst = max(precision["differences"].items(), key=lambda kv: kv[1]["max_rel"])
         print(
@@ -297,6 +307,7 @@ def main() -> None:
                     "cpu_count": os.cpu_count(),
                     "platform": platform.platform(),
                 },
+                "load_average_1min": {"before": load_before[0], "after": load_after[0]},
                 "runs": runs,
                 "analyzer_over_reference": ratio,
                 "precision": precision,

@@ -24,6 +24,7 @@ import numpy as np
 
 DOMINANT_FACTOR = 64.0  # x_h^2 >= 64 |x|^2 / H: the channel is multiplied out in float64
 NEAR_ULPS = 1e4  # 1 - cos below this many eps (x's dtype) is recomputed with unit_angle
+KURTOSIS_CENTRED = 1e-2  # mean^2 / mean square across channels above which rows are centred
 _EXACT_CHUNK = 512  # site pairs per exact-angle batch (bounds its float64 temporaries)
 
 
@@ -153,17 +154,34 @@ def update_norms(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray
     return np.sqrt(np.vecdot(diff, diff).astype(np.float64))
 
 
-def excess_kurtosis(x: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+def excess_kurtosis(
+    x: np.ndarray, sq: np.ndarray | None = None, scratch: np.ndarray | None = None
+) -> np.ndarray:
     """Excess kurtosis across channels per token and site: m4 / m2^2 - 3 (0 where m2 = 0).
 
-    `scratch`, a buffer like x, is overwritten (saves an allocation per block).
+    From the power sums S1..S4 over H (S4 = x^2 . x^2, S3 = x^2 . x: BLAS dots), with
+    m2 = S2/H - mu^2 and m4 = S4/H - 4 mu S3/H + 6 mu^2 S2/H - 3 mu^4. Where the mean across
+    channels is not small (mu^2 > KURTOSIS_CENTRED * S2/H) that expansion would cancel, and
+    those rows are centred first. `sq` is S2 (`squared_norms`); `scratch`, a buffer like x,
+    is overwritten.
     """
     hidden = x.shape[2]
-    mean = (channel_sums(x) / hidden).astype(x.dtype)
-    centred = np.subtract(x, mean[..., None], out=_scratch(x, scratch))
-    m2 = np.vecdot(centred, centred).astype(np.float64) / hidden
-    np.multiply(centred, centred, out=centred)
-    m4 = np.vecdot(centred, centred).astype(np.float64) / hidden
+    s1 = channel_sums(x)
+    s2 = squared_norms(x) if sq is None else sq
+    x2 = np.multiply(x, x, out=_scratch(x, scratch))
+    s3 = np.vecdot(x2, x).astype(np.float64)
+    s4 = np.vecdot(x2, x2).astype(np.float64)
+    mu = s1 / hidden
+    mu2 = mu * mu
+    m2 = s2 / hidden - mu2
+    m4 = s4 / hidden - 4.0 * mu * s3 / hidden + 6.0 * mu2 * s2 / hidden - 3.0 * mu2 * mu2
+    t_idx, s_idx = np.nonzero(mu2 > KURTOSIS_CENTRED * s2 / hidden)
+    if len(t_idx):
+        rows = x[t_idx, s_idx].astype(np.float64)
+        centred = rows - rows.mean(1, keepdims=True)
+        centred *= centred
+        m2[t_idx, s_idx] = centred.mean(1)
+        m4[t_idx, s_idx] = (centred * centred).mean(1)
     return np.where(m2 > 0, m4 / np.where(m2 > 0, m2, 1.0) ** 2 - 3.0, 0.0)
 
 

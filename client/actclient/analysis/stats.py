@@ -115,9 +115,8 @@ def _deviation_sums(
     total = np.zeros(shape)
     total_sq = np.zeros(shape)
     for a, b in runs:
-        part = d[a:b]
-        total += np.add.reduce(part, axis=0)
-        flat = part.reshape(b - a, -1)
+        flat = d[a:b].reshape(b - a, -1)
+        total += (np.ones(b - a, dtype=d.dtype) @ flat).reshape(shape)  # BLAS, one pass
         total_sq += np.einsum("tk,tk->k", flat, flat).reshape(shape)
     return total, total_sq
 
@@ -168,7 +167,7 @@ class TokenBlock:
         self.angle = formulas.boundary_angles(x, self.gram, rest, boundary_sites)
         safe = np.where(self.norms > 0, self.norms, 1.0)
         self.update_ratio = formulas.update_norms(x, temp) / safe[:, :-1]
-        self.kurtosis = formulas.excess_kurtosis(x, temp)
+        self.kurtosis = formulas.excess_kurtosis(x, self.sq, temp)
         abs_sum = formulas.channel_sums(self.mag)
         self.hoyer = formulas.hoyer_sparsity(abs_sum, self.norms, hidden)
         self._moments(x, masks, shift, temp)
@@ -227,6 +226,9 @@ class TokenBlock:
         channel): the largest row code (T - row where |x| equals the peak), so only
         elementwise passes and a reduction, never numpy's slow argmax across rows."""
         t = self.mag.shape[0]
+        rows = np.flatnonzero(mask)
+        if len(rows) == 1:  # the last-token population: one row per shard
+            return np.full(len(flat), rows[0])
         table = self.mag.reshape(t, -1)
         column = table if len(flat) == table.shape[1] else np.take(table, flat, axis=1)
         code = np.arange(t, 0, -1, dtype=np.int32)[:, None] * (mask[:, None] & (column == peak))
@@ -656,6 +658,9 @@ class AnalysisAccumulator:
                     "analyze shards of one model and capture spec together"
                 )
             self.channels.add_shard(reader)
+            if reader.has_summary:  # summed on the device already: no token pass
+                self._add_summary(reader)
+                return
             positions = reader.positions
             tokens = np.concatenate([reader.input_tokens, reader.output_tokens])[positions]
             special = np.fromiter(self.special_ids, dtype=np.int64, count=len(self.special_ids))
@@ -697,6 +702,34 @@ class AnalysisAccumulator:
                     self._rebase()
             self.num_shards += 1
             self.bytes_read += reader.path.stat().st_size
+
+    def _add_summary(self, reader: ShardReader) -> None:
+        """Merge a summary shard's per-population sums (summary capture) into the analysis."""
+        layout = self.layout
+        assert layout is not None
+        meta = reader.attrs.get("summary") or {}
+        rule = (meta.get("massive_threshold"), meta.get("massive_ratio"))
+        if rule != (self.rule.threshold, self.rule.ratio):
+            raise ShardError(
+                f"{reader.path}: summarised with the massive-activation rule {rule}; this "
+                f"analysis uses ({self.rule.threshold}, {self.rule.ratio})"
+            )
+        special = frozenset(int(i) for i in meta.get("special_ids", ()))
+        if not self.special_ids and not self.num_shards:
+            self.special_ids = special  # its content population defines this analysis'
+        elif special != self.special_ids:
+            raise ShardError(
+                f"{reader.path}: its content population leaves out special ids "
+                f"{sorted(special)[:8]}..., this analysis {sorted(self.special_ids)[:8]}...; "
+                "analyze with --model of the served model"
+            )
+        # The summary always has the embedding site (and boundary 0); drop them without one.
+        first = 0 if layout.has_embedding else 1
+        data = reader.summary()
+        for name, stats in self.populations.items():
+            stats.merge(_summary_stats(data[name], stats, first))
+        self.num_shards += 1
+        self.bytes_read += reader.path.stat().st_size
 
     def _rebase(self) -> None:
         # Early on, move the moments' shift to the running mean (content tokens, else all), so
@@ -755,6 +788,30 @@ class AnalysisAccumulator:
     def add_shards(self, paths: Iterable[str | Path]) -> None:
         for path in paths:
             self.add_shard(path)
+
+
+def _summary_stats(sums: dict[str, np.ndarray], like: ResidualStats, first: int) -> ResidualStats:
+    """A ResidualStats holding one summary population's sums (sites from `first` on).
+
+    What a summary cannot carry stays empty: the positions and token ids of each channel's
+    max |x| and of massive activations, and the largest massive events."""
+    out = ResidualStats(like.num_sites, like.hidden_size, like.boundary_sites, like.rule)
+    count = int(sums["count"])
+    out.cos_sum = sums["cos_sum"][first:, first:].astype(np.float64)
+    out.cos_sq_sum = sums["cos_sq_sum"][first:, first:].astype(np.float64)
+    out.angle_sum = sums["angle_sum"][first:, first:].astype(np.float64)
+    out.update_ratio_sum = sums["update_ratio_sum"][first:].astype(np.float64)
+    for name in ("norm_sum", "norm_sq_sum", "kurtosis_sum", "hoyer_sum"):
+        setattr(out, name, sums[name][first:].astype(np.float64))
+    out.absmax = sums["absmax"][first:].astype(np.float64)
+    out.massive_count = sums["massive_count"][first:].astype(np.int64)
+    out.massive_tokens = sums["massive_tokens"][first:].astype(np.int64)
+    out.count = count
+    if count:
+        mean = sums["x_sum"][first:] / count
+        m2 = np.maximum(sums["x_sq_sum"][first:] - count * mean * mean, 0.0)
+        out.set_moments(mean, m2)
+    return out
 
 
 def layout_of(reader: ShardReader, has_embedding: bool) -> SiteLayout:
