@@ -34,7 +34,9 @@ from vllm.utils.torch_utils import direct_register_custom_op
 from vllm_activations.plugin import (
     CHANNEL_STATS_SLOTS_ENV,
     DEFAULT_CHANNEL_STATS_SLOTS,
+    DEFAULT_SUMMARY_SLOTS,
     PLUGIN_CONFIG_KEY,
+    SUMMARY_SLOTS_ENV,
 )
 from vllm_activations.residual_copy import (
     accumulate_channels,
@@ -43,6 +45,7 @@ from vllm_activations.residual_copy import (
     record_rows,
 )
 from vllm_activations.spec import CHANNEL_KINDS
+from vllm_activations.summary import SummaryState
 
 _LIB = Library("vllm_activations", "FRAGMENT")
 logger = logging.getLogger("vllm_activations.capture")
@@ -109,6 +112,65 @@ direct_register_custom_op(
 )
 
 
+def _summary_running() -> SummaryState | None:
+    summary = _STATE.summary if _STATE is not None else None
+    if summary is None or summary.block_owner is None:
+        return None  # profiling and warm-up runs before the KV cache exists
+    if not summary.active and not _graph_capturing():
+        return None
+    return summary
+
+
+def _record_embedding_op(hidden_states: torch.Tensor, embedding: torch.Tensor) -> None:
+    # Layer 0's input is the embedding output: the summary's first site.
+    if _summary_running() is not None:
+        embedding[: hidden_states.shape[0]].copy_(hidden_states)
+
+
+def _record_tokens_op(input_ids: torch.Tensor, tokens: torch.Tensor) -> None:
+    # Token ids decide the `content` population (special tokens are not content).
+    if _summary_running() is not None:
+        tokens[: input_ids.shape[0]].copy_(input_ids)
+
+
+def _summarize_op(
+    buffer: torch.Tensor, row_positions: torch.Tensor, row_slots: torch.Tensor, marker: torch.Tensor
+) -> None:
+    # After the last layer's copy: every site of every row is in the buffer. `marker` (a
+    # tensor the op mutates) keeps the compiler from dropping an op without outputs.
+    summary = _summary_running()
+    if summary is not None:
+        n = row_positions.shape[0]
+        summary.accumulate(buffer[:n], row_positions, row_slots)
+
+
+def _no_output(*args) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="record_embedding",
+    op_func=_record_embedding_op,
+    mutates_args=["embedding"],
+    fake_impl=_no_output,
+    target_lib=_LIB,
+)
+direct_register_custom_op(
+    op_name="record_tokens",
+    op_func=_record_tokens_op,
+    mutates_args=["tokens"],
+    fake_impl=_no_output,
+    target_lib=_LIB,
+)
+direct_register_custom_op(
+    op_name="summarize",
+    op_func=_summarize_op,
+    mutates_args=["marker"],
+    fake_impl=_no_output,
+    target_lib=_LIB,
+)
+
+
 @dataclass
 class ChannelStatsState:
     """Per-request channel statistics on the device: slot s < `slots` belongs to one running
@@ -155,16 +217,14 @@ class ChannelStatsState:
         self.counts[slot] -= 1
 
 
-def channel_stats_slots(vllm_config=None) -> int:  # noqa: ANN001 - vllm's VllmConfig
-    """Statistics slots: the launcher's `additional_config` (part of vLLM's compile-cache
-    key, since the slots shape the compiled graph), else the environment, else the default."""
+def _slot_setting(vllm_config, key: str, env: str, default: int) -> int:  # noqa: ANN001
+    """A slot count: the launcher's `additional_config` (part of vLLM's compile-cache key,
+    since the slots shape the compiled graph), else the environment, else the default."""
     settings = plugin_settings(vllm_config)
-    if "channel_stats_slots" in settings:
-        value = settings["channel_stats_slots"]
-        source = "additional_config.vllm_activations.channel_stats_slots"
+    if key in settings:
+        value, source = settings[key], f"additional_config.{PLUGIN_CONFIG_KEY}.{key}"
     else:
-        value = os.environ.get(CHANNEL_STATS_SLOTS_ENV, str(DEFAULT_CHANNEL_STATS_SLOTS))
-        source = CHANNEL_STATS_SLOTS_ENV
+        value, source = os.environ.get(env, str(default)), env
     try:
         slots = int(value)
     except (TypeError, ValueError):
@@ -172,6 +232,18 @@ def channel_stats_slots(vllm_config=None) -> int:  # noqa: ANN001 - vllm's VllmC
     if slots < 0:
         raise ValueError(f"{source}={value!r}: expected an integer >= 0")
     return slots
+
+
+def channel_stats_slots(vllm_config=None) -> int:  # noqa: ANN001 - vllm's VllmConfig
+    """Requests that may record channel statistics at once."""
+    return _slot_setting(
+        vllm_config, "channel_stats_slots", CHANNEL_STATS_SLOTS_ENV, DEFAULT_CHANNEL_STATS_SLOTS
+    )
+
+
+def summary_slots(vllm_config=None) -> int:  # noqa: ANN001 - vllm's VllmConfig
+    """Requests that may accumulate summaries at once."""
+    return _slot_setting(vllm_config, "summary_slots", SUMMARY_SLOTS_ENV, DEFAULT_SUMMARY_SLOTS)
 
 
 def plugin_settings(vllm_config) -> dict:  # noqa: ANN001 - vllm's VllmConfig
@@ -237,6 +309,7 @@ class CaptureState:
     device_staging: torch.Tensor | None = None
     host_staging: torch.Tensor | None = None
     channel_stats: ChannelStatsState | None = None
+    summary: SummaryState | None = None
     # Per layer: whether a request scheduled this step captures it (set by the connector).
     wanted: list[bool] = field(default_factory=list)
 
@@ -259,6 +332,11 @@ class CaptureState:
                 for t in group.values()
             )
             text += f"; channel statistics {stats.slots} slots = {nbytes / 2**30:.2f} GiB"
+        if self.summary is not None:
+            text += (
+                f"; summaries {self.summary.slots} slots = "
+                f"{self.summary.nbytes() / 2**30:.2f} GiB"
+            )
         return text
 
     def want_layers(self, layers) -> None:  # noqa: ANN001 - any iterable of ints
@@ -292,12 +370,21 @@ class CapturingDecoderLayer(nn.Module):
             torch.ops.vllm_activations.record_rows(
                 positions, self.capture_row_positions, self.capture_row_slots
             )
+            if self.summary_embedding is not None:
+                torch.ops.vllm_activations.record_embedding(hidden_states, self.summary_embedding)
         hidden_states, residual = super().forward(
             positions, hidden_states, residual, *args, **kwargs
         )
         torch.ops.vllm_activations.capture_residuals(
             hidden_states, residual, self.capture_buffer, self.capture_slot
         )
+        if self.summary_marker is not None:  # the last layer
+            torch.ops.vllm_activations.summarize(
+                self.capture_buffer,
+                self.capture_row_positions[: hidden_states.shape[0]],
+                self.capture_row_slots,
+                self.summary_marker,
+            )
         return hidden_states, residual
 
 
@@ -446,6 +533,25 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
     slots = channel_stats_slots(vllm_config)
     if slots:
         state.channel_stats = _install_channel_stats(layers, num_layers, slots, state.buffer.device)
+    slots = summary_slots(vllm_config)
+    if slots:
+        from vllm_activations.tokens import special_token_ids_of
+
+        state.summary = SummaryState.allocate(
+            slots, num_layers, hf_config.hidden_size, rows, vllm_config.model_config.dtype,
+            vocab_size=hf_config.vocab_size,
+            special_ids=sorted(special_token_ids_of(vllm_config.model_config.tokenizer)),
+            device=state.buffer.device,
+        )  # fmt: skip
+    summary = state.summary
+    for index, layer in enumerate(layers):
+        last = index == num_layers - 1
+        embedding = summary.embedding if summary is not None and index == 0 else None
+        marker = summary.sums["all"].count if summary is not None and last else None
+        layer.register_buffer("summary_embedding", embedding, persistent=False)
+        layer.register_buffer("summary_marker", marker, persistent=False)
+    tokens = summary.tokens if summary is not None else None
+    model.register_buffer("summary_tokens", tokens, persistent=False)
     set_capture_state(state)
     logger.info("vllm-activations: %s", state.describe())
     return state

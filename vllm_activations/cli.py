@@ -33,7 +33,9 @@ from vllm_activations.plugin import (
     CONNECTOR_MODULE,
     CONNECTOR_NAME,
     DEFAULT_CHANNEL_STATS_SLOTS,
+    DEFAULT_SUMMARY_SLOTS,
     PLUGIN_CONFIG_KEY,
+    SUMMARY_SLOTS_ENV,
 )
 from vllm_activations.process import free_loopback_port
 
@@ -141,15 +143,24 @@ def vllm_environment(args: argparse.Namespace) -> dict[str, str]:
     env = {V2_RUNNER_ENV: "1" if args.model_runner_v2 else "0"}
     if args.channel_stats_slots is not None:
         env[CHANNEL_STATS_SLOTS_ENV] = str(args.channel_stats_slots)
+    if args.summary_slots is not None:
+        env[SUMMARY_SLOTS_ENV] = str(args.summary_slots)
     return env
 
 
 def plugin_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Settings that shape the compiled graph, for vLLM's hashed `additional_config`."""
-    slots = args.channel_stats_slots
-    if slots is None:
-        slots = int(os.environ.get(CHANNEL_STATS_SLOTS_ENV, DEFAULT_CHANNEL_STATS_SLOTS))
-    return {"channel_stats_slots": slots, "version": __version__}
+
+    def slots(value: int | None, env: str, default: int) -> int:
+        return value if value is not None else int(os.environ.get(env, default))
+
+    return {
+        "channel_stats_slots": slots(
+            args.channel_stats_slots, CHANNEL_STATS_SLOTS_ENV, DEFAULT_CHANNEL_STATS_SLOTS
+        ),
+        "summary_slots": slots(args.summary_slots, SUMMARY_SLOTS_ENV, DEFAULT_SUMMARY_SLOTS),
+        "version": __version__,
+    }
 
 
 def launch_arguments(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -307,8 +318,12 @@ def _configuration_lines(args: argparse.Namespace, cmd: list[str]) -> list[str]:
 
 
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
-    if args.channel_stats_slots is not None and args.channel_stats_slots < 0:
-        raise SystemExit("vllm-activations: --channel-stats-slots must be >= 0")
+    for flag, value in (
+        ("--channel-stats-slots", args.channel_stats_slots),
+        ("--summary-slots", args.summary_slots),
+    ):
+        if value is not None and value < 0:
+            raise SystemExit(f"vllm-activations: {flag} must be >= 0")
     shard_dir = Path(args.shard_dir).resolve()
     vllm_port = args.vllm_port or free_loopback_port()
     cmd = vllm_serve_command(
@@ -463,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may record channel statistics at once (float32 sums of the "
         "down_proj and o_proj inputs per layer on the device; default "
         f"${CHANNEL_STATS_SLOTS_ENV} or {DEFAULT_CHANNEL_STATS_SLOTS}; 0 turns them off)",
+    )
+    serve.add_argument(
+        "--summary-slots",
+        type=int,
+        default=None,
+        help="requests that may accumulate summaries at once (`summary: true`: the layer "
+        "analysis' token sums on the device, per request; default "
+        f"${SUMMARY_SLOTS_ENV} or {DEFAULT_SUMMARY_SLOTS}; 0 turns them off)",
     )
     serve.add_argument("--shard-dir", default="shards", help="where shards are written")
     serve.add_argument("--revision", default=None)

@@ -98,6 +98,7 @@ class NewCapture:
     prompt_token_ids: list[int]
     sampling_params: dict[str, Any]
     stats_slot: int | None = None
+    summary_slot: int | None = None
 
 
 @dataclass
@@ -132,6 +133,7 @@ class _SchedulerRequest:
     block_ids: list[int] = field(default_factory=list)
     announced: bool = False
     stats_slot: int | None = None
+    summary_slot: int | None = None
 
 
 class _RowStore:
@@ -224,8 +226,45 @@ class _WorkerRequest:
     spec: CaptureSpec
     store: _RowStore | None = None
     channel_stats: dict[str, np.ndarray] | None = None
+    summary: dict[str, dict[str, np.ndarray]] | None = None
     # Set when the rows or statistics cannot be trusted; the writer reports it.
     error: str | None = None
+
+
+class _SlotPool:
+    """Device slots of one kind (channel statistics, summaries) handed to running requests."""
+
+    def __init__(self, field_name: str, flag: str, count: int) -> None:
+        self.field_name, self.flag, self.count = field_name, flag, count
+        self._free = list(range(count))[::-1]
+
+    def take(self) -> int:
+        if not self.count:
+            raise CaptureSpecError(
+                self.field_name,
+                f"this server keeps no {self.field_name} slots (started with {self.flag} 0)",
+            )
+        if not self._free:
+            raise CaptureSpecError(
+                self.field_name,
+                f"all {self.count} {self.field_name} slots are in use by running requests "
+                f"(the server's {self.flag}); retry when one finishes",
+            )
+        return self._free.pop()
+
+    def free(self, slot: int | None) -> None:
+        if slot is not None:
+            self._free.append(slot)
+
+
+@dataclass
+class _SummarySlot:
+    """A running request's summary slot (on the writing rank)."""
+
+    slot: int
+    sites: list[int]
+    boundaries: list[int]
+    num_prompt: int
 
 
 @dataclass
@@ -257,13 +296,15 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         self.num_layers = hf_config.num_hidden_layers
         self.model_attrs = _model_attrs(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
-            from vllm_activations.capture import channel_stats_slots
+            from vllm_activations.capture import channel_stats_slots, summary_slots
 
             self._requests: dict[str, _SchedulerRequest] = {}
             self._errors: dict[str, str] = {}
             self._finished: dict[str, FinishedCapture] = {}
-            self._num_stat_slots = channel_stats_slots(vllm_config)
-            self._free_stat_slots = list(range(self._num_stat_slots))[::-1]
+            self._stat_pool = _SlotPool(
+                "channel_stats", "--channel-stats-slots", channel_stats_slots(vllm_config)
+            )
+            self._summary_pool = _SlotPool("summary", "--summary-slots", summary_slots(vllm_config))
             self._resumed: set[str] = set()
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -276,10 +317,15 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             self._capture = capture_state()
             self._stats = self._capture.channel_stats
             self._stat_slots: dict[str, _StatSlot] = {}
+            self._summary = self._capture.summary
+            self._summary_slots: dict[str, _SummarySlot] = {}
             # Unpadded batch size of this step, when the runner says (Model Runner V2).
             self._num_tokens: int | None = None
             if self._stats is not None:
                 self._stats.bind_blocks(kv_cache_config.num_blocks, self.block_size)
+            if self._summary is not None:
+                self._summary.bind_blocks(kv_cache_config.num_blocks, self.block_size)
+                self._writer.special_ids = list(self._summary.special_ids)
 
     # ---------------------------------------------------------------- scheduler side
 
@@ -298,29 +344,25 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
                 r.capture_id == capture_id for r in self._requests.values()
             ):
                 raise CaptureSpecError("capture_id", f"{capture_id!r} is already in use")
-            stats_slot = self._take_stat_slot() if spec.channel_stats else None
+            if not (spec.tensors or spec.summary or spec.channel_stats or spec.teacher_logprobs):
+                raise CaptureSpecError(
+                    "tensors",
+                    "false keeps nothing; also ask for summary, channel_stats or teacher_logprobs",
+                )
+            summary_slot = self._summary_pool.take() if spec.summary else None
+            try:
+                stats_slot = self._stat_pool.take() if spec.channel_stats else None
+            except CaptureSpecError:
+                self._summary_pool.free(summary_slot)
+                raise
         except CaptureSpecError as exc:
             self._errors[request.request_id] = str(exc)
             return
         if spec.skips_prefix_cache:
             request.skip_reading_prefix_cache = True
         self._requests[request.request_id] = _SchedulerRequest(
-            capture_id, spec, layers, stats_slot=stats_slot
+            capture_id, spec, layers, stats_slot=stats_slot, summary_slot=summary_slot
         )
-
-    def _take_stat_slot(self) -> int:
-        if not self._num_stat_slots:
-            raise CaptureSpecError(
-                "channel_stats",
-                "this server records no channel statistics (started with --channel-stats-slots 0)",
-            )
-        if not self._free_stat_slots:
-            raise CaptureSpecError(
-                "channel_stats",
-                f"all {self._num_stat_slots} statistics slots are in use by running requests "
-                "(the server's --channel-stats-slots); retry when one finishes",
-            )
-        return self._free_stat_slots.pop()
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
         return 0, False
@@ -350,6 +392,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
                     prompt_token_ids=list(new_req.prompt_token_ids or []),
                     sampling_params=_sampling_attrs(new_req.sampling_params),
                     stats_slot=state.stats_slot,
+                    summary_slot=state.summary_slot,
                 )
             meta.block_tables[new_req.req_id] = state.block_ids
         cached = scheduler_output.scheduled_cached_reqs
@@ -375,9 +418,9 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         state = self._requests.pop(req_id, None)
         if state is None:
             return False, None
-        if state.stats_slot is not None:
-            # The worker reads the slot out at the next step's bind, before anything new runs.
-            self._free_stat_slots.append(state.stats_slot)
+        # The worker reads the slots out at the next step's bind, before anything new runs.
+        self._stat_pool.free(state.stats_slot)
+        self._summary_pool.free(state.summary_slot)
         reason = request.get_finished_reason()
         self._finished[req_id] = FinishedCapture(
             output_token_ids=list(request.output_token_ids),
@@ -401,6 +444,8 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         self._capture.want_layers(self._layers_this_step(connector_metadata))
         if self._stats is not None:
             self._update_channel_stats(connector_metadata)
+        if self._summary is not None and self.is_writer:
+            self._update_summaries(connector_metadata)
 
     def _layers_this_step(self, meta: CaptureStepMetadata) -> set[int]:
         """Layers some request scheduled this step captures (none on ranks that do not write)."""
@@ -410,11 +455,59 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         for req_id in meta.block_tables:
             new = meta.new.get(req_id)
             state = self._active.get(req_id)
-            if new is not None:
-                layers.update(new.layers)
-            elif state is not None:
-                layers.update(state.new.layers)
+            new = new if new is not None else (state.new if state is not None else None)
+            if new is None:
+                continue
+            if new.summary_slot is not None:  # a summary reads every site of every layer
+                return set(range(self.num_layers))
+            layers.update(new.layers)
         return layers
+
+    def _update_summaries(self, meta: CaptureStepMetadata) -> None:
+        """Before the forward, on the writing rank: finished summaries out, new and resumed
+        slots started, then the block -> slot table of this step's scheduled requests."""
+        from vllm_activations.summary import read_slot, select_sites
+
+        summary = self._summary
+        for req_id, fin in meta.finished.items():
+            entry = self._summary_slots.pop(req_id, None)
+            if entry is None:
+                continue
+            last = entry.num_prompt + max(len(fin.output_token_ids), 1) - 2
+            result = read_slot(summary, entry.slot, last)
+            state = self._active.get(req_id)
+            if state is not None:
+                state.summary = select_sites(result, entry.sites, entry.boundaries)
+        for req_id, new in meta.new.items():
+            if new.summary_slot is None:
+                continue
+            spec = CaptureSpec.from_dict(new.spec)
+            sites = [0] + [
+                1 + 2 * layer + SITES.index(site) for layer in new.layers for site in spec.sites
+            ]
+            boundaries = [0] + (
+                [layer + 1 for layer in new.layers] if "post_mlp" in spec.sites else []
+            )
+            entry = _SummarySlot(new.summary_slot, sites, boundaries, len(new.prompt_token_ids))
+            self._summary_slots[req_id] = entry
+            summary.start_slot(entry.slot, spec.positions, spec.every, entry.num_prompt)
+        for req_id in meta.resumed:
+            entry = self._summary_slots.get(req_id)
+            if entry is not None:  # recomputed from its first token
+                spec = self._active[req_id].spec
+                summary.start_slot(entry.slot, spec.positions, spec.every, entry.num_prompt)
+        owned = [
+            (self._summary_slots[r].slot, table)
+            for r, table in meta.block_tables.items()
+            if r in self._summary_slots
+        ]
+        if not owned and not summary.active:
+            return
+        owner = np.full(summary.block_owner.shape[0], summary.slots, dtype=np.int64)
+        for slot, table in owned:
+            owner[np.asarray(table, dtype=np.int64)] = slot
+        summary.block_owner.copy_(torch.from_numpy(owner))
+        summary.active = bool(owned)
 
     def _update_channel_stats(self, meta: CaptureStepMetadata) -> None:
         """Before the forward, on every TP rank: finished slots out, new and resumed slots
@@ -534,7 +627,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         selected = []
         for req_id, (start, count) in meta.scheduled.items():
             state = self._active.get(req_id)
-            if state is None or count <= 0:
+            if state is None or count <= 0 or not state.spec.tensors:
                 continue
             table = np.asarray(meta.block_tables.get(req_id, ()), dtype=np.int64)
             inside = np.flatnonzero((row_pos >= start) & (row_pos < start + count))
@@ -642,6 +735,8 @@ class _ShardWriterThread:
         self._tokenizer_revision = vllm_config.model_config.tokenizer_revision
         self._trust_remote_code = vllm_config.model_config.trust_remote_code
         self._tokenizer = None
+        # Special token ids the summary's `content` population left out (recorded per shard).
+        self.special_ids: list[int] = []
         self._thread = threading.Thread(target=self._run, name="vllm-activations-writer")
         self._thread.daemon = True
         self._thread.start()
@@ -685,7 +780,7 @@ class _ShardWriterThread:
             return
         expected = spec.expected_positions(len(new.prompt_token_ids), len(fin.output_token_ids))
         missing = state.store.missing(expected) if state.store is not None else expected
-        if missing:
+        if missing and spec.tensors:
             _write_error(
                 shard_dir,
                 new.capture_id,
@@ -700,11 +795,23 @@ class _ShardWriterThread:
                 "channel statistics were requested but none were recorded for this request",
             )
             return
-        if state.store is not None:
+        if spec.summary and state.summary is None:
+            _write_error(shard_dir, new.capture_id, "a summary was requested but none was recorded")
+            return
+        if not spec.tensors:
+            outputs: dict[str, np.ndarray] = {}
+        elif state.store is not None:
             outputs = state.store.layer_outputs(expected)
         else:  # nothing to keep (e.g. `generated` of a request that generated one token)
             shape = (len(new.layers), 0, self._model_attrs["hidden_size"])
             outputs = {site: np.zeros(shape, _NUMPY_STORAGE[spec.dtype]) for site in spec.sites}
+        extra = dict(state.channel_stats or {})
+        extra_attrs: dict[str, dict[str, str]] = {}
+        if state.summary is not None:
+            from vllm_activations.shard import summary_datasets
+
+            datasets, extra_attrs = summary_datasets(state.summary, spec.dtype)
+            extra.update(datasets)
         attrs = dict(self._model_attrs)
         attrs.update(
             capture_id=new.capture_id,
@@ -715,6 +822,15 @@ class _ShardWriterThread:
             completion=self._decode(fin.output_token_ids),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
+        if state.summary is not None:
+            from vllm_activations.summary import MASSIVE_RATIO, MASSIVE_THRESHOLD
+
+            attrs["summary"] = {
+                "special_ids": self.special_ids,
+                "massive_threshold": MASSIVE_THRESHOLD,
+                "massive_ratio": MASSIVE_RATIO,
+                "has_embedding": True,
+            }
         final = shard_path(shard_dir, new.capture_id)
         write_shard(
             # Teacher logprobs exist only in the API response: the sidecar adds them to the
@@ -727,7 +843,8 @@ class _ShardWriterThread:
             layer_outputs=outputs,
             dtype=spec.dtype,
             attrs=attrs,
-            extra=state.channel_stats,
+            extra=extra or None,
+            extra_attrs=extra_attrs,
         )
 
 

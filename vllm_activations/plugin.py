@@ -19,6 +19,9 @@ CONNECTOR_MODULE = "vllm_activations.connector"
 # How many requests may record channel statistics at once (device slots; 0 turns them off).
 CHANNEL_STATS_SLOTS_ENV = "VLLM_ACTIVATIONS_CHANNEL_STATS_SLOTS"
 DEFAULT_CHANNEL_STATS_SLOTS = 16
+# How many requests may accumulate summaries at once (vllm_activations/summary.py).
+SUMMARY_SLOTS_ENV = "VLLM_ACTIVATIONS_SUMMARY_SLOTS"
+DEFAULT_SUMMARY_SLOTS = 8
 # The launcher's settings that shape compiled graphs go into vLLM's `additional_config` under
 # this key: vLLM hashes it into the compile-cache key, so changing them never reuses a graph
 # compiled for other shapes.

@@ -40,12 +40,16 @@ import numpy as np
 from vllm_activations.files import fsync_dir
 from vllm_activations.spec import SITES
 
-SCHEMA_VERSION = 1
+# 2: optional `summary/` group (summary capture), `layer_outputs/` may be empty (tensors off).
+SCHEMA_VERSION = 2
 SHARD_SUFFIX = ".h5"
 _STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 _JSON_START = ("{", "[", '"')
 _REQUIRED = ("input_tokens", "output_tokens", "positions", "layers")
 TEACHER_GROUP = "teacher"
+SUMMARY_GROUP = "summary"
+_COMPRESS_BYTES = 64 << 10
+SUMMARY_POPULATIONS = ("all", "content", "last")
 _STAGED_SUFFIX = ".teacher-pending"
 
 
@@ -148,6 +152,7 @@ def write_shard(
     dtype: str,
     attrs: Mapping[str, Any] | None = None,
     extra: Mapping[str, np.ndarray] | None = None,
+    extra_attrs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write a shard atomically and return its final path.
 
@@ -155,15 +160,16 @@ def write_shard(
     storage representation of `dtype` (uint16 bits for bfloat16); it may be a view whose
     layers are contiguous [T, H] blocks (written layer by layer, without a full copy).
     `attrs` values that are not HDF5 scalars or strings are stored as JSON. `extra` holds
-    further named datasets (e.g. per-channel statistics) written as given.
+    further named datasets (e.g. per-channel statistics) written as given (gzip-compressed,
+    losslessly, from 64 KiB), `extra_attrs` attributes for some of them.
     """
     path = Path(path)
     positions = np.asarray(positions, dtype=np.int32)
     layers = np.asarray(layers, dtype=np.int32)
     if dtype not in _STORAGE:
         raise ShardError(f"dtype {dtype!r} is not one of {list(_STORAGE)}")
-    if not layer_outputs:
-        raise ShardError("layer_outputs is empty")
+    if not layer_outputs and not extra:
+        raise ShardError("layer_outputs is empty and nothing else is recorded")
     for site, arr in layer_outputs.items():
         if site not in SITES:
             raise ShardError(f"unknown site {site!r}; allowed: {list(SITES)}")
@@ -197,7 +203,15 @@ def write_shard(
                         ds[index] = np.ascontiguousarray(stored[index])
                 ds.attrs["dtype"] = dtype
             for name, arr in (extra or {}).items():
-                f.create_dataset(name, data=arr)
+                arr = np.asarray(arr)
+                if arr.nbytes >= _COMPRESS_BYTES:  # lossless; statistics are mostly regular
+                    ds = f.create_dataset(
+                        name, data=arr, compression="gzip", compression_opts=1, shuffle=True
+                    )
+                else:
+                    ds = f.create_dataset(name, data=arr)
+                for key, value in (extra_attrs or {}).get(name, {}).items():
+                    ds.attrs[key] = value
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["dtype"] = dtype
             f.attrs.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -313,12 +327,20 @@ class ShardReader:
         self.output_tokens = f["output_tokens"][()].astype(np.int64)
         self.positions = f["positions"][()].astype(np.int64)
         self.layers = f["layers"][()].astype(np.int64)
-        self.sites = [s for s in SITES if s in f["layer_outputs"]]
-        for site in self.sites:
+        stored = [s for s in SITES if s in f["layer_outputs"]]
+        for site in stored:
             shape = f["layer_outputs"][site].shape
             if shape[:2] != (len(self.layers), len(self.positions)):
                 raise ShardError(f"{self.path}: layer_outputs/{site} has shape {shape}")
         self.attrs = {key: _decode_attr(value) for key, value in f.attrs.items()}
+        # Without raw tensors (`tensors: false`) the sites are the capture spec's.
+        self.has_tensors = bool(stored)
+        spec = (
+            self.attrs.get("capture_spec")
+            if isinstance(self.attrs.get("capture_spec"), dict)
+            else {}
+        )
+        self.sites = stored or [s for s in SITES if s in (spec.get("sites") or ())]
         if TEACHER_GROUP in f:
             group = f[TEACHER_GROUP]
             t = len(self.positions)
@@ -326,6 +348,25 @@ class ShardReader:
             k = shapes.get("topk_ids", (0, 0))[-1]
             if shapes != {"topk_ids": (t, k), "topk_logprobs": (t, k), "next_logprob": (t,)}:
                 raise ShardError(f"{self.path}: teacher datasets have shapes {shapes}, T={t}")
+
+    @property
+    def has_summary(self) -> bool:
+        return SUMMARY_GROUP in self._file
+
+    def summary(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per population (`all`, `content`, `last`), the token sums of summary capture over
+        this shard's sites: `embedding` then each captured layer's sites (vllm_activations/
+        summary.py says what each sum is)."""
+        if SUMMARY_GROUP not in self._file:
+            raise ShardError(f"{self.path}: no summary (captured without `summary: true`)")
+        group = self._file[SUMMARY_GROUP]
+        out = {}
+        for population in SUMMARY_POPULATIONS:
+            out[population] = {}
+            for name, ds in group[population].items():
+                stored = _decode_attr(ds.attrs.get("dtype", ""))
+                out[population][name] = from_storage(ds[()], stored) if stored else ds[()]
+        return out
 
     def teacher(self) -> TeacherData | None:
         """The teacher's top-K next-token data aligned with `positions`, if recorded."""
@@ -340,6 +381,8 @@ class ShardReader:
 
     @property
     def hidden_size(self) -> int:
+        if not self.sites:  # tensors off: the model's width from the attributes
+            return int(self.attrs["hidden_size"])
         return int(self._file["layer_outputs"][self.sites[0]].shape[2])
 
     def layer_rows(self, layers: Sequence[int] | None) -> np.ndarray:
@@ -416,3 +459,39 @@ def _decode_attr(value: Any) -> Any:
         except json.JSONDecodeError:
             return value
     return value
+
+
+def summary_datasets(
+    result: Mapping[str, Mapping[str, np.ndarray]], dtype: str
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, str]]]:
+    """`summary/{population}/{name}` datasets for write_shard's `extra`, compact: per-channel
+    moments as float32 mean and M2 (from float64 sums), max |x| and the `last` token's own
+    vector in the shard's activation dtype, site-pair sums as float32, and the rest as given.
+    The `last` population is one token: its vector `x` replaces its per-channel sums.
+    Returns (datasets, their attributes): activation-dtype datasets carry `dtype`."""
+    out: dict[str, np.ndarray] = {}
+    stored_as: dict[str, dict[str, str]] = {}
+    for population, sums in result.items():
+        prefix = f"{SUMMARY_GROUP}/{population}/"
+        count = int(sums["count"])
+        for name, value in sums.items():
+            if name in ("x_sum", "x_sq_sum", "absmax", "massive_count") and population == "last":
+                continue
+            if name in ("x_sum", "x_sq_sum"):
+                continue
+            if name in ("cos_sum", "cos_sq_sum", "angle_sum", "update_ratio_sum"):
+                value = np.asarray(value, dtype=np.float32)
+            if name == "absmax":
+                value = to_storage(np.asarray(value, dtype=np.float32), dtype)
+                stored_as[prefix + name] = {"dtype": dtype}
+            out[prefix + name] = np.asarray(value)
+        if population == "last":
+            x = np.asarray(sums["x_sum"], dtype=np.float32)  # one token: its own vector
+            out[prefix + "x"] = to_storage(x, dtype)
+            stored_as[prefix + "x"] = {"dtype": dtype}
+            continue
+        mean = sums["x_sum"] / max(count, 1)
+        m2 = np.maximum(sums["x_sq_sum"] - count * mean * mean, 0.0)
+        out[prefix + "channel_mean"] = mean.astype(np.float32)
+        out[prefix + "channel_m2"] = m2.astype(np.float32)
+    return out, stored_as

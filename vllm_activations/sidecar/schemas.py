@@ -33,9 +33,13 @@ class CaptureRequest(BaseModel):
         None,
         min_length=1,
         description="decoder layer indices (negative count from the end); null = all",
+        json_schema_extra={"uniqueItems": True},  # CaptureSpec refuses duplicates (400)
     )
     sites: list[Site] | None = Field(
-        None, min_length=1, description="residual-stream sites per layer"
+        None,
+        min_length=1,
+        description="residual-stream sites per layer",
+        json_schema_extra={"uniqueItems": True},
     )
     positions: str | None = Field(
         None,
@@ -49,6 +53,24 @@ class CaptureRequest(BaseModel):
         None,
         description="also record per-channel count/sum/sum of squares of the down_proj and "
         "o_proj inputs (width-pruning statistics) for every captured layer",
+    )
+    # Any: CaptureSpec checks it, so 0, 2.5 or "3" get one 400 that names the server's limit.
+    teacher_logprobs: Any = Field(
+        None,
+        description="K: also keep, at every captured position, the served model's top-K "
+        "next-token ids and logprobs and the logprob of the token that followed (vLLM's own "
+        "prompt_logprobs / logprobs); K from 1 to the server's --max-logprobs",
+        json_schema_extra={"type": "integer", "minimum": 1},
+    )
+    summary: StrictBool | None = Field(
+        None,
+        description="also accumulate on the device every token sum the layer analysis needs "
+        "(the shard's summary/ group: megabytes whatever the length)",
+    )
+    tensors: StrictBool | None = Field(
+        None,
+        description="store the raw layer outputs (default true); false with summary, "
+        "channel_stats or teacher_logprobs keeps only those",
     )
 
 
@@ -118,6 +140,9 @@ class ShardInfo(BaseModel):
     positions: list[int] = Field(description="absolute token positions captured")
     sites: list[Site]
     dtype: Dtype
+    teacher_logprobs: int | None = Field(
+        None, description="K of the shard's teacher/ datasets; null when not recorded"
+    )
 
 
 class Timings(BaseModel):

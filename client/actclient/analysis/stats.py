@@ -760,12 +760,17 @@ class AnalysisAccumulator:
             x[:, 0] = self.embed(tokens)
             base = 1
         stride = len(layout.sites)
+        raw = None
         for k, site in enumerate(layout.sites):
             # ShardReader reads whole layers; a token range keeps memory bounded on long shards.
             ds = reader._file["layer_outputs"][site]  # noqa: SLF001
             dtype = ds.attrs.get("dtype", "float32")
             dtype = dtype.decode() if isinstance(dtype, bytes) else str(dtype)
-            decode_into(ds[:, start:stop, :].transpose(1, 0, 2), dtype, x[:, base + k :: stride])
+            shape = (ds.shape[0], stop - start, ds.shape[2])
+            if raw is None or raw.shape != shape or raw.dtype != ds.dtype:
+                raw = np.empty(shape, ds.dtype)  # reused by the next site
+            ds.read_direct(raw, np.s_[:, start:stop, :])
+            decode_into(raw.transpose(1, 0, 2), dtype, x[:, base + k :: stride])
         return x
 
     def merge(self, other: AnalysisAccumulator) -> None:
@@ -793,8 +798,9 @@ class AnalysisAccumulator:
 def _summary_stats(sums: dict[str, np.ndarray], like: ResidualStats, first: int) -> ResidualStats:
     """A ResidualStats holding one summary population's sums (sites from `first` on).
 
-    What a summary cannot carry stays empty: the positions and token ids of each channel's
-    max |x| and of massive activations, and the largest massive events."""
+    The `last` population is one token, stored as its vector `x`. What a summary cannot
+    carry stays empty: the positions and token ids of each channel's max |x| and of massive
+    activations, and the largest massive events."""
     out = ResidualStats(like.num_sites, like.hidden_size, like.boundary_sites, like.rule)
     count = int(sums["count"])
     out.cos_sum = sums["cos_sum"][first:, first:].astype(np.float64)
@@ -803,13 +809,21 @@ def _summary_stats(sums: dict[str, np.ndarray], like: ResidualStats, first: int)
     out.update_ratio_sum = sums["update_ratio_sum"][first:].astype(np.float64)
     for name in ("norm_sum", "norm_sq_sum", "kurtosis_sum", "hoyer_sum"):
         setattr(out, name, sums[name][first:].astype(np.float64))
-    out.absmax = sums["absmax"][first:].astype(np.float64)
-    out.massive_count = sums["massive_count"][first:].astype(np.int64)
     out.massive_tokens = sums["massive_tokens"][first:].astype(np.int64)
     out.count = count
+    if "x" in sums:  # one token
+        x = sums["x"][first:].astype(np.float64)
+        mag = np.abs(x)
+        out.absmax = mag if count else np.zeros_like(mag)
+        flags = formulas.massive_flags(mag, like.rule.threshold, like.rule.ratio)
+        out.massive_count = flags.astype(np.int64) if count else np.zeros(mag.shape, np.int64)
+        mean, m2 = x, np.zeros_like(x)
+    else:
+        out.absmax = sums["absmax"][first:].astype(np.float64)
+        out.massive_count = sums["massive_count"][first:].astype(np.int64)
+        mean = sums["channel_mean"][first:].astype(np.float64)
+        m2 = sums["channel_m2"][first:].astype(np.float64)
     if count:
-        mean = sums["x_sum"][first:] / count
-        m2 = np.maximum(sums["x_sq_sum"][first:] - count * mean * mean, 0.0)
         out.set_moments(mean, m2)
     return out
 
