@@ -173,6 +173,7 @@ def test_openapi_states_the_rules_the_server_enforces(tmp_path):
         ("POST", "/v1/completions", {"prompt": "a", "n": 2}, 400, "n"),
         ("POST", "/v1/embeddings", {"input": "a"}, 400, "kv_transfer_params.capture"),
         ("POST", "/v1/completions", {"prompt": "a", "layers": 1}, 400, None),
+        ("POST", "/v1/completions", {"prompt": "a", "teacher": 1}, 400, "teacher_logprobs"),
     ],
 )
 def test_v1_capture_is_checked_before_vllm_is_asked(tmp_path, method, path, body, status, field):
@@ -184,6 +185,9 @@ def test_v1_capture_is_checked_before_vllm_is_asked(tmp_path, method, path, body
         api_keys=("right-key",),
     )
     capture = {"layers": [9]} if body.pop("layers", None) else {}
+    if body.pop("teacher", None):
+        capture = {"teacher_logprobs": 5}
+        field = "kv_transfer_params.capture.teacher_logprobs"
     body["kv_transfer_params"] = {"capture": capture}
     with TestClient(create_app(settings)) as client:
         r = client.request(method, path, json=body, headers=KEY)
@@ -387,3 +391,30 @@ def test_schemathesis_finds_no_disagreement_with_the_schema(server, embedded_mod
         )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "passed" in result.stdout
+
+
+def test_what_the_fuzzer_found_is_answered_in_the_documented_shape(tmp_path, monkeypatch):
+    settings = Settings(
+        vllm_url=f"http://127.0.0.1:{free_port()}",
+        shard_dir=tmp_path,
+        num_layers=4,
+        hidden_size=8,
+        api_keys=("right-key",),
+        limits=Limits(max_tokens=16),
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        # Teacher-forced requests ignore max_tokens, but not the schema's maximum for it.
+        body = {"prompt": "a", "text": "b", "max_tokens": 17}
+        r = client.post("/generate_with_activations", json=body, headers=KEY)
+        assert r.status_code == 413 and r.json()["error"]["field"] == "max_tokens"
+        schema = client.get("/openapi.json", headers=KEY).json()
+        layers = schema["components"]["schemas"]["CaptureRequest"]["properties"]["layers"]
+        assert layers["uniqueItems"] is True
+
+        async def broken(_request):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(client.app.state.runner, "prepare", broken)
+        r = client.post("/generate_with_activations", json={"prompt": "a"}, headers=KEY)
+        assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["message"] == "internal error: RuntimeError: a bug"

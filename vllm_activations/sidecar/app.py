@@ -339,9 +339,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def state_server_limits(schema: dict[str, Any], settings: Settings) -> None:
-    """Write this server's model and limits into its schema: the layer index range and the
-    `--max-tokens-limit` maximum (limits on tokens and bytes depend on the tokenizer and are
-    answered with 413)."""
+    """Write this server's model and limits into its schema: the layer index range, the
+    `--max-tokens-limit` maximum and the `--max-logprobs` one (limits on tokens and bytes
+    depend on the tokenizer and are answered with 413)."""
     components = schema["components"]["schemas"]
     n = settings.num_layers
     for branch in components["CaptureRequest"]["properties"]["layers"]["anyOf"]:
@@ -350,6 +350,14 @@ def state_server_limits(schema: dict[str, Any], settings: Settings) -> None:
     components["GenerateRequest"]["properties"]["max_tokens"]["maximum"] = (
         settings.limits.max_tokens
     )
+    teacher = components["CaptureRequest"]["properties"].get("teacher_logprobs")
+    if teacher is not None:  # K from 1 to this server's --max-logprobs, or null for none
+        k: dict[str, Any] = {"type": "integer", "minimum": 1}
+        if settings.max_logprobs > 0:
+            k["maximum"] = settings.max_logprobs
+        for key in ("type", "minimum", "maximum"):
+            teacher.pop(key, None)
+        teacher["anyOf"] = [k, {"type": "null"}]
 
 
 class _UpstreamResponse(StreamingResponse):

@@ -6,6 +6,7 @@ single field is to blame, so a client can point its user at the exact input to c
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+
+logger = logging.getLogger("vllm_activations.sidecar")
 
 
 class ApiError(Exception):
@@ -59,6 +62,12 @@ def install_error_handlers(app: FastAPI) -> None:
         if field:
             message = f"{field}: {message}"
         return error_response(ApiError(422, message, field))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        # Still the documented JSON shape; the traceback goes to the server log.
+        logger.error("unhandled error", exc_info=exc)
+        return error_response(ApiError(500, f"internal error: {type(exc).__name__}: {exc}"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

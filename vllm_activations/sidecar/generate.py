@@ -146,6 +146,14 @@ class CaptureRunner:
         """Validate and tokenize; raises ApiError (400/413/...) with nothing left behind."""
         settings = self.settings
         check_inputs(req)
+        limit = settings.limits.max_tokens
+        if req.text is not None and "max_tokens" in req.model_fields_set and req.max_tokens > limit:
+            # Ignored when teacher-forcing, but a value over the limit breaks the schema's rule.
+            raise ApiError(
+                413,
+                limit_message("max_tokens", req.max_tokens, "max_tokens", limit),
+                "max_tokens",
+            )
         try:
             spec = CaptureSpec.from_dict(req.capture.model_dump(exclude_none=True))
             spec.resolve_layers(settings.num_layers)

@@ -79,6 +79,13 @@ async def admit(
         spec.resolve_layers(runner.settings.num_layers)
     except CaptureSpecError as exc:
         raise ApiError(400, str(exc), f"{field}.{exc.field}") from exc
+    if spec.teacher_logprobs:
+        raise ApiError(
+            400,
+            "teacher logprobs are recorded through POST /generate_with_activations only (the "
+            "sidecar adds them to the shard from vLLM's answer)",
+            f"{field}.teacher_logprobs",
+        )
     capture_id = params.get("capture_id")
     if capture_id is None:
         capture_id = uuid.uuid4().hex
