@@ -48,6 +48,7 @@ from actclient.progress import Progress
 from vllm_activations.shard import ShardError, ShardReader, iter_shard_paths
 
 ANALYSIS_SCHEMA = "actclient.analysis/1"
+ANALYSIS_BLOCK_BYTES = 1 << 30  # token-block memory of one analysis, split among the workers
 REDUNDANT_FACTOR = 0.5  # a score at most half the median score of its kind is "redundant"
 CONFIG_KEYS = (
     "num_hidden_layers",
@@ -252,7 +253,7 @@ def analyze(
     *,
     special_ids: Iterable[int] | None = None,
     rule: MassiveRule | None = None,
-    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    block_bytes: int | None = None,
     pictures: bool = True,
     progress: bool = True,
     jobs: int | None = None,
@@ -263,7 +264,9 @@ def analyze(
 
     `model_dir` (a Hugging Face checkpoint with safetensors) rebuilds the embedding output so
     layer 0 gets scores, and supplies the special token ids unless `special_ids` is given.
-    `jobs` worker processes (default: every core) share the shards. A shard that cannot be
+    `jobs` worker processes (default: every core) share the shards and `block_bytes` of
+    token-block memory (default ANALYSIS_BLOCK_BYTES; at least DEFAULT_BLOCK_BYTES / 2 each;
+    each also holds its accumulators, ~50 x sites x hidden bytes). A shard that cannot be
     read stops the analysis unless `skip_bad_shards`, which lists it in the report instead.
     A non-empty `out_dir` is refused unless `force` (then replaced as a whole at the end).
     """
@@ -276,6 +279,9 @@ def analyze(
     if model_dir is not None:
         EmbeddingTable(model_dir)  # fail on a bad checkpoint before starting workers
     layout, hidden_size, attrs = _first_readable(paths, model_dir is not None, skip_bad_shards)
+    jobs = max(1, min(jobs or default_jobs(), len(paths)))
+    if block_bytes is None:
+        block_bytes = max(ANALYSIS_BLOCK_BYTES // jobs, DEFAULT_BLOCK_BYTES // 2)
     settings = AccumulatorSettings(
         model_dir=str(model_dir) if model_dir is not None else None,
         special_ids=frozenset(int(i) for i in special_ids),
@@ -289,7 +295,7 @@ def analyze(
     with Progress(
         len(paths), desc="analyze", unit="shard", enabled=None if progress else False
     ) as bar:
-        acc, skipped = accumulate(paths, settings, jobs or default_jobs(), bar)
+        acc, skipped = accumulate(paths, settings, jobs, bar)
     if not acc.num_shards:
         raise AnalysisError(f"{shards_dir}: every shard failed; see skipped_shards")
     return write_analysis(

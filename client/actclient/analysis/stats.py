@@ -214,21 +214,59 @@ class TokenBlock:
         content = masks["content"]
         other_rows = np.nonzero(~content)[0]
         peak_content = _column_peak(self.mag, _runs(content), np.nonzero(content)[0])
-        peak_other = _column_peak(self.mag, [], other_rows)
+        self.peak_other = _column_peak(self.mag, [], other_rows)
         self.peaks = {
-            "all": np.maximum(peak_content, peak_other),
+            "all": np.maximum(peak_content, self.peak_other),
             "content": peak_content,
             "last": _column_peak(self.mag, [], np.nonzero(masks["last"])[0]),
         }
+        self._content_row: np.ndarray | None = None  # first content row at the peak, cached
 
-    def locate(self, mask: np.ndarray, flat: np.ndarray, peak: np.ndarray) -> np.ndarray:
-        """Block row of the first `peak` value of |x| among `mask` rows, per flat (site,
-        channel): the largest row code (T - row where |x| equals the peak), so only
-        elementwise passes and a reduction, never numpy's slow argmax across rows."""
-        t = self.mag.shape[0]
+    def locate(self, population: str, flat: np.ndarray, peak: np.ndarray) -> np.ndarray:
+        """Block row of the first |x| equal to `peak` (the population's column peak) among
+        the population's rows, per flat (site, channel) index.
+
+        Content rows are searched once per channel and cached; "all" reuses them and only
+        looks at the few other rows (position 0, special tokens) itself.
+        """
+        mask = self.masks[population]
         rows = np.flatnonzero(mask)
         if len(rows) == 1:  # the last-token population: one row per shard
             return np.full(len(flat), rows[0])
+        if population == "content":
+            return self._content_first(flat)
+        if population != "all":
+            return self._first_equal(mask, flat, peak)
+        content = self.masks["content"]
+        other = ~content
+        at_content = self.peaks["content"].ravel()[flat] >= self.peak_other.ravel()[flat]
+        if not content.any():
+            at_content[:] = False
+        row = np.empty(len(flat), dtype=np.int64)
+        if at_content.any():
+            row[at_content] = self._content_first(flat[at_content])
+        if other.any():
+            off = ~at_content
+            row[off] = self._first_equal(other, flat[off], peak[off])
+            # an other row holding the same value earlier than the content row wins
+            tie = np.flatnonzero(at_content & (self.peak_other.ravel()[flat] == peak))
+            if len(tie):
+                row[tie] = np.minimum(row[tie], self._first_equal(other, flat[tie], peak[tie]))
+        return row
+
+    def _content_first(self, flat: np.ndarray) -> np.ndarray:
+        if self._content_row is None:
+            self._content_row = np.full(self.mag[0].size, -1, dtype=np.int64)
+        missing = flat[self._content_row[flat] < 0]
+        if len(missing):
+            peak = self.peaks["content"].ravel()[missing]
+            self._content_row[missing] = self._first_equal(self.masks["content"], missing, peak)
+        return self._content_row[flat]
+
+    def _first_equal(self, mask: np.ndarray, flat: np.ndarray, peak: np.ndarray) -> np.ndarray:
+        # The largest row code (T - row where |x| equals the peak): elementwise passes and a
+        # reduction, never numpy's slow argmax across rows. T where no mask row holds it.
+        t = self.mag.shape[0]
         table = self.mag.reshape(t, -1)
         column = table if len(flat) == table.shape[1] else np.take(table, flat, axis=1)
         code = np.arange(t, 0, -1, dtype=np.int32)[:, None] * (mask[:, None] & (column == peak))
@@ -311,7 +349,7 @@ class ResidualStats:
             flat = np.arange(len(peak))  # most channels: whole arrays beat fancy indexing
         if len(flat):
             value = peak[flat]
-            row = block.locate(mask, flat, value)
+            row = block.locate(population, flat, value)
             self._update_absmax(
                 flat, value.astype(np.float64), block.positions[row], block.tokens[row]
             )
