@@ -334,8 +334,7 @@ class CaptureState:
             text += f"; channel statistics {stats.slots} slots = {nbytes / 2**30:.2f} GiB"
         if self.summary is not None:
             text += (
-                f"; summaries {self.summary.slots} slots = "
-                f"{self.summary.nbytes() / 2**30:.2f} GiB"
+                f"; summaries {self.summary.slots} slots = {self.summary.nbytes() / 2**30:.2f} GiB"
             )
         return text
 
@@ -405,6 +404,11 @@ class ChannelStatsLinear(nn.Module):
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def capturing_layer_type(base: type) -> type:
+    """The capturing subclass of a decoder layer class, for vLLM's construction hooks."""
+    return _subclass(CapturingDecoderLayer, base)
 
 
 def _subclass(mixin: type, base: type) -> type:
@@ -525,7 +529,8 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
                 "pre-norm decoder layer with post_attention_layernorm; supported: Qwen3, "
                 "Qwen2, Llama"
             )
-        layer.__class__ = _subclass(CapturingDecoderLayer, type(layer))
+        if not isinstance(layer, CapturingDecoderLayer):  # no construction hook (Qwen2/3)
+            layer.__class__ = _subclass(CapturingDecoderLayer, type(layer))
         layer.capture_slot = 2 * index
         layer.register_buffer("capture_buffer", state.buffer, persistent=False)
         layer.register_buffer("capture_row_positions", state.row_positions, persistent=False)

@@ -10,11 +10,11 @@ compiled or CUDA-graph forward like the rest).
 from __future__ import annotations
 
 import torch
-from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from vllm_activations.capture import install_capture
+from vllm_activations.capture import capturing_layer_type, install_capture
 
 
 class _RecordsTokens:
@@ -38,6 +38,11 @@ class CaptureQwen2ForCausalLM(_RecordsTokens, Qwen2ForCausalLM):
 
 
 class CaptureLlamaForCausalLM(_RecordsTokens, LlamaForCausalLM):
+    # Llama's construction hook (`layer_type`) builds capturing layers directly. Qwen3 and
+    # Qwen2 build their models by name inside __init__ (Qwen3Model.decoder_layer_type and
+    # Qwen2Model(decoder_layer_type=...) are not reachable from the causal LM without copying
+    # its __init__), so install_capture turns their built layers into capturing ones.
     def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+        kwargs.setdefault("layer_type", capturing_layer_type(LlamaDecoderLayer))
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         install_capture(self.model, vllm_config)

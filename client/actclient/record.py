@@ -60,7 +60,14 @@ from actclient.phase1.ingest import load_records
 from actclient.progress import Progress
 from vllm_activations.files import file_sha256, fsync_dir
 from vllm_activations.shard import SHARD_SUFFIX
-from vllm_activations.spec import DTYPES, POSITION_MODES, SITES, CaptureSpec, CaptureSpecError
+from vllm_activations.spec import (
+    DEFAULT_MAX_LOGPROBS,
+    DTYPES,
+    POSITION_MODES,
+    SITES,
+    CaptureSpec,
+    CaptureSpecError,
+)
 
 MODES = ("generate", "teacher-forced")
 MANIFEST_NAME = "manifest.jsonl"
@@ -103,11 +110,15 @@ def capture_spec_from_flags(
     positions: str | None = None,
     dtype: str | None = None,
     channel_stats: bool | None = None,
+    teacher_logprobs: int | None = None,
+    summary_only: bool = False,
 ) -> CaptureSpec:
     """A validated CaptureSpec from the flag strings; raises CaptureSpecError naming the field.
 
     layers: `all` or comma-separated indices (negative count from the end); sites: `all` or a
-    comma-separated list; positions, dtype and channel_stats as in the spec. None leaves the
+    comma-separated list; positions, dtype, channel_stats and teacher_logprobs as in the spec;
+    summary_only: `summary: true, tensors: false` (the layer analysis' sums, no raw tensors).
+    None leaves the
     spec's default.
     """
     kwargs: dict[str, Any] = {}
@@ -129,6 +140,10 @@ def capture_spec_from_flags(
         kwargs["dtype"] = dtype.strip()
     if channel_stats is not None:
         kwargs["channel_stats"] = channel_stats
+    if teacher_logprobs is not None:
+        kwargs["teacher_logprobs"] = teacher_logprobs
+    if summary_only:
+        kwargs.update(summary=True, tensors=False)
     return CaptureSpec(**kwargs)
 
 
@@ -800,7 +815,13 @@ def format_summary(summary: RecordSummary, out_dir: str | os.PathLike[str]) -> s
 def _run_cli(args: argparse.Namespace) -> int:
     try:
         spec = capture_spec_from_flags(
-            args.layers, args.sites, args.positions, args.dtype, args.channel_stats
+            args.layers,
+            args.sites,
+            args.positions,
+            args.dtype,
+            args.channel_stats,
+            args.teacher_logprobs,
+            args.summary_only,
         )
     except CaptureSpecError as e:
         print(f"record: {e}", file=sys.stderr)
@@ -883,6 +904,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=True,
         help="also record per-neuron statistics of the down_proj and o_proj inputs, which "
         "`actclient plan` needs for the neuron-level plan (default: on)",
+    )
+    capture.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="keep the layer analysis' token sums, accumulated on the GPU, instead of raw "
+        "layer outputs (`summary: true, tensors: false`): megabytes per record instead of "
+        "gigabytes; `actclient analyze` reads them like raw shards",
+    )
+    capture.add_argument(
+        "--teacher-logprobs",
+        type=int,
+        default=DEFAULT_MAX_LOGPROBS,
+        metavar="K",
+        help="also keep the teacher's top-K next-token ids and logprobs at every captured "
+        "position, for `actclient export-kd` (default: %(default)s, vLLM's default "
+        "--max-logprobs; at most the server's)",
+    )
+    capture.add_argument(
+        "--no-teacher-logprobs",
+        dest="teacher_logprobs",
+        action="store_const",
+        const=None,
+        help="record no teacher logprobs",
     )
     p.add_argument(
         "--concurrency",
