@@ -34,6 +34,18 @@ from vllm_activations.spec import CaptureSpec
 KEY = {"Authorization": "Bearer right-key"}
 
 
+def offline_settings(shard_dir: Path, limits: Limits | None = None) -> Settings:
+    """A 4-layer model's sidecar with no vLLM behind it (nothing listens on the port)."""
+    return Settings(
+        vllm_url=f"http://127.0.0.1:{free_port()}",
+        shard_dir=shard_dir,
+        num_layers=4,
+        hidden_size=8,
+        api_keys=("right-key",),
+        limits=limits or Limits(),
+    )
+
+
 def _mount_tmpfs(path: Path, size: int) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
@@ -96,14 +108,7 @@ def test_disk_budget_counts_every_capture_in_flight(small_disk):
 
 def test_full_disk_answers_507_naming_the_directory(small_disk):
     root = small_disk(2**20)
-    settings = Settings(
-        vllm_url=f"http://127.0.0.1:{free_port()}",
-        shard_dir=root,
-        num_layers=4,
-        hidden_size=8,
-        api_keys=("right-key",),
-        limits=Limits(min_free_disk_bytes=0),
-    )
+    settings = offline_settings(root, Limits(min_free_disk_bytes=0))
     with TestClient(create_app(settings)) as client:
         runner = client.app.state.runner
         with pytest.raises(ApiError) as info:
@@ -123,14 +128,7 @@ def test_full_disk_answers_507_naming_the_directory(small_disk):
 
 
 def test_openapi_states_the_rules_the_server_enforces(tmp_path):
-    settings = Settings(
-        vllm_url=f"http://127.0.0.1:{free_port()}",
-        shard_dir=tmp_path,
-        num_layers=4,
-        hidden_size=8,
-        api_keys=("right-key",),
-        limits=Limits(max_tokens=64),
-    )
+    settings = offline_settings(tmp_path, Limits(max_tokens=64))
     with TestClient(create_app(settings)) as client:
         schema = client.get("/openapi.json", headers=KEY).json()
         paths, components = schema["paths"], schema["components"]["schemas"]
@@ -177,13 +175,7 @@ def test_openapi_states_the_rules_the_server_enforces(tmp_path):
     ],
 )
 def test_v1_capture_is_checked_before_vllm_is_asked(tmp_path, method, path, body, status, field):
-    settings = Settings(
-        vllm_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: vLLM is never reached
-        shard_dir=tmp_path,
-        num_layers=4,
-        hidden_size=8,
-        api_keys=("right-key",),
-    )
+    settings = offline_settings(tmp_path)
     capture = {"layers": [9]} if body.pop("layers", None) else {}
     if body.pop("teacher", None):
         capture = {"teacher_logprobs": 5}
@@ -394,14 +386,7 @@ def test_schemathesis_finds_no_disagreement_with_the_schema(server, embedded_mod
 
 
 def test_what_the_fuzzer_found_is_answered_in_the_documented_shape(tmp_path, monkeypatch):
-    settings = Settings(
-        vllm_url=f"http://127.0.0.1:{free_port()}",
-        shard_dir=tmp_path,
-        num_layers=4,
-        hidden_size=8,
-        api_keys=("right-key",),
-        limits=Limits(max_tokens=16),
-    )
+    settings = offline_settings(tmp_path, Limits(max_tokens=16))
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         # Teacher-forced requests ignore max_tokens, but not the schema's maximum for it.
         body = {"prompt": "a", "text": "b", "max_tokens": 17}
