@@ -15,9 +15,11 @@ import pytest
 
 from actclient import cli, record
 from actclient.export_kd import METADATA_KEY, OUT_NAME, ExportError, export_kd
+from actclient.phase1.dataset import build_dataset, write_jsonl
 from vllm_activations.shard import (
     TeacherData,
     publish_with_teacher,
+    read_shard,
     staged_shard_path,
     write_shard,
 )
@@ -102,6 +104,7 @@ def test_export_round_trips_through_hugging_face_datasets(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import datasets  # imported here, after the offline switches it reads at import time
+
     run, expected = _run(tmp_path, 5)
     out = tmp_path / "kd"
     summary = export_kd(run, out, batch_rows=2, progress=False)
@@ -155,3 +158,44 @@ def test_record_flag_asks_for_teacher_logprobs_by_default():
     spec = record.capture_spec_from_flags(teacher_logprobs=8)
     assert spec.teacher_logprobs == 8 and spec.to_dict()["teacher_logprobs"] == 8
     assert record.capture_spec_from_flags().teacher_logprobs is None
+
+
+@pytest.mark.integration
+def test_record_then_export_on_the_real_server(servers, tmp_path, capsys):
+    """`actclient record --mode teacher-forced --teacher-logprobs 5` against the real CPU
+    stack, then `export-kd`: every row is its shard's teacher data, and response_start is
+    where the record's response begins."""
+    import datasets
+
+    server = servers.get("tiny-qwen3-tied")
+    chosen = build_dataset()[:3]
+    for i, r in enumerate(chosen):
+        r.response = f"Walk to the square, then turn left at the {i + 2}nd fountain."
+    write_jsonl(chosen, tmp_path / "answers.jsonl")
+    out, kd = tmp_path / "run", tmp_path / "kd"
+    args = ["record", str(tmp_path / "answers.jsonl"), "--server", server.url, "--out", str(out)]
+    args += ["--api-key", server.api_key, "--mode", "teacher-forced", "--layers", "0"]
+    args += ["--sites", "post_mlp", "--no-channel-stats", "--teacher-logprobs", "5"]
+    assert cli.main([*args, "--no-progress"]) == 0, capsys.readouterr().err
+    assert cli.main(["export-kd", str(out), "--out", str(kd), "--no-progress"]) == 0
+    assert "export-kd: 3 rows (K=5)" in capsys.readouterr().err
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(kd / OUT_NAME), split="train", cache_dir=str(tmp_path / "hf")
+    )
+    manifest = record.read_manifest(out / "manifest.jsonl")
+    assert sorted(ds["id"]) == sorted(r.id for r in chosen)
+    for row in ds:
+        entry = manifest[row["id"]]
+        shard = read_shard(out / entry["shard"])
+        assert (
+            row["input_ids"] == np.concatenate([shard.input_tokens, shard.output_tokens]).tolist()
+        )
+        assert row["response_start"] == entry["text_start"] < len(shard.input_tokens)
+        assert row["positions"] == shard.positions.tolist()
+        assert np.array_equal(np.array(row["topk_ids"], np.int32), shard.teacher.topk_ids)
+        assert np.array_equal(
+            np.array(row["topk_logprobs"], np.float32), shard.teacher.topk_logprobs
+        )
+        assert np.array_equal(np.array(row["next_logprob"], np.float32), shard.teacher.next_logprob)
+        # The teacher scores the recorded text: its top-1 is a real distribution's mode.
+        assert (shard.teacher.topk_logprobs[:, 0] >= shard.teacher.next_logprob - 1e-6).all()
