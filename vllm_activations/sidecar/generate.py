@@ -25,14 +25,14 @@ from vllm_activations.openai_capture import (
     completion_body,
     wait_for_shard_async,
 )
-from vllm_activations.shard import ShardReader
+from vllm_activations.shard import ShardError, ShardReader, staged_shard_path
 from vllm_activations.sidecar.errors import ApiError
 from vllm_activations.sidecar.jobs import DiskBudget, DiskFull
 from vllm_activations.sidecar.schemas import GenerateRequest, GenerateResponse, ShardInfo, Timings
 from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings
 from vllm_activations.sidecar.store import ShardStore
-from vllm_activations.spec import CaptureSpec, CaptureSpecError
-
+from vllm_activations.spec import CaptureSpec, CaptureSpecError, check_teacher_logprobs
+from vllm_activations.teacher import TeacherDataError, finish_teacher_shard, teacher_request_fields
 
 # HDF5 superblock, attributes, chunk indexes and the token arrays of a long request.
 SHARD_OVERHEAD_BYTES = 1 << 20
@@ -155,6 +155,7 @@ class CaptureRunner:
                 "max_tokens",
             )
         try:
+            check_teacher_logprobs(req.capture.teacher_logprobs, settings.max_logprobs)
             spec = CaptureSpec.from_dict(req.capture.model_dump(exclude_none=True))
             spec.resolve_layers(settings.num_layers)
         except CaptureSpecError as exc:
@@ -299,6 +300,7 @@ class CaptureRunner:
             spec=prepared.spec,
             capture_id=prepared.capture_id,
             **sampling,
+            **teacher_request_fields(prepared.spec),
         )
         try:
             r = await self.client.post(f"{self.settings.vllm_url}/v1/completions", json=body)
@@ -309,9 +311,10 @@ class CaptureRunner:
         completion = r.json()
         t1 = time.perf_counter()
         try:
-            path = await wait_for_shard_async(
-                capture_params(completion), self.settings.shard_timeout_s
-            )
+            params = capture_params(completion)
+            if prepared.spec.teacher_logprobs:
+                await self.publish_teacher(params, completion, prepared.spec.teacher_logprobs)
+            path = await wait_for_shard_async(params, self.settings.shard_timeout_s)
         except CaptureFailed as exc:
             raise capture_failure(exc, self.store.root) from exc
         t2 = time.perf_counter()
@@ -336,6 +339,7 @@ class CaptureRunner:
                 positions=meta["positions"],
                 sites=list(prepared.spec.sites),
                 dtype=prepared.spec.dtype,
+                teacher_logprobs=prepared.spec.teacher_logprobs,
             ),
             timings=Timings(
                 tokenize_s=prepared.tokenize_s,
@@ -345,6 +349,22 @@ class CaptureRunner:
                 total_s=prepared.tokenize_s + t3 - t0,
             ),
         )
+
+    async def publish_teacher(
+        self, params: dict[str, Any], completion: dict[str, Any], k: int
+    ) -> None:
+        """Wait for the connector's staged shard, add the teacher data of `completion` (the
+        request must have asked for `teacher_request_fields`) and publish it under its final
+        name. Raises CaptureFailed; a failure removes the staged file."""
+        staged = staged_shard_path(params["shard_path"])
+        await wait_for_shard_async(
+            {**params, "shard_path": str(staged)}, self.settings.shard_timeout_s
+        )
+        try:
+            await asyncio.to_thread(finish_teacher_shard, params["shard_path"], completion, k)
+        except (TeacherDataError, ShardError, OSError) as exc:
+            staged.unlink(missing_ok=True)
+            raise CaptureFailed(f"teacher data: {exc}") from exc
 
     async def wait_and_describe(self, params: dict[str, Any]) -> dict[str, Any]:
         """Wait for the shard the connector named in `params`; its public description."""
