@@ -162,6 +162,36 @@ def test_teacher_rows_must_match_positions_and_nothing_is_published(tmp_path):
     assert not final.exists() and list(iter_shard_paths(tmp_path)) == []
 
 
+def test_a_teacher_only_shard_needs_no_tensors(tmp_path):
+    """`tensors: false` with teacher_logprobs: the worker stages tokens and positions only."""
+    final = tmp_path / "only.h5"
+    staged = staged_shard_path(final)
+    write_shard(
+        staged,
+        input_tokens=[1, 2, 3],
+        output_tokens=[4],
+        positions=[0, 1, 2],
+        layers=[0],
+        layer_outputs={},
+        dtype="bfloat16",
+    )
+    with pytest.raises(ShardError, match="nothing else is recorded"):
+        write_shard(
+            final,
+            input_tokens=[1],
+            output_tokens=[2],
+            positions=[0],
+            layers=[0],
+            layer_outputs={},
+            dtype="bfloat16",
+        )
+    teacher = _teacher(3, K)
+    publish_with_teacher(staged, final, teacher)
+    shard = read_shard(final)
+    assert shard.layer_outputs == {}
+    assert np.array_equal(shard.teacher.topk_ids, teacher.topk_ids)
+
+
 def test_launcher_reads_max_logprobs_from_the_vllm_arguments():
     assert vllm_max_logprobs([]) == 20
     assert vllm_max_logprobs(["--enforce-eager", "--max-logprobs", "64"]) == 64
@@ -337,6 +367,25 @@ def test_generate_mode_teacher_covers_generated_tokens_with_raw_logprobs(server)
         assert shard.teacher.topk_ids[row].tolist() == want_ids, p
         np.testing.assert_allclose(shard.teacher.topk_logprobs[row], want_lps, atol=1e-4, rtol=0)
         assert shard.teacher.next_logprob[row] == pytest.approx(nxt, abs=1e-4)
+
+
+@pytest.mark.integration
+def test_teacher_data_alone_with_tensors_off(server):
+    """A request that wants only the teacher data: no layer outputs, same teacher rows."""
+    result = _capture(
+        server,
+        {
+            "prompt": "Opening hours of the museum:",
+            "text": "ten to six, closed on Mondays.",
+            "capture": {"tensors": False, "teacher_logprobs": K},
+        },
+    )
+    shard = read_shard(server.shard_dir / f"{result['id']}.h5")
+    assert shard.layer_outputs == {}
+    prompt = shard.input_tokens.tolist()
+    assert shard.positions.tolist() == list(range(len(prompt)))
+    reference = _vllm_logprobs(server, prompt, K)
+    assert _assert_prompt_rows_match(shard, reference, K) == len(prompt) - 1
 
 
 @pytest.mark.integration

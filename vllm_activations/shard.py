@@ -168,7 +168,8 @@ def write_shard(
     layers = np.asarray(layers, dtype=np.int32)
     if dtype not in _STORAGE:
         raise ShardError(f"dtype {dtype!r} is not one of {list(_STORAGE)}")
-    if not layer_outputs and not extra:
+    # A staged shard gets its teacher data next (publish_with_teacher): it may hold no more yet.
+    if not layer_outputs and not extra and not path.name.endswith(_STAGED_SUFFIX):
         raise ShardError("layer_outputs is empty and nothing else is recorded")
     for site, arr in layer_outputs.items():
         if site not in SITES:
@@ -278,7 +279,8 @@ def read_shard(
 ) -> Shard:
     """Read a shard (optionally only some sites and layer indices) as float32 arrays."""
     with ShardReader(path) as reader:
-        wanted_sites = list(sites) if sites is not None else reader.sites
+        stored = reader.sites if reader.has_tensors else []
+        wanted_sites = list(sites) if sites is not None else stored
         rows = reader.layer_rows(layers)
         outputs = {site: reader.read(site, rows) for site in wanted_sites}
         return Shard(
