@@ -95,7 +95,7 @@ def assert_same_analysis(a: dict, b: dict) -> None:
             assert x.shape == y.shape and np.isnan(x).sum() == np.isnan(y).sum()
             np.testing.assert_allclose(x, y, atol=TOLERANCE, equal_nan=True, err_msg=name)
             compared += x.size
-    assert compared > 1000, f"only {compared} numbers compared"
+    assert compared > 500, f"only {compared} numbers compared"
     plans = [json.dumps(x["plan"], sort_keys=True) for x in (a, b)]
     assert _rounded(a["plan"]) == _rounded(b["plan"]), plans
 

@@ -383,7 +383,7 @@ class ShardReader:
 
     @property
     def hidden_size(self) -> int:
-        if not self.sites:  # tensors off: the model's width from the attributes
+        if not self.has_tensors:  # tensors off: the model's width from the attributes
             return int(self.attrs["hidden_size"])
         return int(self._file["layer_outputs"][self.sites[0]].shape[2])
 
