@@ -33,21 +33,28 @@ def squared_norms(x: np.ndarray) -> np.ndarray:
     return np.vecdot(x, x).astype(np.float64)
 
 
-def site_gram(x: np.ndarray, peak: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def site_gram(
+    x: np.ndarray, sq: np.ndarray | None = None, peak: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-token Gram of the raw site vectors and the energy share outside dominant channels.
 
-    x [T, S, H] -> (gram [T, S, S] float64, rest [T, S] float64 in [0, 1]). `peak` is
-    max |x| over H per token and site (computed when None); it finds the tokens with a
-    dominant channel cheaply. gram = x_R x_R^T in x's dtype (BLAS) + x_D x_D^T in float64,
-    where D are the channels with x_h^2 >= DOMINANT_FACTOR * |x_s|^2 / H at some site of the
-    token (none for Gaussian-like vectors; the massive channels of a sink token).
+    x [T, S, H] -> (gram [T, S, S] float64, rest [T, S] float64 in [0, 1]). `sq` is
+    `squared_norms(x)` and `peak` max |x| over H (both computed when None). gram = x_R x_R^T
+    in x's dtype (BLAS) + x_D x_D^T in float64, where D are the channels with x_h^2 >=
+    DOMINANT_FACTOR * |x_s|^2 / H at some site of the token (none for Gaussian-like vectors;
+    the massive channels of a sink token). The diagonal is replaced by the BLAS dot products
+    of `squared_norms`: a long float32 GEMM sum of squares runs ~7e-7 low on average, which
+    would bias every cosine by as much; a dot product does not.
     """
     share_min = DOMINANT_FACTOR / x.shape[2]
     gram = np.matmul(x, x.transpose(0, 2, 1)).astype(np.float64)
     rest = np.ones(x.shape[:2])
+    if sq is None:
+        sq = squared_norms(x)
     if peak is None:
         peak = np.abs(x).max(-1)
-    sq = np.diagonal(gram, axis1=1, axis2=2)
+    diagonal = np.einsum("tii->ti", gram)  # a writable view
+    diagonal[...] = sq
     peak64 = peak.astype(np.float64)
     dominant_tokens = np.nonzero((peak64 * peak64 >= share_min * sq).any(1))[0]
     for t in dominant_tokens:
@@ -59,22 +66,59 @@ def site_gram(x: np.ndarray, peak: np.ndarray | None = None) -> tuple[np.ndarray
         light = xt.copy()
         light[:, channels] = 0
         gram[t] = (light @ light.T).astype(np.float64) + heavy @ heavy.T
-        total = energy.sum(1)
-        kept = total - (heavy * heavy).sum(1)
-        rest[t] = np.where(total > 0, np.maximum(kept, 0.0) / np.where(total > 0, total, 1), 1)
+        light_sq = np.vecdot(light, light).astype(np.float64)
+        heavy_sq = (heavy * heavy).sum(1)
+        diagonal[t] = light_sq + heavy_sq
+        total = light_sq + heavy_sq
+        rest[t] = np.where(total > 0, light_sq / np.where(total > 0, total, 1), 1)
     return gram, rest
 
 
 def gram_cosines(gram: np.ndarray) -> np.ndarray:
-    """Cosine matrix [T, S, S] float64 from a Gram, normalised by its own diagonal.
+    """Cosine matrix [T, S, S] float64 from a Gram, normalised by its diagonal.
 
-    Normalising by the Gram's diagonal (not separately computed norms) makes identical
-    vectors come out at exactly 1. A zero vector has cosine 0 with everything.
+    A zero vector has cosine 0 with everything. `exact_near_cosines` then fixes the pairs
+    too close to 1 for the float32 Gram (identical vectors come out at exactly 1).
     """
     norms = np.sqrt(np.diagonal(gram, axis1=1, axis2=2))
     safe = np.where(norms > 0, norms, 1.0)
     cos = gram / safe[:, :, None] / safe[:, None, :]
     return np.clip(cos, -1.0, 1.0, out=cos)
+
+
+def near_pairs(
+    cos: np.ndarray, rest: np.ndarray, eps: float, near_ulps: float = NEAR_ULPS
+) -> np.ndarray:
+    """Pairs i < j [T, S, S] whose 1 - cos is within `near_ulps` rounding units (scaled by
+    sqrt(rest_i rest_j), the part the float32 Gram rounded), or that involve a zero vector."""
+    r = np.sqrt(rest)
+    tol = near_ulps * eps * r[:, :, None] * r[:, None, :]
+    zero = np.diagonal(cos, axis1=1, axis2=2) == 0  # gram_cosines: a zero vector has cos 0
+    near = (1.0 - cos <= tol) | zero[:, :, None] | zero[:, None, :]
+    return near & np.triu(np.ones(cos.shape[1:], dtype=bool), 1)
+
+
+def _exact_angles(x: np.ndarray, t: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    out = np.empty(len(t))
+    for start in range(0, len(t), _EXACT_CHUNK):
+        k = slice(start, start + _EXACT_CHUNK)
+        out[k] = unit_angle(_unit64(x[t[k], i[k]]), _unit64(x[t[k], j[k]]))
+    return out
+
+
+def exact_near_cosines(
+    x: np.ndarray, cos: np.ndarray, rest: np.ndarray, near_ulps: float = NEAR_ULPS
+) -> None:
+    """Recompute, in place, the cosines of `near_pairs` as cos(unit_angle) in float64."""
+    t, i, j = np.nonzero(near_pairs(cos, rest, float(np.finfo(x.dtype).eps), near_ulps))
+    if len(t):
+        value = np.cos(_exact_angles(x, t, i, j))
+        zero = (np.diagonal(cos, axis1=1, axis2=2)[t, i] == 0) | (
+            np.diagonal(cos, axis1=1, axis2=2)[t, j] == 0
+        )
+        value[zero] = 0.0  # keep gram_cosines' convention for zero vectors
+        cos[t, i, j] = value
+        cos[t, j, i] = value
 
 
 def cosine_angle(cos: np.ndarray) -> np.ndarray:
@@ -104,27 +148,18 @@ def boundary_angles(
 ) -> np.ndarray:
     """Angles between boundary residuals [T, B, B] float64 (upper triangle, zero elsewhere).
 
-    Derived from `cos` (from `gram_cosines`), except where 1 - cos is within `near_ulps`
-    rounding units (scaled by sqrt(rest_i rest_j), the part the float32 Gram rounded) or a vector
-    is zero: those pairs are recomputed exactly with `unit_angle`.
+    Derived from `cos` (from `gram_cosines`), except for `near_pairs`, which are recomputed
+    exactly with `unit_angle`.
     """
     b = np.asarray(boundary_sites, dtype=np.int64)
-    nb = len(b)
     cb = cos[:, b][:, :, b]
     angle = np.triu(cosine_angle(cb), 1)
-    if nb < 2:
+    if len(b) < 2:
         return angle
-    eps = float(np.finfo(x.dtype).eps)
-    rb = np.sqrt(rest[:, b])
-    tol = near_ulps * eps * rb[:, :, None] * rb[:, None, :]
-    diag = np.diagonal(cb, axis1=1, axis2=2)
-    zero = diag == 0  # gram_cosines gives a zero vector cos 0, also with itself
-    exact = (1.0 - cb <= tol) | zero[:, :, None] | zero[:, None, :]
-    exact &= np.triu(np.ones((nb, nb), dtype=bool), 1)
-    t_idx, i_idx, j_idx = np.nonzero(exact)
-    for start in range(0, len(t_idx), _EXACT_CHUNK):
-        t, i, j = (a[start : start + _EXACT_CHUNK] for a in (t_idx, i_idx, j_idx))
-        angle[t, i, j] = unit_angle(_unit64(x[t, b[i]]), _unit64(x[t, b[j]]))
+    near = near_pairs(cb, rest[:, b], float(np.finfo(x.dtype).eps), near_ulps)
+    t, i, j = np.nonzero(near)
+    if len(t):
+        angle[t, i, j] = _exact_angles(x, t, b[i], b[j])
     return angle
 
 

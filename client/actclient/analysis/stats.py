@@ -161,9 +161,10 @@ class TokenBlock:
         peak = np.maximum.reduce(self.mag, axis=2)
         self.sq = formulas.squared_norms(x)
         self.norms = np.sqrt(self.sq)
-        gram, rest = formulas.site_gram(x, peak)
+        gram, rest = formulas.site_gram(x, self.sq, peak)
         self.gram = formulas.gram_cosines(gram)
         del gram
+        formulas.exact_near_cosines(x, self.gram, rest)
         self.angle = formulas.boundary_angles(x, self.gram, rest, boundary_sites)
         safe = np.where(self.norms > 0, self.norms, 1.0)
         self.update_ratio = formulas.update_norms(x, temp) / safe[:, :-1]
