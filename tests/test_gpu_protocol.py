@@ -56,7 +56,7 @@ from vllm.v1.worker.kv_connector_model_runner_mixin import (  # noqa: E402
     KVConnectorModelRunnerMixin,
 )
 
-from vllm_activations import capture  # noqa: E402
+from vllm_activations import capture, summary  # noqa: E402
 from vllm_activations.connector import ActivationCaptureConnector  # noqa: E402
 from vllm_activations.residual_copy import accumulate_channels, record_rows  # noqa: E402
 from vllm_activations.shard import ShardReader, read_shard  # noqa: E402
@@ -78,6 +78,26 @@ def channel_code(req: int, position: int) -> float:
     return (req + 1) + position / 100
 
 
+def residual_row(req: int, position: int, layer: int, hidden: int) -> np.ndarray:
+    """The post-attention residual the replayed model writes: the code, plus a direction
+    that changes with the request, position and layer (so summaries have real angles)."""
+    h = np.arange(hidden)
+    wave = np.cos(0.05 * h * (1 + layer) + position + 3 * req).astype(np.float32)
+    return np.float32(code(req, position, layer)) * np.float32(1e-3) + wave
+
+
+def embedding_row(req: int, position: int, hidden: int) -> np.ndarray:
+    return np.sin(0.07 * np.arange(hidden) + position + req).astype(np.float32)
+
+
+def input_token(sim, position: int) -> int:
+    prompt = sim.request.prompt_token_ids
+    return prompt[position] if position < len(prompt) else 100 + position - len(prompt)
+
+
+SPECIAL = 5  # a special token id of the replay (the prompt's token at position 2)
+
+
 @pytest.fixture(scope="module")
 def protocol_env(embedded_models, tmp_path_factory):
     """A real VllmConfig for tiny Qwen3 with the capture connector, vLLM's distributed state
@@ -96,7 +116,9 @@ def protocol_env(embedded_models, tmp_path_factory):
             kv_role="kv_producer",
             kv_connector_extra_config={"shard_dir": str(shard_dir)},
         ),
-        additional_config={"vllm_activations": {"channel_stats_slots": SLOTS}},
+        additional_config={
+            "vllm_activations": {"channel_stats_slots": SLOTS, "summary_slots": SLOTS}
+        },
     ).create_engine_config()
     hf = config.model_config.hf_config
     kv_cache_config = KVCacheConfig(
@@ -132,6 +154,10 @@ def protocol_env(embedded_models, tmp_path_factory):
         state = capture.allocate_capture_state(
             hf.num_hidden_layers, hf.hidden_size, ROWS, torch.float32, stats=stats
         )
+        state.summary = summary.SummaryState.allocate(
+            SLOTS, hf.num_hidden_layers, hf.hidden_size, ROWS, torch.float32,
+            vocab_size=hf.vocab_size, special_ids=[SPECIAL],
+        )  # fmt: skip
         capture.set_capture_state(state)
         kv_transfer_state.ensure_kv_transfer_initialized(config, kv_cache_config)
         worker = kv_transfer_state.get_kv_transfer_group()
@@ -243,17 +269,27 @@ class Replay:
         env, n = self.env, len(layout)
         positions = torch.zeros(padded, dtype=torch.long)
         slots = torch.full((padded,), -1, dtype=torch.long)
-        values = torch.zeros(padded, env.num_layers)
+        values = torch.zeros(padded, env.num_layers, env.hidden)
+        embedding = torch.zeros(padded, env.hidden)
+        tokens = torch.zeros(padded, dtype=torch.long)
         channels = torch.zeros(padded, WIDTH)
         for t, (sim, p, slot) in enumerate(layout):
             positions[t], slots[t] = p, slot
-            values[t] = torch.tensor([code(sim.index, p, layer) for layer in range(env.num_layers)])
+            for layer in range(env.num_layers):
+                values[t, layer] = torch.from_numpy(residual_row(sim.index, p, layer, env.hidden))
+            embedding[t] = torch.from_numpy(embedding_row(sim.index, p, env.hidden))
+            tokens[t] = input_token(sim, p)
             channels[t] = channel_code(sim.index, p)
         state, stats = env.state, env.state.channel_stats
+        summ = state.summary
         if graph:  # a replayed graph runs every recorded kernel, reading persistent buffers
             record_rows(positions, slots, state.row_positions, state.row_slots)
+            summ.tokens[:padded].copy_(tokens)
+            summ.embedding[:padded].copy_(embedding)
         else:
+            torch.ops.vllm_activations.record_tokens(tokens, summ.tokens)
             torch.ops.vllm_activations.record_rows(positions, state.row_positions, state.row_slots)
+            torch.ops.vllm_activations.record_embedding(embedding, summ.embedding)
         for layer in range(env.num_layers):
             for kind_index, kind in enumerate(stats.sums):
                 args = (stats.sums[kind][layer], stats.sum_sqs[kind][layer])
@@ -268,7 +304,7 @@ class Replay:
                         channels, stats.sums[kind], stats.sum_sqs[kind], stats.lasts[kind],
                         stats.counts, layer, layer == 0 and kind_index == 0,
                     )  # fmt: skip
-            residual = values[:, layer : layer + 1].expand(padded, env.hidden).contiguous()
+            residual = values[:, layer].contiguous()
             hidden = torch.full_like(residual, 0.25)
             if graph:
                 from vllm_activations.residual_copy import copy_residuals
@@ -278,6 +314,12 @@ class Replay:
                 torch.ops.vllm_activations.capture_residuals(
                     hidden, residual, state.buffer, 2 * layer
                 )
+        if graph:
+            summ.accumulate(state.buffer[:padded], state.row_positions, state.row_slots)
+        else:
+            torch.ops.vllm_activations.summarize(
+                state.buffer, state.row_positions[:padded], state.row_slots, summ.sums["all"].count
+            )
         assert n <= padded
 
     def _run(self, output: SchedulerOutput, layout, padded: int) -> None:
@@ -346,12 +388,13 @@ def check_shard(env, sim: Sim, name: str, prompt_len: int, generated: int) -> No
     }[mode]
     assert positions == expected, (name, mode)
     for li, layer in enumerate(shard.layers.tolist()):
-        want = np.array([code(sim.index, p, layer) for p in positions], dtype=np.float32)
+        want = np.stack([residual_row(sim.index, p, layer, env.hidden) for p in positions])
         for site, shift in (("post_attention", 0.0), ("post_mlp", 0.25)):
             if site in shard.layer_outputs:
                 got = shard.layer_outputs[site][li]
-                expect = np.repeat(want[:, None] + np.float32(shift), got.shape[1], 1)
-                np.testing.assert_allclose(got, expect, rtol=1e-6)
+                np.testing.assert_allclose(got, want + np.float32(shift), rtol=1e-6, atol=1e-6)
+    if spec["summary"]:
+        check_summary(env, sim, shard, expected)
     with ShardReader(shard.path) as reader:
         if not spec["channel_stats"]:
             assert "channel_stats" not in reader
@@ -364,6 +407,53 @@ def check_shard(env, sim: Sim, name: str, prompt_len: int, generated: int) -> No
             np.testing.assert_allclose(sums, values.sum(), rtol=1e-5)
             sum_sq = reader.dataset(f"channel_stats/{kind}/sum_sq")
             np.testing.assert_allclose(sum_sq, (values**2).sum(), rtol=1e-5)
+
+
+def check_summary(env, sim: Sim, shard, kept: list[int]) -> None:
+    """The shard's summary equals the analyzer's formulas over exactly the kept positions."""
+    layers = env.num_layers
+    x = np.zeros((len(kept), summary.num_sites(layers), env.hidden), dtype=np.float32)
+    for t, p in enumerate(kept):
+        x[t, 0] = embedding_row(sim.index, p, env.hidden)
+        for layer in range(layers):
+            row = residual_row(sim.index, p, layer, env.hidden)
+            x[t, 1 + 2 * layer], x[t, 2 + 2 * layer] = row, row + np.float32(0.25)
+    q = summary.token_quantities(torch.from_numpy(x).double(), torch.arange(layers + 1) * 2)
+    content = np.array([p != 0 and input_token(sim, p) != SPECIAL for p in kept])
+    masks = {
+        "all": np.ones(len(kept), bool),
+        "content": content,
+        "last": np.arange(len(kept)) == len(kept) - 1,
+    }
+    with ShardReader(shard.path) as reader:
+        assert reader.has_summary and reader.attrs["summary"]["special_ids"] == [SPECIAL]
+        data = reader.summary()
+    for population, mask in masks.items():
+        got = data[population]
+        assert int(got["count"]) == int(mask.sum()), population
+        np.testing.assert_allclose(got["cos_sum"], q["cos"].numpy()[mask].sum(0), atol=1e-4)
+        np.testing.assert_allclose(got["angle_sum"], q["angle"].numpy()[mask].sum(0), atol=1e-4)
+        norms = q["norms"].numpy()[mask].sum(0)
+        np.testing.assert_allclose(got["norm_sum"], norms, rtol=1e-9)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_summary_over_the_gpu_protocols_drops_the_extra_forward(protocol_env, layout):
+    """Summary capture through each runner's protocol: chunked prefill, a padded decode
+    batch, async scheduling's forward past the EOS; and a tensors-free shard."""
+    env, replay = protocol_env, Replay(protocol_env, layout)
+    a = replay.add(f"sum-a-{layout}", 30, {"summary": True, "tensors": False})
+    b = replay.add(f"sum-b-{layout}", 21, {"summary": True, "positions": "every:4"})
+    replay.step({a: 24, b: 21})
+    replay.step({a: 6, b: 1})
+    for _ in range(3):
+        replay.step({b: 1, a: 1}, padded=4)
+    replay.finish(a, 3)  # a: EOS at its 3rd token; one more forward had already run
+    replay.step({b: 1})
+    replay.finish(b, 5)
+    replay.idle_step()
+    check_shard(env, a, f"sum-a-{layout}", 30, 3)
+    check_shard(env, b, f"sum-b-{layout}", 21, 5)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
