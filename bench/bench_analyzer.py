@@ -114,8 +114,9 @@ def child_reference(shards: Path, block_bytes: int) -> dict:
 
 
 def _load_baseline(rev: str):  # noqa: ANN202 - a module
+    repo, _, commit = rev.rpartition("@") if "@" in rev else (str(ROOT), "", rev)
     source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:client/actclient/analysis/stats.py"],
+        ["git", "-C", repo, "show", f"{commit}:client/actclient/analysis/stats.py"],
         check=True,
         capture_output=True,
         text=True,
@@ -210,7 +211,11 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=5120)
     parser.add_argument("--tokens", type=int, default=128, help="tokens per shard")
     parser.add_argument("--jobs", type=int, default=None, help="analyzer processes (all cores)")
-    parser.add_argument("--baseline", default=BASELINE, help="git revision of the old analyzer")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help="git revision of the old analyzer ([REPO@]REV; default REPO: this checkout)",
+    )
     parser.add_argument("--no-precision", action="store_true")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
