@@ -79,8 +79,10 @@ def measure(url, headers, prompts, max_tokens, spec, repeats) -> dict:
 
 
 def start(model: Path, workdir: Path, plain: bool, concurrency: int) -> ServerProcess:
-    # The sidecar's default concurrent-capture limit (16) would answer 429 to a full batch.
-    args = SERVER_ARGS if plain else [*SERVER_ARGS, "--max-concurrent-captures", str(concurrency)]
+    # The sidecar's default concurrent-capture limit (16) and the default summary slots (8)
+    # would refuse part of a full batch.
+    limits = ["--max-concurrent-captures", str(concurrency), "--summary-slots", str(concurrency)]
+    args = SERVER_ARGS if plain else [*SERVER_ARGS, *limits]
     if not plain:  # a known internal port, to measure vLLM behind the sidecar without it
         vllm_port = free_loopback_port()
         args = [*args, "--vllm-port", str(vllm_port)]
@@ -110,6 +112,7 @@ def main() -> int:
         "all layers x both sites": CaptureSpec(),
         "quarter of the layers": CaptureSpec(layers=tuple(range(0, num_layers, 4))),
         "last token only": CaptureSpec(positions="last"),
+        "summary only, all layers": CaptureSpec(summary=True, tensors=False),
     }
     results: dict[str, dict] = {}
     plain = start(model, workdir / "plain", plain=True, concurrency=args.requests)
