@@ -3,6 +3,7 @@ path's precision near cos = 1, on the planted shards of test_analysis."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from test_analysis import model_dir, shards  # noqa: F401 - module fixtures
 
+from actclient.analysis import cli
 from actclient.analysis.analyze import AnalysisError, analyze
 from actclient.analysis.formulas import unit_angle
 from actclient.analysis.stats import AnalysisAccumulator
@@ -134,3 +136,23 @@ def test_float32_angles_keep_precision_near_cos_one(tmp_path: Path) -> None:
         want = unit_angle(unit[i], unit[j]).mean()
         assert got[i, j] == pytest.approx(want, rel=1e-6)
     assert got[0, 1] == pytest.approx(1e-6, rel=1e-3)  # what float32 storage kept
+
+
+def test_cli_jobs_force_and_skip_flags(shards: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    parser = argparse.ArgumentParser(prog="actclient")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["analyze", str(shards), "--out", str(tmp_path / "a"), "--jobs", "0"])
+    assert "--jobs takes a positive number" in capsys.readouterr().err
+    out = tmp_path / "a"
+    run = ["analyze", str(shards), "--out", str(out), "--no-pictures", "--jobs", "1"]
+    args = parser.parse_args(run)
+    assert args.func(args) == 0
+    args = parser.parse_args(run)
+    assert args.func(args) == 2
+    assert "pass --force" in capsys.readouterr().err
+    mixed = _with_bad_shards(shards, tmp_path)
+    args = parser.parse_args([*run, "--force", "--skip-bad-shards"])
+    args.shards_dir = str(mixed)
+    assert args.func(args) == 0
+    assert "skipped 2 bad shards" in capsys.readouterr().err
