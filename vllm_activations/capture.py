@@ -148,27 +148,18 @@ def _no_output(*args) -> None:
     return None
 
 
-direct_register_custom_op(
-    op_name="record_embedding",
-    op_func=_record_embedding_op,
-    mutates_args=["embedding"],
-    fake_impl=_no_output,
-    target_lib=_LIB,
-)
-direct_register_custom_op(
-    op_name="record_tokens",
-    op_func=_record_tokens_op,
-    mutates_args=["tokens"],
-    fake_impl=_no_output,
-    target_lib=_LIB,
-)
-direct_register_custom_op(
-    op_name="summarize",
-    op_func=_summarize_op,
-    mutates_args=["marker"],
-    fake_impl=_no_output,
-    target_lib=_LIB,
-)
+for _name, _func, _mutated in (
+    ("record_embedding", _record_embedding_op, "embedding"),
+    ("record_tokens", _record_tokens_op, "tokens"),
+    ("summarize", _summarize_op, "marker"),
+):
+    direct_register_custom_op(
+        op_name=_name,
+        op_func=_func,
+        mutates_args=[_mutated],
+        fake_impl=_no_output,
+        target_lib=_LIB,
+    )
 
 
 @dataclass

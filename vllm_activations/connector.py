@@ -501,13 +501,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             for r, table in meta.block_tables.items()
             if r in self._summary_slots
         ]
-        if not owned and not summary.active:
-            return
-        owner = np.full(summary.block_owner.shape[0], summary.slots, dtype=np.int64)
-        for slot, table in owned:
-            owner[np.asarray(table, dtype=np.int64)] = slot
-        summary.block_owner.copy_(torch.from_numpy(owner))
-        summary.active = bool(owned)
+        _point_blocks(summary, owned)
 
     def _update_channel_stats(self, meta: CaptureStepMetadata) -> None:
         """Before the forward, on every TP rank: finished slots out, new and resumed slots
@@ -542,13 +536,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
             start, count = meta.scheduled.get(req_id, (0, 0))
             entry.forwarded_end = max(entry.forwarded_end, start + count)
             owned.append((entry.slot, table))
-        if not owned and not stats.active:
-            return
-        owner = np.full(stats.block_owner.shape[0], stats.slots, dtype=np.int64)
-        for slot, table in owned:
-            owner[np.asarray(table, dtype=np.int64)] = slot
-        stats.block_owner.copy_(torch.from_numpy(owner))
-        stats.active = bool(owned)
+        _point_blocks(stats, owned)
 
     def _finish_stat_slot(
         self, entry: _StatSlot, fin: FinishedCapture
@@ -715,6 +703,18 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self.role == KVConnectorRole.WORKER:
             self._writer.close()
+
+
+def _point_blocks(state, owned: list[tuple[int, list[int]]]) -> None:  # noqa: ANN001
+    """Point the KV blocks of this step's requests at their device slots (every other block
+    at the trash slot) in a slot state's `block_owner`, and say whether any is active."""
+    if not owned and not state.active:
+        return
+    owner = np.full(state.block_owner.shape[0], state.slots, dtype=np.int64)
+    for slot, table in owned:
+        owner[np.asarray(table, dtype=np.int64)] = slot
+    state.block_owner.copy_(torch.from_numpy(owner))
+    state.active = bool(owned)
 
 
 def _to_host(rows: torch.Tensor, dtype: str) -> np.ndarray:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_activations.tokens import special_token_ids  # noqa: F401 - part of this API
+
 _DTYPES = {
     "BF16": np.uint16,
     "F16": np.float16,
@@ -184,22 +186,3 @@ class EmbeddingTable:
             )
         unique, inverse = np.unique(ids, return_inverse=True)
         return self.checkpoint.rows(self.name, unique)[inverse]
-
-
-def special_token_ids(model_dir: str | Path) -> set[int]:
-    """Ids of special tokens from tokenizer_config.json / tokenizer.json (added, special)."""
-    model_dir = resolve_model_dir(model_dir)
-    ids: set[int] = set()
-    config_path = model_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        for key, meta in config.get("added_tokens_decoder", {}).items():
-            if meta.get("special", True):
-                ids.add(int(key))
-    tokenizer_path = model_dir / "tokenizer.json"
-    if tokenizer_path.is_file():
-        tokenizer = json.loads(tokenizer_path.read_text())
-        for meta in tokenizer.get("added_tokens", []):
-            if meta.get("special", False):
-                ids.add(int(meta["id"]))
-    return ids
