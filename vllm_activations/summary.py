@@ -190,9 +190,12 @@ class SummaryState:
     @classmethod
     def allocate(
         cls, slots: int, num_layers: int, hidden: int, rows: int, dtype: torch.dtype,
-        vocab_size: int, special_ids: list[int], device=None, block_bytes: int = 256 << 20,
+        vocab_size: int, special_ids: list[int], device=None, block_bytes: int | None = None,
     ) -> SummaryState:  # fmt: skip
         s, b = num_sites(num_layers), num_layers + 1
+        if block_bytes is None:  # larger blocks on a GPU: fewer, bigger kernels per step
+            on_cuda = torch.device(device or torch.get_default_device()).type == "cuda"
+            block_bytes = (1 << 30) if on_cuda else (256 << 20)
         per_token = s * hidden * 8 * 8 + s * s * 8 * 8  # float64 x, |x|, sort, temporaries
         trash = slots + 1
         special = torch.zeros(vocab_size, dtype=torch.bool, device=device)
