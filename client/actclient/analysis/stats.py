@@ -32,6 +32,8 @@ CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 EMBEDDING = "embedding"
 DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
 COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever this is
+POWER_SUM_ROWS = 8  # fewer content tokens in a block: their channel sums are taken exactly
+POWER_SUM_CONDITION = 2.0  # mean^2 + var above this x var: a channel's sums are taken exactly
 REBASE_TOKENS = 64  # tokens after which blocks take the running mean as the moments' shift
 TOP_EVENTS = 8  # largest massive activations kept per site
 
@@ -102,23 +104,39 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts, stops, strict=True))
 
 
-def _deviation_sums(
-    d: np.ndarray, runs: list[tuple[int, int]], rows: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(sum d, sum d^2) over token rows of deviations d [T, S, H]: contiguous runs or a gather.
+def _exact_sums(flat: np.ndarray, rows: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum d, sum d^2) with d = x - k over a few token rows of flat [T, S*H], in float64."""
+    if not len(rows):
+        return np.zeros_like(k), np.zeros_like(k)
+    d = flat[rows].astype(np.float64) - k
+    return d.sum(0), np.einsum("tk,tk->k", d, d)
 
-    Block sums are taken in d's dtype (at most a block of tokens), then returned as float64.
+
+def _power_sums(
+    flat: np.ndarray, flat2: np.ndarray, mask: np.ndarray, k: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sum d, sum d^2), d = x - k, over the `mask` rows from the token sums S1 of x and S2 of
+    x^2 (BLAS, x's dtype): sum d = S1 - n k, sum d^2 = S2 - 2 k S1 + n k^2.
+
+    Their rounding is relative to S2 = n (mean^2 + var), so channels whose S2 exceeds
+    POWER_SUM_CONDITION x n var (a mean far from 0 for its spread) are summed exactly.
     """
-    shape = d.shape[1:]
-    if not runs or len(runs) > 8:
-        runs, d = ([(0, len(rows))], d[rows]) if len(rows) else ([], d)
-    total = np.zeros(shape)
-    total_sq = np.zeros(shape)
-    for a, b in runs:
-        flat = d[a:b].reshape(b - a, -1)
-        total += (np.ones(b - a, dtype=d.dtype) @ flat).reshape(shape)  # BLAS, one pass
-        total_sq += np.einsum("tk,tk->k", flat, flat).reshape(shape)
-    return total, total_sq
+    rows = np.flatnonzero(mask)
+    runs = _runs(mask)
+    n = len(rows)
+    if n < POWER_SUM_ROWS or len(runs) > 8:
+        return _exact_sums(flat, rows, k)
+    ones = np.ones(len(flat), dtype=flat.dtype)
+    s1 = sum(ones[: b - a] @ flat[a:b] for a, b in runs).astype(np.float64)
+    s2 = sum(ones[: b - a] @ flat2[a:b] for a, b in runs).astype(np.float64)
+    dev_sum = s1 - n * k
+    dev_sq = s2 - (2.0 * s1 - n * k) * k
+    bad = np.flatnonzero((s2 - s1 * s1 / n) * POWER_SUM_CONDITION < s2)
+    if len(bad):
+        d = flat[np.ix_(rows, bad)].astype(np.float64) - k[bad]
+        dev_sum[bad] = d.sum(0)
+        dev_sq[bad] = (d * d).sum(0)
+    return dev_sum, dev_sq
 
 
 def _column_peak(mag: np.ndarray, runs: list[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
@@ -186,30 +204,33 @@ class TokenBlock:
         x: np.ndarray,
         masks: dict[str, np.ndarray],
         shift: np.ndarray | None,
-        temp: np.ndarray,
+        x2: np.ndarray,
     ) -> None:
-        # Deviations from a shift near the channel means (the accumulator's, once it has seen
-        # enough tokens; else the block's own content mean), rounded to x's dtype, so the
-        # float32 squares keep their precision in channels whose mean is far from zero.
-        # Content and other tokens partition the block; "all" is their sum.
+        # Per-channel sums over tokens of d = x - shift and d^2 for each population, where the
+        # shift is near the channel means (the accumulator's once it has seen enough tokens,
+        # else this block's content mean). Content tokens: from the BLAS token sums of x and
+        # of x^2 (`x2`, left by the kurtosis), exactly where that would cancel; the few
+        # other and last tokens: exactly. Content and other partition the block.
         content = masks["content"]
+        t = len(x)
+        flat, flat2 = x.reshape(t, -1), x2.reshape(t, -1)
         if shift is None:
-            runs = _runs(content) or [(0, len(content))]
-            n = sum(b - a for a, b in runs)
-            total = sum(np.add.reduce(x[a:b], axis=0) for a, b in runs)
-            shift = (total / n).astype(x.dtype).astype(np.float64)
+            rows = np.flatnonzero(content) if content.any() else np.arange(t)
+            mean = flat[rows].mean(0, dtype=np.float64)
+            shift = mean.astype(x.dtype).astype(np.float64).reshape(x.shape[1:])
         self.shift = shift
-        d = temp
-        shift_x = shift.astype(x.dtype)
-        for t in range(len(x)):  # row by row: a broadcast over tokens is slower
-            np.subtract(x[t], shift_x, out=d[t])
+        k = shift.reshape(-1)
+        shape = x.shape[1:]
         sums = {
-            "content": _deviation_sums(d, _runs(content), np.nonzero(content)[0]),
-            "last": _deviation_sums(d, [], np.nonzero(masks["last"])[0]),
+            "content": _power_sums(flat, flat2, content, k),
+            "last": _exact_sums(flat, np.flatnonzero(masks["last"]), k),
         }
-        other = _deviation_sums(d, [], np.nonzero(~content)[0])
+        other = _exact_sums(flat, np.flatnonzero(~content), k)
         sums["all"] = (sums["content"][0] + other[0], sums["content"][1] + other[1])
-        self.deviation_sums = sums
+        self.deviation_sums = {
+            name: (dev.reshape(shape), dev_sq.reshape(shape))
+            for name, (dev, dev_sq) in sums.items()
+        }
 
     def _peaks(self, masks: dict[str, np.ndarray]) -> None:
         content = masks["content"]
