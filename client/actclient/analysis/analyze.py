@@ -190,10 +190,14 @@ def accumulate(
             except queue.Empty:
                 dead = [w for w in workers if w.exitcode not in (None, 0)]
                 if dead:
-                    raise AnalysisError(
-                        f"an analysis worker died (exit code {dead[0].exitcode}; out of "
-                        "memory?); retry with fewer --jobs"
-                    ) from None
+                    code = dead[0].exitcode
+                    why = (
+                        f"was killed by signal {-code} (out of memory? retry with fewer --jobs)"
+                        if code < 0
+                        else f"exited with status {code} (its error is above; a script that "
+                        "calls analyze() with jobs > 1 needs `if __name__ == '__main__':`)"
+                    )
+                    raise AnalysisError(f"an analysis worker {why}") from None
                 continue
             if kind == "shard":
                 finished(index, payload)
