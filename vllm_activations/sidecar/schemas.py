@@ -6,9 +6,9 @@ spec means); these models only describe the JSON shape, the spec class does the 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from vllm_activations.spec import DTYPES, POSITION_MODES, SITES
 
@@ -18,6 +18,15 @@ assert {m.split(":")[0] for m in POSITION_MODES} == {"all", "prompt", "generated
 # Inside torch.Generator's range, and exact as a JSON number (OpenAPI tools read floats).
 SEED_MIN, SEED_MAX = -(2**53), 2**53
 
+
+def _not_a_bool(value: Any) -> Any:
+    # JSON true/false are not layer numbers (pydantic would read them as 1/0); 3.0 still is.
+    if isinstance(value, bool):
+        raise ValueError("a layer index is an integer, not true/false")
+    return value
+
+
+LayerIndex = Annotated[int, BeforeValidator(_not_a_bool)]
 Site = Literal["post_attention", "post_mlp"]
 Dtype = Literal["bfloat16", "float16", "float32"]
 assert set(Site.__args__) == set(SITES) and set(Dtype.__args__) == set(DTYPES)
@@ -29,7 +38,7 @@ class CaptureRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: list[int] | None = Field(
+    layers: list[LayerIndex] | None = Field(
         None,
         min_length=1,
         description="decoder layer indices (negative count from the end); null = all",
