@@ -172,6 +172,7 @@ def accumulate(
         for index, path in enumerate(paths):
             finished(index, _add_one(total, path, settings))
         return total, sorted(skipped, key=lambda s: s["shard"])
+    merged: AnalysisAccumulator | None = None
     ctx = multiprocessing.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     for item in enumerate(str(p) for p in paths):
@@ -202,7 +203,10 @@ def accumulate(
             if kind == "shard":
                 finished(index, payload)
             elif kind == "done":
-                total.merge(payload)
+                if merged is None:
+                    merged = payload  # the first one is the total: no merge into zeros
+                else:
+                    merged.merge(payload)
                 remaining -= 1
             elif kind == "failed":
                 raise ShardError(f"{payload} (pass --skip-bad-shards to go on without it)")
@@ -215,7 +219,7 @@ def accumulate(
             if worker.is_alive():
                 worker.terminate()
                 worker.join()
-    return total, sorted(skipped, key=lambda s: s["shard"])
+    return (total if merged is None else merged), sorted(skipped, key=lambda s: s["shard"])
 
 
 def check_out_dir(out_dir: str | Path, force: bool) -> None:
