@@ -331,7 +331,7 @@ def write_analysis(
     """
     if acc.layout is None or not acc.num_shards:
         raise AnalysisError("no shard was added")
-    final = Path(out_dir)
+    final = Path(out_dir).resolve()  # "." has no name to rename
     final.parent.mkdir(parents=True, exist_ok=True)
     out = final.parent / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
@@ -344,11 +344,15 @@ def write_analysis(
 
 
 def _replace_dir(new: Path, final: Path) -> None:
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    # Entry by entry, so `final` stays the same directory (it may be the working directory).
+    final.mkdir(exist_ok=True)
+    for entry in list(final.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    for entry in list(new.iterdir()):
+        entry.rename(final / entry.name)
 
 
 def _write_outputs(
