@@ -225,8 +225,12 @@ class TokenBlock:
             "content": _power_sums(flat, flat2, content, k),
             "last": _exact_sums(flat, np.flatnonzero(masks["last"]), k),
         }
-        other = _exact_sums(flat, np.flatnonzero(~content), k)
-        sums["all"] = (sums["content"][0] + other[0], sums["content"][1] + other[1])
+        other_rows = np.flatnonzero(~content)
+        if len(other_rows):
+            other = _exact_sums(flat, other_rows, k)
+            sums["all"] = (sums["content"][0] + other[0], sums["content"][1] + other[1])
+        else:
+            sums["all"] = sums["content"]
         self.deviation_sums = {
             name: (dev.reshape(shape), dev_sq.reshape(shape))
             for name, (dev, dev_sq) in sums.items()
@@ -286,13 +290,18 @@ class TokenBlock:
         return self._content_row[flat]
 
     def _first_equal(self, mask: np.ndarray, flat: np.ndarray, peak: np.ndarray) -> np.ndarray:
-        # The largest row code (T - row where |x| equals the peak): elementwise passes and a
-        # reduction, never numpy's slow argmax across rows. T where no mask row holds it.
+        # Rows from last to first, each overwriting where it holds the peak: the first row
+        # wins, in two light passes per row (numpy's argmax across rows is slow). T where
+        # no mask row holds it.
         t = self.mag.shape[0]
         table = self.mag.reshape(t, -1)
-        column = table if len(flat) == table.shape[1] else np.take(table, flat, axis=1)
-        code = np.arange(t, 0, -1, dtype=np.int32)[:, None] * (mask[:, None] & (column == peak))
-        return t - np.maximum.reduce(code, axis=0)
+        full = len(flat) == table.shape[1]
+        row = np.full(len(flat), t, dtype=np.int64)
+        hit = np.empty(len(flat), dtype=bool)
+        for r in np.flatnonzero(mask)[::-1]:
+            np.equal(table[r] if full else table[r, flat], peak, out=hit)
+            np.copyto(row, r, where=hit)
+        return row
 
 
 @dataclass
