@@ -274,7 +274,7 @@ def analyze(
     layer 0 gets scores, and supplies the special token ids unless `special_ids` is given.
     `jobs` worker processes (default: every core) share the shards and `block_bytes` of
     token-block memory (default ANALYSIS_BLOCK_BYTES; at least DEFAULT_BLOCK_BYTES / 2 each;
-    each also holds its accumulators, ~50 x sites x hidden bytes). A shard that cannot be
+    each also holds its accumulators, ~170 x sites x hidden bytes). A shard that cannot be
     read stops the analysis unless `skip_bad_shards`, which lists it in the report instead.
     A non-empty `out_dir` is refused unless `force` (then replaced as a whole at the end).
     """
