@@ -88,16 +88,21 @@ def hf_residuals(
 def hf_channel_inputs(
     model_dir: str | Path, token_ids: list[int], dtype: str = "float32"
 ) -> dict[str, np.ndarray]:
-    """Inputs of every layer's down_proj (``mlp_intermediate`` [L, T, I]) and o_proj
-    (``attn_heads`` [L, T, heads * head_dim]) for one sequence, as float32 numpy arrays."""
+    """Inputs of every layer's down_proj (``mlp_intermediate`` [L, T, I]), o_proj
+    (``attn_heads`` [L, T, heads * head_dim]), gate_proj (``mlp_norm``, the post-attention
+    RMSNorm's output [L, T, H]) and q_proj (``attn_norm``, the input RMSNorm's output) for one
+    sequence, as float32 numpy arrays."""
     import torch
 
     model = _load(model_dir, dtype)
     layers = model.model.layers
-    seen: dict[str, list] = {
-        "mlp_intermediate": [None] * len(layers),
-        "attn_heads": [None] * len(layers),
+    sites = {
+        "mlp_intermediate": lambda layer: layer.mlp.down_proj,
+        "attn_heads": lambda layer: layer.self_attn.o_proj,
+        "mlp_norm": lambda layer: layer.mlp.gate_proj,
+        "attn_norm": lambda layer: layer.self_attn.q_proj,
     }
+    seen: dict[str, list] = {kind: [None] * len(layers) for kind in sites}
 
     def keep(kind: str, index: int):
         def hook(_module, args):
@@ -107,8 +112,8 @@ def hf_channel_inputs(
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(keep("mlp_intermediate", i)))
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(keep("attn_heads", i)))
+        for kind, module in sites.items():
+            handles.append(module(layer).register_forward_pre_hook(keep(kind, i)))
     try:
         with torch.no_grad():
             model.model(input_ids=torch.tensor([token_ids], dtype=torch.long), use_cache=False)

@@ -353,10 +353,12 @@ def test_channel_stats_match_hf(servers, embedded_models, name):
                 want = acts[layers]
                 got_sum = reader.dataset(f"channel_stats/{kind}/sum")
                 got_sq = reader.dataset(f"channel_stats/{kind}/sum_sq")
+                got_abs = reader.dataset(f"channel_stats/{kind}/abs_sum")
                 count = reader.dataset(f"channel_stats/{kind}/count")
                 assert count.tolist() == [len(forwarded)] * len(layers)
                 assert got_sum.shape == (len(layers), want.shape[-1])
-                for got, exp in ((got_sum, want.sum(1)), (got_sq, (want * want).sum(1))):
+                pairs = ((got_sum, want.sum(1)), (got_sq, (want * want).sum(1)))
+                for got, exp in (*pairs, (got_abs, np.abs(want).sum(1))):
                     rel = np.abs(got - exp).max() / np.abs(exp).max()
                     assert rel <= tol, f"{kind}: max|diff|/max|ref| = {rel}"
                     assert cosine(got.ravel(), exp.ravel()) > 1 - tol

@@ -60,6 +60,7 @@ from vllm_activations import capture, summary  # noqa: E402
 from vllm_activations.connector import ActivationCaptureConnector  # noqa: E402
 from vllm_activations.residual_copy import accumulate_channels, record_rows  # noqa: E402
 from vllm_activations.shard import ShardReader, read_shard  # noqa: E402
+from vllm_activations.spec import CHANNEL_KINDS  # noqa: E402
 
 BLOCK = 16
 ROWS = 96  # the capture buffer's rows (max_num_batched_tokens)
@@ -148,7 +149,7 @@ def protocol_env(embedded_models, tmp_path_factory):
         stats = capture.allocate_channel_stats(
             hf.num_hidden_layers,
             SLOTS,
-            {"mlp_intermediate": WIDTH, "attn_heads": WIDTH},
+            dict.fromkeys(CHANNEL_KINDS, WIDTH),
             "cpu",
         )
         state = capture.allocate_capture_state(
@@ -297,12 +298,12 @@ class Replay:
                 if graph:
                     accumulate_channels(
                         channels, slots, stats.block_owner, stats.block_size, *args, count,
-                        stats.lasts[kind][layer],
+                        stats.lasts[kind][layer], stats.abs_sums[kind][layer],
                     )  # fmt: skip
                 else:
                     torch.ops.vllm_activations.channel_stats(
                         channels, stats.sums[kind], stats.sum_sqs[kind], stats.lasts[kind],
-                        stats.counts, layer, layer == 0 and kind_index == 0,
+                        stats.abs_sums[kind], stats.counts, layer, layer == 0 and kind_index == 0,
                     )  # fmt: skip
             residual = values[:, layer].contiguous()
             hidden = torch.full_like(residual, 0.25)
@@ -400,7 +401,9 @@ def check_shard(env, sim: Sim, name: str, prompt_len: int, generated: int) -> No
             assert "channel_stats" not in reader
             return
         values = np.array([channel_code(sim.index, p) for p in range(forwarded)])
-        for kind in ("mlp_intermediate", "attn_heads"):
+        for kind in CHANNEL_KINDS:
+            abs_sum = reader.dataset(f"channel_stats/{kind}/abs_sum")
+            np.testing.assert_allclose(abs_sum, np.abs(values).sum(), rtol=1e-5)
             count = reader.dataset(f"channel_stats/{kind}/count")
             assert count.tolist() == [forwarded] * len(shard.layers)
             sums = reader.dataset(f"channel_stats/{kind}/sum")

@@ -168,8 +168,9 @@ class ChannelStatsState:
     request, slot `slots` is the trash every other token is added to.
 
     sums/sum_sqs[kind]: [num_layers, slots + 1, channels of this TP rank] float32;
-    lasts[kind]: the same shape, each slot's most recent token (taken out again when async
-    scheduling forwarded one token past the request's end); counts: [slots + 1] tokens added.
+    abs_sums[kind]: the same shape, sums of |x|; lasts[kind]: each slot's most recent token
+    (taken out again when async scheduling forwarded one token past the request's end);
+    counts: [slots + 1] tokens added.
     `block_owner` ([num_blocks + 1] slot per KV block) is allocated by the connector once the
     KV cache exists; `active` says whether any scheduled request records statistics (eager
     steps skip the op otherwise).
@@ -180,10 +181,14 @@ class ChannelStatsState:
     sum_sqs: dict[str, torch.Tensor]
     lasts: dict[str, torch.Tensor]
     counts: torch.Tensor
+    abs_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     block_owner: torch.Tensor | None = None
     block_size: int = 0
     active: bool = False
     widths: dict[str, int] = field(default_factory=dict)
+    # Whether each rank holds a slice of the kind's channels (row-parallel inputs) or all of
+    # them (the replicated norm outputs): only slices are all-gathered at read-out.
+    sharded: dict[str, bool] = field(default_factory=dict)
 
     def bind_blocks(self, num_blocks: int, block_size: int) -> None:
         """Allocate the block -> slot table (all trash) for a KV cache of `num_blocks`."""
@@ -196,6 +201,7 @@ class ChannelStatsState:
         for kind in self.sums:
             self.sums[kind][:, slot].zero_()
             self.sum_sqs[kind][:, slot].zero_()
+            self.abs_sums[kind][:, slot].zero_()
         self.counts[slot] = 0
 
     def remove_last_token(self, slot: int) -> None:
@@ -205,6 +211,7 @@ class ChannelStatsState:
             last = self.lasts[kind][:, slot]
             self.sums[kind][:, slot] -= last
             self.sum_sqs[kind][:, slot] -= last * last
+            self.abs_sums[kind][:, slot] -= last.abs()
         self.counts[slot] -= 1
 
 
@@ -249,6 +256,7 @@ def _channel_stats_op(
     sums: torch.Tensor,
     sum_sqs: torch.Tensor,
     lasts: torch.Tensor,
+    abs_sums: torch.Tensor,
     counts: torch.Tensor,
     layer: int,
     count_tokens: bool,
@@ -270,17 +278,20 @@ def _channel_stats_op(
         sum_sqs[layer],
         counts if count_tokens else None,
         lasts[layer],
+        abs_sums[layer],
     )
 
 
-def _channel_stats_fake(x, sums, sum_sqs, lasts, counts, layer: int, count_tokens: bool) -> None:
+def _channel_stats_fake(
+    x, sums, sum_sqs, lasts, abs_sums, counts, layer: int, count_tokens: bool
+) -> None:
     return None
 
 
 direct_register_custom_op(
     op_name="channel_stats",
     op_func=_channel_stats_op,
-    mutates_args=["sums", "sum_sqs", "lasts", "counts"],
+    mutates_args=["sums", "sum_sqs", "lasts", "abs_sums", "counts"],
     fake_impl=_channel_stats_fake,
     target_lib=_LIB,
 )
@@ -319,7 +330,7 @@ class CaptureState:
         if stats is not None:
             nbytes = sum(
                 t.numel() * t.element_size()
-                for group in (stats.sums, stats.sum_sqs, stats.lasts)
+                for group in (stats.sums, stats.sum_sqs, stats.lasts, stats.abs_sums)
                 for t in group.values()
             )
             text += f"; channel statistics {stats.slots} slots = {nbytes / 2**30:.2f} GiB"
@@ -379,7 +390,8 @@ class CapturingDecoderLayer(nn.Module):
 
 
 class ChannelStatsLinear(nn.Module):
-    """Mixin for a row-parallel projection: add its input's channels to the statistics."""
+    """Mixin for a projection (row-parallel down_proj/o_proj, column-parallel
+    gate_up_proj/qkv_proj): add its input's channels to the statistics."""
 
     def forward(self, input_, *args, **kwargs):  # type: ignore[override]
         torch.ops.vllm_activations.channel_stats(
@@ -387,6 +399,7 @@ class ChannelStatsLinear(nn.Module):
             self.stats_sums,
             self.stats_sum_sqs,
             self.stats_lasts,
+            self.stats_abs_sums,
             self.stats_counts,
             self.stats_layer,
             self.stats_count_tokens,
@@ -411,7 +424,13 @@ def _subclass(mixin: type, base: type) -> type:
 
 
 # channel kind -> (submodule of the decoder layer, projection whose input is recorded)
-_STAT_SITES = {"mlp_intermediate": ("mlp", "down_proj"), "attn_heads": ("self_attn", "o_proj")}
+_STAT_SITES = {
+    "mlp_intermediate": ("mlp", "down_proj"),
+    "attn_heads": ("self_attn", "o_proj"),
+    "mlp_norm": ("mlp", "gate_up_proj"),
+    "attn_norm": ("self_attn", "qkv_proj"),
+}
+_SHARDED_KINDS = ("mlp_intermediate", "attn_heads")  # row-parallel inputs: split over TP
 
 
 def allocate_channel_stats(
@@ -430,8 +449,10 @@ def allocate_channel_stats(
         sums=zeros(),
         sum_sqs=zeros(),
         lasts=zeros(),
+        abs_sums=zeros(),
         counts=torch.zeros(slots + 1, dtype=torch.long, device=device),
         widths=widths,
+        sharded={k: k in _SHARDED_KINDS for k in widths},
     )
 
 
@@ -486,6 +507,7 @@ def _install_channel_stats(layers, num_layers: int, slots: int, device) -> Chann
             module.register_buffer("stats_sums", stats.sums[kind], persistent=False)
             module.register_buffer("stats_sum_sqs", stats.sum_sqs[kind], persistent=False)
             module.register_buffer("stats_lasts", stats.lasts[kind], persistent=False)
+            module.register_buffer("stats_abs_sums", stats.abs_sums[kind], persistent=False)
             module.register_buffer("stats_counts", stats.counts, persistent=False)
             module.stats_layer = index
             module.stats_count_tokens = index == 0 and kind == CHANNEL_KINDS[0]

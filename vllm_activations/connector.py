@@ -564,9 +564,13 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         count = int(stats.counts[slot])
         out: dict[str, np.ndarray] = {}
         for kind in stats.sums:
-            for name, source in (("sum", stats.sums[kind]), ("sum_sq", stats.sum_sqs[kind])):
+            for name, source in (
+                ("sum", stats.sums[kind]),
+                ("sum_sq", stats.sum_sqs[kind]),
+                ("abs_sum", stats.abs_sums[kind]),
+            ):
                 part = source[:, slot].index_select(0, index)
-                if tp.world_size > 1:
+                if tp.world_size > 1 and stats.sharded[kind]:
                     part = tp.all_gather(part.contiguous(), dim=-1)
                 out[f"channel_stats/{kind}/{name}"] = part.cpu().numpy()
             out[f"channel_stats/{kind}/count"] = np.full(len(layers), count, dtype=np.int64)

@@ -59,6 +59,7 @@ def accumulate_channels(
     sum_sqs: torch.Tensor,
     counts: torch.Tensor | None = None,
     last: torch.Tensor | None = None,
+    abs_sums: torch.Tensor | None = None,
 ) -> None:
     """Add each token's channels into the statistics slot of the request that owns it.
 
@@ -68,7 +69,8 @@ def accumulate_channels(
     sums, sum_sqs: [num_slots + 1, C] float32; counts: [num_slots + 1] int64, or None.
     last: [num_slots + 1, C] float32, or None: each slot's most recent token (the one a decode
     step adds), so a token forwarded after the request's end (async scheduling's extra step
-    after an EOS) can be taken out again. Fixed shapes and no host sync: graph-safe.
+    after an EOS) can be taken out again. abs_sums: [num_slots + 1, C] float32 sums of |x|
+    (Minitron's mean-|x| importance), or None. Fixed shapes and no host sync: graph-safe.
     """
     n = x.shape[0]
     slots = slot_mapping[:n]
@@ -83,3 +85,5 @@ def accumulate_channels(
         counts.index_add_(0, owner, torch.ones_like(owner))
     if last is not None:
         last.index_copy_(0, owner, xf)
+    if abs_sums is not None:
+        abs_sums.index_add_(0, owner, xf.abs())

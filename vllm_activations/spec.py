@@ -32,7 +32,10 @@ DEFAULT_MAX_LOGPROBS = 20
 # plus the float32 logprob of the token that followed.
 TEACHER_BYTES_PER_K = 8
 TEACHER_BYTES_PER_POSITION = 4
-CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
+# Channel statistics: the inputs of down_proj and o_proj (width pruning: Wanda, FLAP,
+# Minitron neuron and head importance) and the outputs of both RMSNorms of each layer, i.e.
+# the inputs of gate_up_proj and qkv_proj (Minitron hidden-size importance).
+CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads", "mlp_norm", "attn_norm")
 
 
 class CaptureSpecError(ValueError):
