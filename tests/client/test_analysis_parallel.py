@@ -145,7 +145,7 @@ def test_cli_jobs_force_and_skip_flags(shards: Path, tmp_path: Path, capsys) -> 
         parser.parse_args(["analyze", str(shards), "--out", str(tmp_path / "a"), "--jobs", "0"])
     assert "--jobs takes a positive number" in capsys.readouterr().err
     out = tmp_path / "a"
-    run = ["analyze", str(shards), "--out", str(out), "--no-pictures", "--jobs", "1"]
+    run = ["analyze", str(shards), "-o", str(out), "--no-pictures", "--no-progress", "--jobs", "1"]
     args = parser.parse_args(run)
     assert args.func(args) == 0
     args = parser.parse_args(run)

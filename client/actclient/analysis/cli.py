@@ -55,6 +55,7 @@ def _analyze(args: argparse.Namespace) -> int:
             special_ids=args.special_tokens,
             rule=MassiveRule(threshold=args.massive_threshold, ratio=args.massive_ratio),
             pictures=not args.no_pictures,
+            progress=not args.no_progress,
             jobs=args.jobs,
             skip_bad_shards=args.skip_bad_shards,
             force=args.force,
@@ -111,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report.md (read report.md first).",
     )
     p.add_argument("shards_dir", metavar="SHARDS_DIR", help="directory of *.h5 shards")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
     p.add_argument(
         "--model",
         metavar="DIR",
@@ -138,6 +139,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="times the token's median |x| it exceeds (default %(default)s)",
     )
     p.add_argument("--no-pictures", action="store_true", help="skip the PNGs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a TTY")
     p.add_argument(
         "--jobs",
         type=_jobs,
@@ -175,7 +177,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "down_proj / o_proj weights (default: the analysis's model, else "
         "activation-only)",
     )
-    q.add_argument("--out", metavar="PATH", help="write the plan here (default: stdout)")
+    q.add_argument("-o", "--out", metavar="PATH", help="write the plan here (default: stdout)")
     q.add_argument(
         "--tokens",
         choices=("all", "content", "last"),
