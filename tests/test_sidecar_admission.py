@@ -156,6 +156,14 @@ def test_openapi_states_the_rules_the_server_enforces(tmp_path):
         assert r.status_code == 400 and r.json()["error"]["field"] == "prompt"
         r = client.post("/generate_with_activations", json={"prompt": "a", "wait": 0}, headers=KEY)
         assert r.status_code == 422 and r.json()["error"]["field"] == "wait"
+        # true/false are not numbers, whatever pydantic would make of them.
+        for body, field in (
+            ({"seed": False}, "seed"),
+            ({"max_tokens": True}, "max_tokens"),
+            ({"capture": {"layers": [False]}}, "capture.layers"),
+        ):
+            r = client.post("/generate_with_activations", json={"prompt": "a", **body}, headers=KEY)
+            assert r.status_code == 422 and r.json()["error"]["field"] == field, r.json()
 
         # A wrong method names every method of the path.
         r = client.put("/shards/abc", headers=KEY)

@@ -20,13 +20,21 @@ SEED_MIN, SEED_MAX = -(2**53), 2**53
 
 
 def _not_a_bool(value: Any) -> Any:
-    # JSON true/false are not layer numbers (pydantic would read them as 1/0); 3.0 still is.
+    # JSON true/false are not numbers (pydantic would read them as 1/0); 3.0 still is.
     if isinstance(value, bool):
-        raise ValueError("a layer index is an integer, not true/false")
+        raise ValueError("an integer is needed, not true/false")
     return value
 
 
-LayerIndex = Annotated[int, BeforeValidator(_not_a_bool)]
+def _integral_float_as_int(value: Any) -> Any:
+    # JSON Schema's integer includes 13.0; CaptureSpec's checks want an int.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_not_a_bool)]
+LayerIndex = Integer
 Site = Literal["post_attention", "post_mlp"]
 Dtype = Literal["bfloat16", "float16", "float32"]
 assert set(Site.__args__) == set(SITES) and set(Dtype.__args__) == set(DTYPES)
@@ -64,7 +72,7 @@ class CaptureRequest(BaseModel):
         "o_proj inputs (width-pruning statistics) for every captured layer",
     )
     # Any: CaptureSpec checks it, so 0, 2.5 or "3" get one 400 that names the server's limit.
-    teacher_logprobs: Any = Field(
+    teacher_logprobs: Annotated[Any, BeforeValidator(_integral_float_as_int)] = Field(
         None,
         description="K: also keep, at every captured position, the served model's top-K "
         "next-token ids and logprobs and the logprob of the token that followed (vLLM's own "
@@ -120,12 +128,14 @@ class GenerateRequest(BaseModel):
     text: str | None = Field(
         None, min_length=1, description="continuation to teacher-force after the prompt"
     )
-    max_tokens: int = Field(
+    max_tokens: Integer = Field(
         16, ge=1, description="the server's `--max-tokens-limit` is stated as the maximum"
     )
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_not_a_bool)] | None = (
+        None
+    )
     stop: str | list[str] | None = None
     ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence")
     capture: CaptureRequest = Field(default_factory=CaptureRequest)
