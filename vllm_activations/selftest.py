@@ -536,6 +536,7 @@ def run_configuration(
             if CheckpointWeights(model_dir).quantization:
                 tolerance = QUANTIZED_TOLERANCE
             ids = _tokenize(server, PROMPTS[0])
+            prompts = list(PROMPTS[: args.prompts])  # the same list for every mode
             if args.max_model_len > 600 + args.max_tokens:
                 prompts = [*prompts[:1], long_prompt(ids), *prompts[1:]]
             shards[mode] = capture_prompts(server, prompts, args.max_tokens, dtype, together=False)
