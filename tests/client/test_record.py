@@ -583,7 +583,7 @@ def test_record_fans_out_across_servers(
     )
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "leaving out unreachable server http://127.0.0.1:9" in err
+    assert "leaving out a server: cannot reach http://127.0.0.1:9" in err
     last = _check_manifest(out, [r.id for r in records])
     used = Counter(e["server"] for e in last.values())
     assert set(used) == {server.url, f"http://localhost:{port}"}, used
