@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     from actclient.cli import main as actclient
 
     analysis = out / "analysis"
-    if actclient(["analyze", str(server.shard_dir), "--out", str(analysis), "--model", str(model)]):
+    # --force: a rerun replaces the previous run's analysis (the shards were started afresh).
+    command = ["analyze", str(server.shard_dir), "--out", str(analysis), "--model", str(model)]
+    if actclient([*command, "--force"]):
         return 1
     drop = max(1, len(shard.layers) // 5)
     plan = out / "plan.json"
