@@ -11,6 +11,7 @@ tokens and positions and hashes it in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -94,6 +95,9 @@ def capture_failure(exc: CaptureFailed, shard_dir: Path) -> ApiError:
             f"the shard directory {shard_dir} ran out of space while writing the shard "
             f"(nothing partial was kept; free space and retry): {message}",
         )
+    refused = re.match(r"capture\.(\w+): ", message)
+    if refused:  # the connector refused the spec (kv_transfer_params.capture_error): bad input
+        return ApiError(400, message, f"capture.{refused.group(1)}")
     return ApiError(500, f"capture failed: {message}")
 
 

@@ -123,7 +123,7 @@ class GenerateRequest(BaseModel):
         },
     )
 
-    prompt: str | None = None
+    prompt: str | None = Field(None, min_length=1)
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     text: str | None = Field(
         None, min_length=1, description="continuation to teacher-force after the prompt"
@@ -131,8 +131,8 @@ class GenerateRequest(BaseModel):
     max_tokens: Integer = Field(
         16, ge=1, description="the server's `--max-tokens-limit` is stated as the maximum"
     )
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: Annotated[float, Field(ge=0), BeforeValidator(_not_a_bool)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1), BeforeValidator(_not_a_bool)] | None = None
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_not_a_bool)] | None = (
         None
     )
