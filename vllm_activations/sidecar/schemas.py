@@ -131,7 +131,7 @@ class GenerateRequest(BaseModel):
     max_tokens: Integer = Field(
         16, ge=1, description="the server's `--max-tokens-limit` is stated as the maximum"
     )
-    temperature: Annotated[float, Field(ge=0), BeforeValidator(_not_a_bool)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2), BeforeValidator(_not_a_bool)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1), BeforeValidator(_not_a_bool)] | None = None
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_not_a_bool)] | None = (
         None
