@@ -72,25 +72,44 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
     d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_(min=0.0)
     ratio = d2.sqrt() / safe[:, :, None]
     centred = x - x.mean(2, keepdim=True)
-    c2 = centred * centred
-    m2 = c2.mean(2)
-    m4 = (c2 * c2).mean(2)
+    m2 = torch.linalg.vecdot(centred, centred) / hidden
+    c2 = centred.mul_(centred)  # in place: the centred values are not needed again
+    m4 = torch.linalg.vecdot(c2, c2) / hidden
     safe_m2 = torch.where(m2 > 0, m2, torch.ones_like(m2))
     kurtosis = torch.where(m2 > 0, m4 / (safe_m2 * safe_m2) - 3.0, torch.zeros_like(m2))
     mag = x.abs()
     root_h = math.sqrt(hidden)
     l1_ratio = torch.where(norms > 0, mag.sum(2) / safe, torch.full_like(norms, root_h))
     hoyer = (root_h - l1_ratio) / max(root_h - 1.0, 1e-12)
-    ordered = mag.sort(dim=2).values
-    mid = hidden // 2
-    median = (
-        ordered[:, :, mid] if hidden % 2 else 0.5 * (ordered[:, :, mid - 1] + ordered[:, :, mid])
-    )
-    flags = (mag > MASSIVE_THRESHOLD) & (mag > MASSIVE_RATIO * median[:, :, None])
+    median = _massive_medians(mag)
+    bound = torch.clamp(MASSIVE_RATIO * median, min=MASSIVE_THRESHOLD)
+    flags = mag > bound[:, :, None]  # above the threshold and ratio x the median
     return {
         "cos": cos, "angle": angle, "ratio": ratio, "sq": sq, "norms": norms,
         "kurtosis": kurtosis, "hoyer": hoyer, "x": x, "mag": mag, "flags": flags,
     }  # fmt: skip
+
+
+def _median(mag: torch.Tensor) -> torch.Tensor:
+    """numpy's median along the last axis (the mean of the two middle values if even)."""
+    hidden = mag.shape[-1]
+    upper = torch.kthvalue(mag, hidden // 2 + 1, dim=-1).values
+    if hidden % 2:
+        return upper
+    return 0.5 * (torch.kthvalue(mag, hidden // 2, dim=-1).values + upper)
+
+
+def _massive_medians(mag: torch.Tensor) -> torch.Tensor:
+    """The per-(token, site) median |x| where the massive rule needs it: rows whose max |x|
+    exceeds the threshold (other rows can flag nothing, their median stays 0). A CUDA graph
+    needs fixed shapes, so while one is recorded every row gets its median."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return _median(mag)
+    median = torch.zeros(mag.shape[:2], dtype=mag.dtype, device=mag.device)
+    rows = torch.nonzero(mag.amax(2) > MASSIVE_THRESHOLD, as_tuple=True)
+    if rows[0].numel():
+        median[rows] = _median(mag[rows])
+    return median
 
 
 @dataclass
