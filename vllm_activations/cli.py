@@ -326,17 +326,21 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
             raise SystemExit(f"vllm-activations: {flag} must be >= 0")
     shard_dir = Path(args.shard_dir).resolve()
     vllm_port = args.vllm_port or free_loopback_port()
-    cmd = vllm_serve_command(
-        args.model,
-        host="127.0.0.1",
-        port=vllm_port,
-        shard_dir=shard_dir,
-        max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
-        revision=args.revision,
-        extra=launch_arguments(args, extra),
-    )
+
+    def command() -> list[str]:
+        return vllm_serve_command(
+            args.model,
+            host="127.0.0.1",
+            port=vllm_port,
+            shard_dir=shard_dir,
+            max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            revision=args.revision,
+            extra=launch_arguments(args, extra),
+        )
+
     set_env = vllm_environment(args)
     if args.dry_run:
+        cmd = command()
         for key, value in set_env.items():
             print(f"{key}={shlex.quote(value)}")
         print(shlex.join(cmd))
@@ -352,8 +356,10 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
             f"vllm-activations serve: {exc.name} is missing; install the server extra: "
             "pip install 'vllm-activations[server]'"
         ) from exc
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    # Keys and the bind address first: a refused start must not wait for the model's files.
     settings = _sidecar_settings(args, shard_dir, f"http://127.0.0.1:{vllm_port}", extra)
+    cmd = command()
+    shard_dir.mkdir(parents=True, exist_ok=True)
     auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "NO authentication"
     _say(
         f"shards go to {shard_dir}; sidecar on {args.host}:{args.port} with "
