@@ -97,7 +97,9 @@ def _plan(args: argparse.Namespace) -> int:
         for name, entry in plan["layers"]["strategies"].items():
             dropped = [d["layer"] for d in entry.get("dropped", [])]
             print(f"plan: {name}: drop {dropped or entry.get('skipped')}", file=sys.stderr)
-        print(f"plan: widths {plan['widths']}; written to {args.out}", file=sys.stderr)
+        widths = ", ".join(f"{key} {value}" for key, value in plan["widths"].items())
+        print(f"plan: widths after pruning: {widths}", file=sys.stderr)
+        print(f"plan: written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
