@@ -28,3 +28,11 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """fsync a finished file, rename it to its final name and make the rename durable."""
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)

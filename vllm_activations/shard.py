@@ -37,7 +37,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vllm_activations.files import fsync_dir
+from vllm_activations.files import publish
 from vllm_activations.spec import SITES
 
 # 2: optional `summary/` group (summary capture), `layer_outputs/` may be empty (tensors off).
@@ -218,10 +218,7 @@ def write_shard(
             f.attrs.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             for key, value in (attrs or {}).items():
                 f.attrs[key] = _attr_value(value)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -264,10 +261,7 @@ def publish_with_teacher(
         group.attrs["k"] = teacher.k
         for key, value in (attrs or {}).items():
             group.attrs[key] = _attr_value(value)
-    with open(staged, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(staged, final)
-    fsync_dir(final.parent)
+    publish(staged, final)
     return final
 
 
