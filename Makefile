@@ -25,12 +25,12 @@ models: setup
 	$(PY) -m vllm_activations.cli models
 
 demo: setup
-	$(PY) -m vllm_activations.demo
+	$(PY) -m actpipeline.demo
 
 # Layer deletion on SmolLM2 by Block Influence, Gromov, alternating and random layers, k = 2..8,
 # scored on held-out tour texts; writes docs/results/prune_experiment.{json,md,png}.
 experiment: setup
-	$(PY) -m vllm_activations.prune_experiment
+	$(PY) -m actpipeline.prune_experiment
 
 test: setup
 	$(PY) -m pytest -q -rs

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "client")]
 
-from vllm_activations.shard import write_shard  # noqa: E402
+from vllm_activations.contract.shard import write_shard  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "analyzer.json"
 BASELINE = "c3f2d87"  # the last commit with the float64, one-process analyzer
@@ -95,7 +95,7 @@ def child_reference(shards: Path, block_bytes: int) -> dict:
     total, checksum = 0, 0.0
     for path in sorted(shards.glob("*.h5")):
         acc = AnalysisAccumulator(block_bytes=block_bytes)
-        from vllm_activations.shard import ShardReader
+        from vllm_activations.contract.shard import ShardReader
 
         with ShardReader(path) as reader:
             acc._init_layout(reader)  # noqa: SLF001 - the analyzer's own reader

@@ -29,9 +29,9 @@ import httpx
 from workload import RESULTS, ROOT, bench_cores, chat_body, phase1_messages, write_results
 
 from vllm_activations import embedded
+from vllm_activations.contract.spec import CaptureSpec
 from vllm_activations.openai_capture import capture_params
 from vllm_activations.process import ServerProcess, free_loopback_port
-from vllm_activations.spec import CaptureSpec
 
 SERVER_ARGS = [
     "--max-model-len",

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from workload import RESULTS, ROOT, write_results
 
-from vllm_activations.files import fsync_dir
-from vllm_activations.shard import float32_to_bf16_bits, write_shard
+from vllm_activations.contract.files import fsync_dir
+from vllm_activations.contract.shard import float32_to_bf16_bits, write_shard
 
 LAYERS, HIDDEN, PROMPT = 30, 576, 312
 TARGET_RATIO = 0.7

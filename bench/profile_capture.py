@@ -25,9 +25,9 @@ import httpx
 from workload import ROOT, bench_cores, chat_body, phase1_messages
 
 from vllm_activations import embedded
+from vllm_activations.contract.spec import CaptureSpec
 from vllm_activations.openai_capture import capture_params
 from vllm_activations.process import ServerProcess
-from vllm_activations.spec import CaptureSpec
 
 IDLE = ("sched_yield", "Condition.wait", "EpollSelector.select", "select (selectors", "_worker (")
 PARTS = {

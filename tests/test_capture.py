@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 from hf_reference import hf_channel_inputs, hf_residuals
 
+from vllm_activations.contract.shard import ShardError, ShardReader, iter_shard_paths, read_shard
+from vllm_activations.contract.spec import CaptureSpec
 from vllm_activations.openai_capture import (
     CaptureFailed,
     capture_params,
     completion_body,
     wait_for_shard,
 )
-from vllm_activations.shard import ShardError, ShardReader, iter_shard_paths, read_shard
-from vllm_activations.spec import CaptureSpec
 
 pytestmark = pytest.mark.integration
 

@@ -58,9 +58,9 @@ from vllm.v1.worker.kv_connector_model_runner_mixin import (  # noqa: E402
 
 from vllm_activations import capture, summary  # noqa: E402
 from vllm_activations.connector import ActivationCaptureConnector  # noqa: E402
+from vllm_activations.contract.shard import ShardReader, read_shard  # noqa: E402
+from vllm_activations.contract.spec import CHANNEL_KINDS  # noqa: E402
 from vllm_activations.residual_copy import accumulate_channels, record_rows  # noqa: E402
-from vllm_activations.shard import ShardReader, read_shard  # noqa: E402
-from vllm_activations.spec import CHANNEL_KINDS  # noqa: E402
 
 BLOCK = 16
 ROWS = 96  # the capture buffer's rows (max_num_batched_tokens)

@@ -23,8 +23,8 @@ import pytest
 from actclient.cli import main as actclient
 from actclient.evaluate import DEFAULT_TEXTS, evaluate, load_texts
 from actclient.prune import PROVENANCE_KEY, kept_tensor_names
+from actpipeline.prune_experiment import PLAIN_ENV, SERVE_ARGS
 from vllm_activations.process import ServerProcess
-from vllm_activations.prune_experiment import PLAIN_ENV, SERVE_ARGS
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vllm_activations.prune_experiment import NEURONS, RANDOM, markdown, plot, variants
+from actpipeline.prune_experiment import NEURONS, RANDOM, markdown, plot, variants
 
 
 def _plan(k: int) -> dict:

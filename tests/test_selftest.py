@@ -17,13 +17,13 @@ from server import CaptureServer
 from test_capture import assert_matches_hf, capture, cosine, token_ids
 
 from vllm_activations import cli
+from vllm_activations.contract.shard import ShardReader, read_shard, write_shard
 from vllm_activations.selftest import (
     CheckpointWeights,
     chain_errors,
     compare,
     row_cosines,
 )
-from vllm_activations.shard import ShardReader, read_shard, write_shard
 
 
 def _rewrite(src: Path, dst: Path, change) -> Path:
@@ -155,7 +155,7 @@ def test_tensor_parallel_2_equals_tp1_and_hf(servers, embedded_models, tmp_path,
     )  # fmt: skip
     try:
         tp2.wait_ready()
-        from vllm_activations.spec import CaptureSpec
+        from vllm_activations.contract.spec import CaptureSpec
 
         spec = CaptureSpec(dtype="float32", channel_stats=True)
         prompts = [token_ids(n, 70 + n) for n in (150, 20)]

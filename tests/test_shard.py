@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from vllm_activations.shard import (
+from vllm_activations.contract.shard import (
     SCHEMA_VERSION,
     ShardError,
     ShardReader,
@@ -121,7 +121,7 @@ def test_shape_mismatch_refused_and_nothing_written(tmp_path):
 
 WRITER = """
 import sys, numpy as np
-from vllm_activations.shard import write_shard
+from vllm_activations.contract.shard import write_shard
 x = np.ones((64, 512, 1024), np.float32)
 print("start", flush=True)
 while True:

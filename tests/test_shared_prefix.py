@@ -14,8 +14,8 @@ import httpx
 import pytest
 from test_capture import TOLERANCES, assert_matches_hf, capture, prefix_cache_hits, token_ids
 
-from vllm_activations.shard import read_shard
-from vllm_activations.spec import CaptureSpec
+from vllm_activations.contract.shard import read_shard
+from vllm_activations.contract.spec import CaptureSpec
 
 pytestmark = pytest.mark.integration
 

@@ -27,7 +27,8 @@ from server import CaptureServer, free_port
 
 from vllm_activations.cli import main as cli_main
 from vllm_activations.cli import model_dimensions
-from vllm_activations.shard import read_shard
+from vllm_activations.contract.shard import read_shard
+from vllm_activations.contract.spec import CaptureSpec
 from vllm_activations.sidecar import Limits, Settings, create_app
 from vllm_activations.sidecar.errors import ApiError
 from vllm_activations.sidecar.settings import (
@@ -37,8 +38,7 @@ from vllm_activations.sidecar.settings import (
     key_matches,
     load_api_keys,
 )
-from vllm_activations.sidecar.store import SHARD_ID_RE, ShardStore, validate_shard_id
-from vllm_activations.spec import CaptureSpec
+from vllm_activations.sidecar.store import ShardStore, validate_shard_id
 
 MODEL = "tiny-qwen3-tied"  # float32 server: tight comparison with Hugging Face
 MIN_COS, MAX_REL = 0.99999, 1e-4
@@ -119,12 +119,6 @@ def test_invalid_ids_are_400_naming_the_field(bad):
     with pytest.raises(ApiError) as info:
         validate_shard_id(bad)
     assert info.value.status == 400 and info.value.field == "id"
-
-
-def test_shard_id_rule_is_the_connectors():
-    from vllm_activations.connector import CAPTURE_ID_RE
-
-    assert SHARD_ID_RE.pattern == CAPTURE_ID_RE.pattern
 
 
 def test_store_never_leaves_its_directory(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_activations.spec import CaptureSpec, CaptureSpecError
+from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError
 
 
 def test_defaults_capture_everything():

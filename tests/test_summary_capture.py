@@ -16,8 +16,8 @@ from test_capture import capture, token_ids
 
 from actclient.analysis.analyze import analyze
 from actclient.analysis.plan import layer_plan
-from vllm_activations.shard import ShardReader
-from vllm_activations.spec import CaptureSpec
+from vllm_activations.contract.shard import ShardReader
+from vllm_activations.contract.spec import CaptureSpec
 
 pytestmark = pytest.mark.integration
 

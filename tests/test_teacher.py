@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from vllm_activations.cli import vllm_max_logprobs
-from vllm_activations.shard import (
+from vllm_activations.contract.shard import (
     ShardError,
     TeacherData,
     iter_shard_paths,
@@ -25,8 +25,8 @@ from vllm_activations.shard import (
     staged_shard_path,
     write_shard,
 )
+from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError
 from vllm_activations.sidecar import Settings, create_app
-from vllm_activations.spec import CaptureSpec, CaptureSpecError
 from vllm_activations.teacher import TeacherDataError, teacher_from_choice, teacher_request_fields
 
 MODEL = "tiny-qwen3-tied"  # float32 engine: logprobs comparable to 1e-4

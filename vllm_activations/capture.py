@@ -31,6 +31,7 @@ from torch import nn
 from torch.library import Library
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from vllm_activations.contract.spec import CHANNEL_KINDS
 from vllm_activations.plugin import (
     CHANNEL_STATS_SLOTS_ENV,
     DEFAULT_CHANNEL_STATS_SLOTS,
@@ -44,7 +45,6 @@ from vllm_activations.residual_copy import (
     copy_residuals_fake,
     record_rows,
 )
-from vllm_activations.spec import CHANNEL_KINDS
 from vllm_activations.summary import SummaryState
 
 _LIB = Library("vllm_activations", "FRAGMENT")
@@ -553,7 +553,7 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
         state.channel_stats = _install_channel_stats(layers, num_layers, slots, state.buffer.device)
     slots = summary_slots(vllm_config)
     if slots:
-        from vllm_activations.tokens import special_token_ids_of
+        from vllm_activations.contract.tokens import special_token_ids_of
 
         state.summary = SummaryState.allocate(
             slots, num_layers, hf_config.hidden_size, rows, vllm_config.model_config.dtype,

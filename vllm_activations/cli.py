@@ -240,7 +240,7 @@ def plugin_env(env: dict[str, str] | None = None) -> dict[str, str]:
 def vllm_max_logprobs(extra: list[str]) -> int:
     """The `--max-logprobs` given to `vllm serve` among the passed-through arguments (vLLM's
     default when absent): the sidecar refuses a larger capture.teacher_logprobs up front."""
-    from vllm_activations.spec import DEFAULT_MAX_LOGPROBS
+    from vllm_activations.contract.spec import DEFAULT_MAX_LOGPROBS
 
     value = _flag_value(extra, "--max-logprobs")
     if value is None:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vllm_activations.shard import SHARD_SUFFIX
-from vllm_activations.spec import CaptureSpec
+from vllm_activations.contract.shard import SHARD_SUFFIX
+from vllm_activations.contract.spec import CaptureSpec
 
 
 class CaptureFailed(RuntimeError):

@@ -51,10 +51,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from vllm_activations.contract.shard import Shard, ShardReader, read_shard
+from vllm_activations.contract.spec import CaptureSpec
 from vllm_activations.openai_capture import capture_params, completion_body, wait_for_shard
 from vllm_activations.process import ServerProcess
-from vllm_activations.shard import Shard, ShardReader, read_shard
-from vllm_activations.spec import CaptureSpec
 
 PROMPTS = (
     "You are a tour guide. Introduce the old harbour of Marseille to a group of visitors, "

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from vllm_activations.shard import (
+from vllm_activations.contract.shard import (
     ShardReader,
     TeacherData,
     publish_with_teacher,
     staged_shard_path,
 )
-from vllm_activations.spec import CaptureSpec
+from vllm_activations.contract.spec import CaptureSpec
 
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's `return_tokens_as_token_ids` rendering
 # (top-K ids, top-K logprobs, logprob of the token that followed) at one position.

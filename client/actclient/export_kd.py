@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from actclient.progress import Progress
-from vllm_activations.shard import ShardError, ShardReader
+from vllm_activations.contract.shard import ShardError, ShardReader
 
 MANIFEST_NAME = "manifest.jsonl"
 OUT_NAME = "train.parquet"

@@ -22,7 +22,7 @@ from actclient.analysis.embedding import Checkpoint, EmbeddingTable, special_tok
 from actclient.analysis.formulas import unit_angle
 from actclient.analysis.plan import layer_plan, make_plan
 from actclient.analysis.stats import AnalysisAccumulator, ResidualStats
-from vllm_activations.shard import bf16_bits_to_float32, float32_to_bf16_bits, write_shard
+from vllm_activations.contract.shard import bf16_bits_to_float32, float32_to_bf16_bits, write_shard
 
 LAYERS, HIDDEN, VOCAB, INTER = 6, 32, 50, 24
 HEADS, KV, HEAD_DIM = 4, 2, 4
@@ -152,7 +152,7 @@ def _brute(shards: Path, emb: np.ndarray, population: str) -> dict:
     """All tokens of a population as [S, N, H] float64, then every metric directly."""
     blocks = []
     for path in sorted(shards.glob("*.h5")):
-        from vllm_activations.shard import read_shard
+        from vllm_activations.contract.shard import read_shard
 
         shard = read_shard(path)
         tokens, pos = shard.tokens, shard.positions

@@ -15,7 +15,7 @@ from actclient.analysis import cli
 from actclient.analysis.analyze import AnalysisError, analyze
 from actclient.analysis.formulas import unit_angle
 from actclient.analysis.stats import AnalysisAccumulator
-from vllm_activations.shard import ShardError, write_shard
+from vllm_activations.contract.shard import ShardError, write_shard
 
 ARRAYS = ("similarity_all", "boundary_angle_content", "channel_variance_all", "massive_count_all")
 

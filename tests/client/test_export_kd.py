@@ -16,14 +16,14 @@ import pytest
 from actclient import cli, record
 from actclient.export_kd import METADATA_KEY, OUT_NAME, ExportError, export_kd
 from actclient.phase1.dataset import build_dataset, write_jsonl
-from vllm_activations.shard import (
+from vllm_activations.contract.shard import (
     TeacherData,
     publish_with_teacher,
     read_shard,
     staged_shard_path,
     write_shard,
 )
-from vllm_activations.spec import CaptureSpec
+from vllm_activations.contract.spec import CaptureSpec
 
 K = 4
 

@@ -31,8 +31,8 @@ from actclient import cli, record
 from actclient.phase1.dataset import Phase1Record, build_dataset, write_jsonl
 from actclient.phase1.generate import generate
 from actclient.phase1.ingest import load_records
-from vllm_activations.shard import ShardReader, iter_shard_paths, read_shard, write_shard
-from vllm_activations.spec import CaptureSpec, CaptureSpecError
+from vllm_activations.contract.shard import ShardReader, iter_shard_paths, read_shard, write_shard
+from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO.parent / "shared" / "data" / "phase1-samples"
@@ -273,8 +273,9 @@ def _records(n: int, response: str | None = None) -> list[Phase1Record]:
 
 @pytest.fixture()
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(record, "POLL_START_S", 0.001)
-    monkeypatch.setattr(record, "backoff", lambda attempt, hint=None: 0.0)
+    monkeypatch.setattr("actclient.record.transport.POLL_START_S", 0.001)
+    for where in ("actclient.record.transport", "actclient.record.run"):
+        monkeypatch.setattr(f"{where}.backoff", lambda attempt, hint=None: 0.0)
     monkeypatch.setattr("actclient.http.backoff", lambda attempt, hint=None: 0.0)
 
 
@@ -754,7 +755,7 @@ def test_client_installs_and_reads_shards_without_vllm_or_torch(
         "    else:\n"
         "        sys.exit(name + ' imported')\n"
         "import actclient.record\n"
-        "from vllm_activations.shard import read_shard\n"
+        "from vllm_activations.contract.shard import read_shard\n"
         "s = read_shard(sys.argv[1])\n"
         "assert 'torch' not in sys.modules and 'vllm' not in sys.modules\n"
         "print(json.dumps({'input': s.input_tokens.tolist(), 'output': s.output_tokens.tolist(),"

@@ -20,19 +20,19 @@ from typing import Any
 
 import httpx
 
+from vllm_activations.contract.shard import ShardError, ShardReader, staged_shard_path
+from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError, check_teacher_logprobs
 from vllm_activations.openai_capture import (
     CaptureFailed,
     capture_params,
     completion_body,
     wait_for_shard_async,
 )
-from vllm_activations.shard import ShardError, ShardReader, staged_shard_path
 from vllm_activations.sidecar.errors import ApiError
 from vllm_activations.sidecar.jobs import DiskBudget, DiskFull
 from vllm_activations.sidecar.schemas import GenerateRequest, GenerateResponse, ShardInfo, Timings
 from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings
 from vllm_activations.sidecar.store import ShardStore
-from vllm_activations.spec import CaptureSpec, CaptureSpecError, check_teacher_logprobs
 from vllm_activations.teacher import TeacherDataError, finish_teacher_shard, teacher_request_fields
 
 # HDF5 superblock, attributes, chunk indexes and the token arrays of a long request.

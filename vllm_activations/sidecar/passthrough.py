@@ -15,10 +15,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError
 from vllm_activations.sidecar.errors import ApiError
 from vllm_activations.sidecar.generate import CaptureRunner
 from vllm_activations.sidecar.store import validate_shard_id
-from vllm_activations.spec import CaptureSpec, CaptureSpecError
 
 CAPTURE_PATHS = ("completions", "chat/completions")
 PARAMS = "kv_transfer_params"

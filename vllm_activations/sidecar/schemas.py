@@ -1,22 +1,27 @@
 """Request and response models of the sidecar API; they are also its OpenAPI schema.
 
-The capture fields mirror `vllm_activations.spec.CaptureSpec` (the one definition of what a
+The capture fields mirror `vllm_activations.contract.spec.CaptureSpec` (the one definition of what a
 spec means); these models only describe the JSON shape, the spec class does the validation.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
-from vllm_activations.spec import DTYPES, POSITION_MODES, SITES
+from vllm_activations.contract.spec import DTYPES, POSITION_MODES, SITES
 
 # The `positions` grammar of CaptureSpec (K a positive integer, leading zeros allowed).
 POSITIONS_PATTERN = r"^(all|prompt|generated|last|every:0*[1-9][0-9]*)$"
 assert {m.split(":")[0] for m in POSITION_MODES} == {"all", "prompt", "generated", "last", "every"}
 # Inside torch.Generator's range, and exact as a JSON number (OpenAPI tools read floats).
 SEED_MIN, SEED_MAX = -(2**53), 2**53
+# vLLM's own limit on stop strings (`VLLM_MAX_STOP_STRINGS`, default 4, read the same way), and
+# it refuses an empty one; stated here so the schema matches what the engine accepts.
+MAX_STOP_STRINGS = int(os.environ.get("VLLM_MAX_STOP_STRINGS", "4"))
+StopString = Annotated[str, Field(min_length=1)]
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -136,7 +141,9 @@ class GenerateRequest(BaseModel):
     seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_not_a_bool)] | None = (
         None
     )
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = (
+        Field(None, description="stop strings (vLLM's VLLM_MAX_STOP_STRINGS bounds the list)")
+    )
     ignore_eos: StrictBool = Field(False, description="keep generating past end-of-sequence")
     capture: CaptureRequest = Field(default_factory=CaptureRequest)
     wait: StrictBool = Field(

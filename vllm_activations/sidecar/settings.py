@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_activations.spec import DEFAULT_MAX_LOGPROBS
+from vllm_activations.contract.spec import DEFAULT_MAX_LOGPROBS
 
 API_KEY_ENV = "VLLM_ACTIVATIONS_API_KEY"
 

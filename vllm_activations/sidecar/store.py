@@ -9,18 +9,17 @@ refused). sha256 is computed in a worker thread and cached by (name, size, mtime
 from __future__ import annotations
 
 import os
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_activations.files import file_sha256
-from vllm_activations.shard import SHARD_SUFFIX, iter_shard_paths
+from vllm_activations.contract.files import file_sha256
+from vllm_activations.contract.shard import SHARD_SUFFIX, iter_shard_paths
+from vllm_activations.contract.spec import CAPTURE_ID_RE
 from vllm_activations.sidecar.errors import ApiError
 
-# Same rule as vllm_activations.connector.CAPTURE_ID_RE (that module imports torch and vllm;
-# tests/test_sidecar.py checks the two stay equal).
-SHARD_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A shard id is a capture id: one rule, in the contract.
+SHARD_ID_RE = CAPTURE_ID_RE
 
 
 def validate_shard_id(shard_id: str, field: str = "id") -> str:

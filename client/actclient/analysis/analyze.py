@@ -45,7 +45,7 @@ from actclient.analysis.stats import (
     shard_attrs,
 )
 from actclient.progress import Progress
-from vllm_activations.shard import ShardError, ShardReader, iter_shard_paths
+from vllm_activations.contract.shard import ShardError, ShardReader, iter_shard_paths
 
 ANALYSIS_SCHEMA = "actclient.analysis/1"
 ANALYSIS_BLOCK_BYTES = 1 << 30  # token-block memory of one analysis, split among the workers

@@ -15,7 +15,7 @@ from actclient.analysis.analyze import AnalysisError, analyze, default_jobs
 from actclient.analysis.embedding import ModelFilesError
 from actclient.analysis.plan import HEAD_RULES, PlanError, make_plan
 from actclient.analysis.stats import MassiveRule
-from vllm_activations.shard import ShardError
+from vllm_activations.contract.shard import ShardError
 
 
 def _ids(value: str) -> list[int]:

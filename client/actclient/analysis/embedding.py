@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_activations.tokens import special_token_ids  # noqa: F401 - part of this API
+from vllm_activations.contract.tokens import special_token_ids  # noqa: F401 - part of this API
 
 _DTYPES = {
     "BF16": np.uint16,

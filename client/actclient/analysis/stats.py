@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from actclient.analysis import formulas
-from vllm_activations.shard import ShardError, ShardReader, from_storage
+from vllm_activations.contract.shard import ShardError, ShardReader, from_storage
 
 POPULATIONS: tuple[str, ...] = ("all", "content", "last")
 CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")

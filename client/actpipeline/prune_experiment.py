@@ -60,7 +60,7 @@ def _log(message: str) -> None:
 
 def record_and_analyze(work: Path, prompts: int, max_tokens: int) -> Path:
     """The analysis directory of a `make demo`-style recording (made once, then reused)."""
-    from vllm_activations import demo
+    from actpipeline import demo
 
     analysis = work / "record" / "analysis"
     if (analysis / "analysis.json").is_file():
@@ -360,7 +360,7 @@ def plot(results: dict, path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     from actclient.evaluate import DEFAULT_TEXTS
 
-    parser = argparse.ArgumentParser(prog="python -m vllm_activations.prune_experiment")
+    parser = argparse.ArgumentParser(prog="python -m actpipeline.prune_experiment")
     parser.add_argument("--work", default="experiment-out", help="scratch dir")
     parser.add_argument("--results", default="docs/results", help="where the results go")
     parser.add_argument("--texts", default=str(DEFAULT_TEXTS), help="held-out texts (JSONL)")

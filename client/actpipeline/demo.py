@@ -14,14 +14,14 @@ from pathlib import Path
 
 import httpx
 
+from vllm_activations.contract.shard import ShardReader
+from vllm_activations.contract.spec import CaptureSpec
 from vllm_activations.openai_capture import capture_params, wait_for_shard
 from vllm_activations.process import ServerProcess
-from vllm_activations.shard import ShardReader
-from vllm_activations.spec import CaptureSpec
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_activations.demo")
+    parser = argparse.ArgumentParser(prog="python -m actpipeline.demo")
     parser.add_argument("--out", default="demo-out", help="output directory")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -37,8 +37,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from vllm_activations.files import publish
-from vllm_activations.spec import SITES
+from vllm_activations.contract.files import publish
+from vllm_activations.contract.spec import SITES
 
 # 2: optional `summary/` group (summary capture), `layer_outputs/` may be empty (tensors off).
 SCHEMA_VERSION = 2

@@ -8,9 +8,13 @@ values it allows, so an HTTP 400 can pass the message through unchanged.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+# A capture id is also a shard file name: the connector and the sidecar check the same rule.
+CAPTURE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 SITES: tuple[str, ...] = ("post_attention", "post_mlp")
 DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
@@ -289,3 +293,14 @@ def _parse_positions(value: object) -> int:
         if k.isdigit() and int(k) > 0:
             return int(k)
     raise CaptureSpecError("positions", f"{value!r} is not allowed; {allowed}")
+
+
+def validate_capture_id(capture_id: object) -> str:
+    """A capture id is a file name stem: letters, digits, '.', '_', '-', at most 128 chars."""
+    if not isinstance(capture_id, str) or not CAPTURE_ID_RE.fullmatch(capture_id):
+        raise CaptureSpecError(
+            "capture_id",
+            f"{capture_id!r} is not allowed; use 1-128 characters from [A-Za-z0-9._-], "
+            "starting with a letter or digit",
+        )
+    return capture_id

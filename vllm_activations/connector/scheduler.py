@@ -1,0 +1,183 @@
+"""Scheduler side (engine core): validates capture specs, hands out device slots, and ships
+each step's block tables and scheduled token ranges of capture requests to the workers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_activations.connector.protocol import (
+    CAPTURE_ID_KEY,
+    CAPTURE_KEY,
+    CaptureStepMetadata,
+    FinishedCapture,
+    NewCapture,
+    error_path,
+    shard_path,
+)
+from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError, validate_capture_id
+
+
+@dataclass
+class _SchedulerRequest:
+    capture_id: str
+    spec: CaptureSpec
+    layers: list[int]
+    block_ids: list[int] = field(default_factory=list)
+    announced: bool = False
+    stats_slot: int | None = None
+    summary_slot: int | None = None
+
+
+class _SlotPool:
+    """Device slots of one kind (channel statistics, summaries) handed to running requests."""
+
+    def __init__(self, field_name: str, flag: str, count: int) -> None:
+        self.field_name, self.flag, self.count = field_name, flag, count
+        self._free = list(range(count))[::-1]
+
+    def take(self) -> int:
+        if not self.count:
+            raise CaptureSpecError(
+                self.field_name,
+                f"this server keeps no {self.field_name} slots (started with {self.flag} 0)",
+            )
+        if not self._free:
+            raise CaptureSpecError(
+                self.field_name,
+                f"all {self.count} {self.field_name} slots are in use by running requests "
+                f"(the server's {self.flag}); retry when one finishes",
+            )
+        return self._free.pop()
+
+    def free(self, slot: int | None) -> None:
+        if slot is not None:
+            self._free.append(slot)
+
+
+class CaptureScheduler:
+    """The connector's scheduler role: one per engine core."""
+
+    def __init__(self, vllm_config, shard_dir: Path, num_layers: int) -> None:
+        from vllm_activations.capture import channel_stats_slots, summary_slots
+
+        self.shard_dir = shard_dir
+        self.num_layers = num_layers
+        self._requests: dict[str, _SchedulerRequest] = {}
+        self._errors: dict[str, str] = {}
+        self._finished: dict[str, FinishedCapture] = {}
+        self._stat_pool = _SlotPool(
+            "channel_stats", "--channel-stats-slots", channel_stats_slots(vllm_config)
+        )
+        self._summary_pool = _SlotPool("summary", "--summary-slots", summary_slots(vllm_config))
+
+    def on_new_request(self, request) -> None:
+        """Validate the capture spec and turn off prefix-cache reads for capture requests."""
+        params = request.kv_transfer_params or {}
+        if CAPTURE_KEY not in params:
+            return
+        try:
+            spec = CaptureSpec.from_dict(params[CAPTURE_KEY])
+            layers = spec.resolve_layers(self.num_layers)
+            capture_id = validate_capture_id(
+                params.get(CAPTURE_ID_KEY) or _sanitize(request.request_id)
+            )
+            if shard_path(self.shard_dir, capture_id).exists() or any(
+                r.capture_id == capture_id for r in self._requests.values()
+            ):
+                raise CaptureSpecError("capture_id", f"{capture_id!r} is already in use")
+            if not (spec.tensors or spec.summary or spec.channel_stats or spec.teacher_logprobs):
+                raise CaptureSpecError(
+                    "tensors",
+                    "false keeps nothing; also ask for summary, channel_stats or teacher_logprobs",
+                )
+            summary_slot = self._summary_pool.take() if spec.summary else None
+            try:
+                stats_slot = self._stat_pool.take() if spec.channel_stats else None
+            except CaptureSpecError:
+                self._summary_pool.free(summary_slot)
+                raise
+        except CaptureSpecError as exc:
+            self._errors[request.request_id] = str(exc)
+            return
+        if spec.skips_prefix_cache:
+            request.skip_reading_prefix_cache = True
+        self._requests[request.request_id] = _SchedulerRequest(
+            capture_id, spec, layers, stats_slot=stats_slot, summary_slot=summary_slot
+        )
+
+    def build_connector_meta(self, scheduler_output) -> CaptureStepMetadata:
+        meta = CaptureStepMetadata(finished=self._finished)
+        self._finished = {}
+        num_scheduled = scheduler_output.num_scheduled_tokens
+        for new_req in scheduler_output.scheduled_new_reqs:
+            state = self._requests.get(new_req.req_id)
+            if state is None:
+                continue
+            meta.scheduled[new_req.req_id] = (
+                new_req.num_computed_tokens,
+                num_scheduled.get(new_req.req_id, 0),
+            )
+            state.block_ids = list(new_req.block_ids[0])
+            if not state.announced:
+                state.announced = True
+                meta.new[new_req.req_id] = NewCapture(
+                    capture_id=state.capture_id,
+                    spec=state.spec.to_dict(),
+                    layers=state.layers,
+                    prompt_token_ids=list(new_req.prompt_token_ids or []),
+                    sampling_params=_sampling_attrs(new_req.sampling_params),
+                    stats_slot=state.stats_slot,
+                    summary_slot=state.summary_slot,
+                )
+            meta.block_tables[new_req.req_id] = state.block_ids
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._requests.get(req_id)
+            if state is None:
+                continue
+            meta.scheduled[req_id] = (cached.num_computed_tokens[i], num_scheduled.get(req_id, 0))
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids is not None else []
+                meta.resumed.add(req_id)
+            elif new_ids is not None:
+                state.block_ids.extend(new_ids[0])
+            meta.block_tables[req_id] = list(state.block_ids)
+        return meta
+
+    def request_finished(self, request):
+        """Tell the client where its shard will be; the worker writes it next step."""
+        req_id = request.request_id
+        if req_id in self._errors:
+            return False, {"capture_error": self._errors.pop(req_id)}
+        state = self._requests.pop(req_id, None)
+        if state is None:
+            return False, None
+        # The worker reads the slots out at the next step's bind, before anything new runs.
+        self._stat_pool.free(state.stats_slot)
+        self._summary_pool.free(state.summary_slot)
+        reason = request.get_finished_reason()
+        self._finished[req_id] = FinishedCapture(
+            output_token_ids=list(request.output_token_ids),
+            finish_reason=str(reason) if reason is not None else None,
+        )
+        return False, {
+            CAPTURE_ID_KEY: state.capture_id,
+            "shard_path": str(shard_path(self.shard_dir, state.capture_id)),
+            "error_path": str(error_path(self.shard_dir, state.capture_id)),
+            "capture": state.spec.to_dict(),
+        }
+
+
+def _sanitize(request_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", request_id)[:128].lstrip("._-") or "capture"
+
+
+def _sampling_attrs(params) -> dict[str, Any]:
+    if params is None:
+        return {}
+    keys = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "min_tokens")
+    return {k: getattr(params, k, None) for k in keys}

@@ -1,0 +1,336 @@
+"""Worker side (every TP rank; rank 0 writes): points device slots at requests before each
+forward, attributes the capture buffer's rows to requests after it, and copies out only the
+rows and columns they keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_activations.connector.protocol import CaptureStepMetadata, FinishedCapture
+from vllm_activations.connector.row_store import RowStore, to_host
+from vllm_activations.connector.writer import ShardWriterThread, WorkerRequest, model_attrs
+from vllm_activations.contract.spec import SITES, CaptureSpec
+
+
+@dataclass
+class _SummarySlot:
+    """A running request's summary slot (on the writing rank)."""
+
+    slot: int
+    sites: list[int]
+    boundaries: list[int]
+    num_prompt: int
+
+
+@dataclass
+class _StatSlot:
+    """A running request's statistics slot, on every TP rank."""
+
+    slot: int
+    layers: list[int]
+    num_prompt: int
+    # One past the last position forwarded so far (from the scheduled token ranges).
+    forwarded_end: int = 0
+
+
+class CaptureWorker:
+    """The connector's worker role: one per worker process."""
+
+    def __init__(
+        self, vllm_config, kv_cache_config, shard_dir: Path, block_size: int, num_layers: int
+    ) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        from vllm_activations.capture import capture_state
+
+        self.shard_dir = shard_dir
+        self.block_size = block_size
+        self.num_layers = num_layers
+        self.is_writer = get_tensor_model_parallel_rank() == 0
+        self._active: dict[str, WorkerRequest] = {}
+        self._writer = ShardWriterThread(vllm_config, model_attrs(vllm_config))
+        self._capture = capture_state()
+        self._stats = self._capture.channel_stats
+        self._stat_slots: dict[str, _StatSlot] = {}
+        self._summary = self._capture.summary
+        self._summary_slots: dict[str, _SummarySlot] = {}
+        # Unpadded batch size of this step, when the runner says (Model Runner V2).
+        self._num_tokens: int | None = None
+        if self._stats is not None:
+            self._stats.bind_blocks(kv_cache_config.num_blocks, self.block_size)
+        if self._summary is not None:
+            self._summary.bind_blocks(kv_cache_config.num_blocks, self.block_size)
+            self._writer.special_ids = list(self._summary.special_ids)
+
+    def bind(self, connector_metadata: CaptureStepMetadata | None) -> None:
+        """Before the forward: whether this step captures at all, and the statistics slots."""
+        self._num_tokens = None
+        if not isinstance(connector_metadata, CaptureStepMetadata):
+            return
+        self._capture.want_layers(self._layers_this_step(connector_metadata))
+        if self._stats is not None:
+            self._update_channel_stats(connector_metadata)
+        if self._summary is not None and self.is_writer:
+            self._update_summaries(connector_metadata)
+
+    def _layers_this_step(self, meta: CaptureStepMetadata) -> set[int]:
+        """Layers some request scheduled this step captures (none on ranks that do not write)."""
+        if not self.is_writer:
+            return set()
+        layers: set[int] = set()
+        for req_id in meta.block_tables:
+            new = meta.new.get(req_id)
+            state = self._active.get(req_id)
+            new = new if new is not None else (state.new if state is not None else None)
+            if new is None:
+                continue
+            if new.summary_slot is not None:  # a summary reads every site of every layer
+                return set(range(self.num_layers))
+            layers.update(new.layers)
+        return layers
+
+    def _update_summaries(self, meta: CaptureStepMetadata) -> None:
+        """Before the forward, on the writing rank: finished summaries out, new and resumed
+        slots started, then the block -> slot table of this step's scheduled requests."""
+        from vllm_activations.summary import read_slot, select_sites
+
+        summary = self._summary
+        for req_id, fin in meta.finished.items():
+            entry = self._summary_slots.pop(req_id, None)
+            if entry is None:
+                continue
+            last = entry.num_prompt + max(len(fin.output_token_ids), 1) - 2
+            result = read_slot(summary, entry.slot, last)
+            state = self._active.get(req_id)
+            if state is not None:
+                state.summary = select_sites(result, entry.sites, entry.boundaries)
+        for req_id, new in meta.new.items():
+            if new.summary_slot is None:
+                continue
+            spec = CaptureSpec.from_dict(new.spec)
+            sites = [0] + [
+                1 + 2 * layer + SITES.index(site) for layer in new.layers for site in spec.sites
+            ]
+            boundaries = [0] + (
+                [layer + 1 for layer in new.layers] if "post_mlp" in spec.sites else []
+            )
+            entry = _SummarySlot(new.summary_slot, sites, boundaries, len(new.prompt_token_ids))
+            self._summary_slots[req_id] = entry
+            summary.start_slot(entry.slot, spec.positions, spec.every, entry.num_prompt)
+        for req_id in meta.resumed:
+            entry = self._summary_slots.get(req_id)
+            if entry is not None:  # recomputed from its first token
+                spec = self._active[req_id].spec
+                summary.start_slot(entry.slot, spec.positions, spec.every, entry.num_prompt)
+        owned = [
+            (self._summary_slots[r].slot, table)
+            for r, table in meta.block_tables.items()
+            if r in self._summary_slots
+        ]
+        _point_blocks(summary, owned)
+
+    def _update_channel_stats(self, meta: CaptureStepMetadata) -> None:
+        """Before the forward, on every TP rank: finished slots out, new and resumed slots
+        zeroed, then the block -> slot table of this step's scheduled requests."""
+        stats = self._stats
+        for req_id, fin in meta.finished.items():
+            entry = self._stat_slots.pop(req_id, None)
+            if entry is None:
+                continue
+            result = self._finish_stat_slot(entry, fin)
+            state = self._active.get(req_id) if self.is_writer else None
+            if state is not None:
+                if isinstance(result, str):
+                    state.error = result
+                else:
+                    state.channel_stats = result
+            stats.zero_slot(entry.slot)
+        for req_id, new in meta.new.items():
+            if new.stats_slot is not None:
+                self._stat_slots[req_id] = _StatSlot(
+                    new.stats_slot, new.layers, len(new.prompt_token_ids)
+                )
+                stats.zero_slot(new.stats_slot)
+        for req_id in meta.resumed:
+            if req_id in self._stat_slots:  # recomputed from its first token
+                stats.zero_slot(self._stat_slots[req_id].slot)
+        owned = []
+        for req_id, table in meta.block_tables.items():
+            entry = self._stat_slots.get(req_id)
+            if entry is None:
+                continue
+            start, count = meta.scheduled.get(req_id, (0, 0))
+            entry.forwarded_end = max(entry.forwarded_end, start + count)
+            owned.append((entry.slot, table))
+        _point_blocks(stats, owned)
+
+    def _finish_stat_slot(
+        self, entry: _StatSlot, fin: FinishedCapture
+    ) -> dict[str, np.ndarray] | str:
+        """A finished request's statistics over exactly its forwarded positions 0..P+G-2, or
+        why they cannot be given."""
+        forwarded = entry.num_prompt + max(len(fin.output_token_ids), 1) - 1
+        extra = entry.forwarded_end - forwarded
+        if extra == 1:  # async scheduling's step after an EOS: one decode token too many
+            self._stats.remove_last_token(entry.slot)
+        elif extra > 1:
+            return (
+                f"channel statistics: {extra} tokens were forwarded past the request's end "
+                f"(position {forwarded - 1}); at most one can be taken out"
+            )
+        return self._read_stat_slot(entry.slot, entry.layers)
+
+    def _read_stat_slot(self, slot: int, layers: list[int]) -> dict[str, np.ndarray]:
+        """One request's statistics for its captured layers, all channels (TP-gathered)."""
+        from vllm.distributed import get_tp_group
+
+        stats = self._stats
+        index = torch.as_tensor(layers, dtype=torch.long, device=stats.counts.device)
+        tp = get_tp_group()
+        count = int(stats.counts[slot])
+        out: dict[str, np.ndarray] = {}
+        for kind in stats.sums:
+            for name, source in (
+                ("sum", stats.sums[kind]),
+                ("sum_sq", stats.sum_sqs[kind]),
+                ("abs_sum", stats.abs_sums[kind]),
+            ):
+                part = source[:, slot].index_select(0, index)
+                if tp.world_size > 1 and stats.sharded[kind]:
+                    part = tp.all_gather(part.contiguous(), dim=-1)
+                out[f"channel_stats/{kind}/{name}"] = part.cpu().numpy()
+            out[f"channel_stats/{kind}/count"] = np.full(len(layers), count, dtype=np.int64)
+        return out
+
+    def start_load_kv(self, num_tokens: int | None) -> None:
+        """Model Runner V2 passes the unpadded batch size: rows past it are padding."""
+        self._num_tokens = int(num_tokens) if num_tokens is not None else None
+
+    def wait_for_save(self, meta: CaptureStepMetadata) -> None:
+        """After the forward (inside a forward context on V1, outside on V2): copy this step's
+        capture rows out, then hand finished requests to the writer."""
+        for req_id, new in meta.new.items():
+            self._active[req_id] = WorkerRequest(new=new, spec=CaptureSpec.from_dict(new.spec))
+        if meta.scheduled:
+            self._collect_rows(meta)
+        for req_id, fin in meta.finished.items():
+            state = self._active.pop(req_id, None)
+            if state is not None:
+                self._writer.submit(self.shard_dir, state, fin)
+
+    def _row_owners(
+        self, meta: CaptureStepMetadata
+    ) -> list[tuple[WorkerRequest, np.ndarray, np.ndarray]]:
+        """(request, positions, buffer rows) of every capture request's kept rows this step,
+        positions ascending, from the positions and KV slots the capture op recorded."""
+        capture = self._capture
+        slots = capture.row_slots.cpu().numpy()
+        positions = capture.row_positions.cpu().numpy()
+        if self._num_tokens is not None:
+            slots, positions = slots[: self._num_tokens], positions[: self._num_tokens]
+        rows = np.flatnonzero(slots >= 0)
+        row_slot, row_pos = slots[rows], positions[rows]
+        row_block, row_offset = row_slot // self.block_size, row_slot % self.block_size
+        selected = []
+        for req_id, (start, count) in meta.scheduled.items():
+            state = self._active.get(req_id)
+            if state is None or count <= 0 or not state.spec.tensors:
+                continue
+            table = np.asarray(meta.block_tables.get(req_id, ()), dtype=np.int64)
+            inside = np.flatnonzero((row_pos >= start) & (row_pos < start + count))
+            index = row_pos[inside] // self.block_size
+            inside, index = inside[index < len(table)], index[index < len(table)]
+            mine = inside[
+                (table[index] == row_block[inside])
+                & (row_offset[inside] == row_pos[inside] % self.block_size)
+            ]
+            pos = row_pos[mine]
+            if state.spec.positions == "last":  # the end is not known yet: the two newest
+                newest = np.argsort(pos, kind="stable")[-2:]
+                mine, pos = mine[newest], pos[newest]
+            else:
+                keep = state.spec.keeps_position(pos, len(state.new.prompt_token_ids))
+                mine, pos = mine[keep], pos[keep]
+            if len(mine):
+                order = np.argsort(pos, kind="stable")
+                selected.append((state, pos[order], rows[mine[order]]))
+        return selected
+
+    def _collect_rows(self, meta: CaptureStepMetadata) -> None:
+        selected = self._row_owners(meta)
+        if not selected:
+            return
+        buffer = self._capture.buffer
+        for state, _, _ in selected:
+            if state.store is None:
+                state.store = RowStore(
+                    state.spec,
+                    state.new.layers,
+                    self.num_layers,
+                    buffer.shape[2],
+                    len(state.new.prompt_token_ids),
+                    state.new.sampling_params.get("max_tokens"),
+                )
+        # Only the columns (layer x site) some selected request keeps leave the device.
+        columns = np.unique(np.concatenate([s.store.columns() for s, _, _ in selected]))
+        column_of = np.full(buffer.shape[1], -1, dtype=np.int64)
+        column_of[columns] = np.arange(len(columns))
+        all_rows = np.concatenate([r for _, _, r in selected])
+        bounds = np.cumsum([0] + [len(r) for _, _, r in selected])
+        for stage_start, staged in self._staged_rows(all_rows, columns):
+            stage_end = stage_start + len(staged)
+            host: dict[str, np.ndarray] = {}
+            for k, (state, pos, _) in enumerate(selected):
+                lo, hi = max(bounds[k], stage_start), min(bounds[k + 1], stage_end)
+                if lo >= hi:
+                    continue
+                dtype = state.spec.dtype
+                if dtype not in host:
+                    host[dtype] = to_host(staged, dtype)
+                part = host[dtype][lo - stage_start : hi - stage_start]
+                state.store.add(pos[lo - bounds[k] : hi - bounds[k]], part, column_of)
+
+    def _staged_rows(self, rows: np.ndarray, columns: np.ndarray):
+        """Yield (offset, host tensor [k, len(columns), H]) for `rows` x `columns` of the
+        capture buffer in bounded chunks: one gather into the device staging buffer and one
+        pinned, non-blocking device-to-host copy per chunk (on CPU the gather lands in host
+        staging directly). A chunk is valid until the next one is requested."""
+        capture = self._capture
+        buffer, host = capture.buffer, capture.host_staging
+        device = capture.device_staging
+        sites, hidden = buffer.shape[1], buffer.shape[2]
+        width = len(columns)
+        chunk = max(1, host.shape[0] * sites // width)
+        flat = buffer.view(-1, hidden)  # row r, column c is flat row r * sites + c
+        cols = torch.as_tensor(columns, device=buffer.device)
+        for start in range(0, len(rows), chunk):
+            index = torch.as_tensor(rows[start : start + chunk], device=buffer.device)
+            k = index.shape[0]
+            flat_index = (index[:, None] * sites + cols[None, :]).view(-1)
+            target = device if device is not None else host
+            out = target.view(-1)[: k * width * hidden].view(k * width, hidden)
+            torch.index_select(flat, 0, flat_index, out=out)
+            staged = host.view(-1)[: k * width * hidden].view(k, width, hidden)
+            if device is not None:
+                staged.copy_(out.view(k, width, hidden), non_blocking=True)
+                torch.cuda.current_stream().synchronize()
+            yield start, staged
+
+    def shutdown(self) -> None:
+        self._writer.close()
+
+
+def _point_blocks(state, owned: list[tuple[int, list[int]]]) -> None:  # noqa: ANN001
+    """Point the KV blocks of this step's requests at their device slots (every other block
+    at the trash slot) in a slot state's `block_owner`, and say whether any is active."""
+    if not owned and not state.active:
+        return
+    owner = np.full(state.block_owner.shape[0], state.slots, dtype=np.int64)
+    for slot, table in owned:
+        owner[np.asarray(table, dtype=np.int64)] = slot
+    state.block_owner.copy_(torch.from_numpy(owner))
+    state.active = bool(owned)
