@@ -31,12 +31,14 @@ from typing import BinaryIO
 import numpy as np
 
 from actclient import __version__
+from actclient.analysis.budget import BUDGET_STRATEGIES
 from actclient.analysis.embedding import (
     ModelFilesError,
     TensorInfo,
     load_config,
     read_safetensors_metadata,
 )
+from actclient.analysis.params import ModelShape, ParamCountError
 from actclient.analysis.plan import LAYER_STRATEGIES
 from actclient.progress import Progress
 
@@ -91,14 +93,127 @@ class NeuronSelection:
         return len(next(iter(self.kept.values())))
 
 
+@dataclass
+class WidthSelection:
+    """Every width cut of a budget plan: kept MLP neurons and query heads per source layer,
+    kept hidden channels (one set for the whole model); None where an axis is not cut."""
+
+    mlp: dict[int, np.ndarray] | None
+    heads: dict[int, np.ndarray] | None  # kept query-head indices, in source order
+    hidden: np.ndarray | None
+    widths: dict[str, int]
+    source: dict = field(default_factory=dict)
+
+    def cuts(
+        self, name: str, layer: int | None, shape: tuple[int, ...]
+    ) -> list[tuple[int, np.ndarray]]:
+        """(axis, kept indices) pairs for tensor `name` of source layer `layer`."""
+        parts = name.split(".")
+        module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", parts[-1])
+        if kind not in ("weight", "bias"):
+            raise PruneError(f"{name}: cannot prune the width of a quantized tensor")
+        out: list[tuple[int, np.ndarray]] = []
+        hidden_axis = _HIDDEN_AXIS.get((module, kind))
+        if self.hidden is not None:
+            if hidden_axis is not None:
+                out.append((hidden_axis, self.hidden))
+            elif module not in _NO_HIDDEN_AXIS:
+                raise PruneError(
+                    f"{name} (shape {list(shape)}): hidden-size pruning does not know this "
+                    "tensor; refusing rather than leaving it at the old width"
+                )
+        if layer is not None and self.mlp is not None:
+            if module in ("gate_proj", "up_proj"):
+                out.append((0, self.mlp[layer]))
+            elif module == "down_proj" and kind == "weight":
+                out.append((1, self.mlp[layer]))
+        if layer is not None and self.heads is not None and module in ("q_proj", "o_proj"):
+            d = self.widths["head_dim"]
+            channels = (self.heads[layer][:, None] * d + np.arange(d)).ravel()
+            if module == "q_proj":
+                out.append((0, channels))
+            elif kind == "weight":
+                out.append((1, channels))
+        return out
+
+
+# (module, weight|bias) -> the axis of length hidden_size
+_HIDDEN_AXIS = {
+    ("embed_tokens", "weight"): 1,
+    ("lm_head", "weight"): 1,
+    ("norm", "weight"): 0,
+    ("input_layernorm", "weight"): 0,
+    ("post_attention_layernorm", "weight"): 0,
+    ("q_proj", "weight"): 1,
+    ("k_proj", "weight"): 1,
+    ("v_proj", "weight"): 1,
+    ("o_proj", "weight"): 0,
+    ("o_proj", "bias"): 0,
+    ("gate_proj", "weight"): 1,
+    ("up_proj", "weight"): 1,
+    ("down_proj", "weight"): 0,
+    ("down_proj", "bias"): 0,
+}
+# tensors without a hidden-size axis: head_dim norms, q/k/v and gate/up biases
+_NO_HIDDEN_AXIS = ("q_norm", "k_norm", "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+def budget_strategy(
+    plan: dict, strategy: str, plan_path: str | Path | None = None
+) -> tuple[LayerSelection, WidthSelection]:
+    """The layers and widths of one strategy of a budget plan (`plan --target-params`)."""
+    strategies = plan.get("budget", {}).get("strategies")
+    if not strategies:
+        raise PruneError("the plan has no budget section (make it with plan --target-params)")
+    if strategy not in strategies:
+        raise PruneError(
+            f"the plan has no budget strategy {strategy!r}; it has {sorted(strategies)}"
+        )
+    entry = strategies[strategy]
+    if "skipped" in entry:
+        raise PruneError(f"the plan skipped budget strategy {strategy!r}: {entry['skipped']}")
+    source = {
+        "plan": str(plan_path) if plan_path is not None else None,
+        "analysis": plan.get("analysis"),
+        "budget_strategy": strategy,
+        "rule": entry.get("rule"),
+        "target_params": plan["budget"].get("target_params"),
+        "params": entry.get("params"),
+    }
+    widths = entry["widths"]
+    before = plan["budget"]["source_shape"]
+
+    def kept(section: dict | None, size: int) -> dict[int, np.ndarray] | None:
+        if not section:
+            return None
+        return {
+            int(e["layer"]): np.setdiff1d(np.arange(size), np.asarray(e["pruned"], dtype=np.int64))
+            for e in section["layers"]
+        }
+
+    hidden = entry.get("hidden")
+    selection = WidthSelection(
+        mlp=kept(entry.get("mlp"), before["intermediate_size"]),
+        heads=kept(entry.get("heads"), before["num_attention_heads"]),
+        hidden=(
+            np.setdiff1d(np.arange(before["hidden_size"]), np.asarray(hidden["pruned"], np.int64))
+            if hidden
+            else None
+        ),
+        widths=dict(widths),
+        source=source,
+    )
+    return LayerSelection(sorted(entry["dropped_layers"]), dict(source)), selection
+
+
 def load_plan(path: str | Path) -> dict:
     path = Path(path)
     try:
         plan = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise PruneError(f"{path}: cannot read the plan ({exc})") from exc
-    if "layers" not in plan or "strategies" not in plan.get("layers", {}):
-        raise PruneError(f"{path}: not a plan from `actclient plan` (no layers.strategies)")
+    if "strategies" not in plan.get("layers", {}) and "strategies" not in plan.get("budget", {}):
+        raise PruneError(f"{path}: not a plan from `actclient plan` (no strategies)")
     return plan
 
 
@@ -213,21 +328,25 @@ def _copied(info: TensorInfo) -> Callable[[BinaryIO], None]:
 
 
 def _sliced(
-    info: TensorInfo, axis: int, keep: np.ndarray
+    info: TensorInfo, cuts: list[tuple[int, np.ndarray]]
 ) -> tuple[list[int], int, Callable[[BinaryIO], None]]:
-    """Shape, size and writer of a tensor keeping indices `keep` along `axis` (raw bits)."""
+    """Shape, size and writer of a tensor keeping indices `keep` along each `axis` (raw bits)."""
     if info.dtype not in _ITEMSIZE:
         raise PruneError(f"{info.file}: cannot slice dtype {info.dtype}")
     bits = _ITEM_BITS[_ITEMSIZE[info.dtype]]
     shape = list(info.shape)
-    if keep.size and int(keep.max()) >= shape[axis]:
-        raise PruneError(f"neuron index {int(keep.max())} is outside a tensor of shape {shape}")
-    shape[axis] = len(keep)
+    for axis, keep in cuts:
+        if keep.size and int(keep.max()) >= shape[axis]:
+            raise PruneError(f"index {int(keep.max())} is outside a tensor of shape {shape}")
+        shape[axis] = len(keep)
     nbytes = int(np.prod(shape)) * _ITEMSIZE[info.dtype]
 
     def write(out: BinaryIO) -> None:
         raw = np.memmap(info.file, dtype=bits, mode="r", offset=info.offset, shape=info.shape)
-        out.write(np.ascontiguousarray(np.take(raw, keep, axis=axis)).tobytes())
+        part: np.ndarray = raw
+        for axis, keep in cuts:
+            part = np.take(part, keep, axis=axis)
+        out.write(np.ascontiguousarray(part).tobytes())
 
     return shape, nbytes, write
 
@@ -282,6 +401,7 @@ def prune_checkpoint(
     layers: LayerSelection,
     neurons: NeuronSelection | None = None,
     progress: bool | None = None,
+    widths: WidthSelection | None = None,
 ) -> dict:
     """Write the pruned checkpoint to `out_dir` (created; must not exist or be empty), with a
     progress bar over the source's safetensors files (`progress`: None: only on a terminal).
@@ -298,8 +418,12 @@ def prune_checkpoint(
     kept = [i for i in range(total) if i not in set(layers.dropped)]
     if not kept:
         raise PruneError("the plan drops every layer")
-    if neurons is not None and config.get("quantization_config"):
-        raise PruneError("neuron pruning of a quantized checkpoint is not supported")
+    if neurons is not None and widths is not None:
+        raise PruneError("give a neuron plan or a budget strategy, not both")
+    if (neurons is not None or widths is not None) and config.get("quantization_config"):
+        raise PruneError("width pruning of a quantized checkpoint is not supported")
+    if widths is not None:
+        _check_widths(config, kept, widths)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise PruneError(f"{model_dir}: no *.safetensors files (convert the checkpoint first)")
@@ -319,6 +443,10 @@ def prune_checkpoint(
     if neurons is not None:
         provenance["neurons"] = neurons.source
         new_config["intermediate_size"] = neurons.width
+    if widths is not None:
+        provenance["widths"] = {**widths.source, "widths": widths.widths}
+        for key in ("intermediate_size", "num_attention_heads", "hidden_size", "head_dim"):
+            new_config[key] = int(widths.widths[key])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.pruning-", dir=out_dir.parent))
@@ -335,11 +463,15 @@ def prune_checkpoint(
                     continue
                 info = infos[name]
                 match = _LAYER_NAME.match(name)
-                cut = _neuron_slice(name, int(match.group(2)) if match else None, neurons)
-                if cut is None:
+                layer = int(match.group(2)) if match else None
+                cut = _neuron_slice(name, layer, neurons)
+                cuts = [cut] if cut is not None else []
+                if widths is not None:
+                    cuts = widths.cuts(name, layer, info.shape)
+                if not cuts:
                     shape, nbytes, write = list(info.shape), info.nbytes, _copied(info)
                 else:
-                    shape, nbytes, write = _sliced(info, *cut)
+                    shape, nbytes, write = _sliced(info, cuts)
                 tensors.append(_OutTensor(new_name, info.dtype, shape, nbytes, write))
             if tensors:
                 total_size += _write_safetensors(tmp / path.name, tensors, metadata)
@@ -373,6 +505,38 @@ def prune_checkpoint(
     return provenance
 
 
+def _check_widths(config: dict, kept: list[int], widths: WidthSelection) -> None:
+    """Refuse, naming the reason, a width plan this checkpoint cannot take."""
+    try:
+        shape = ModelShape.from_config(config)
+    except ParamCountError as exc:
+        raise PruneError(f"width pruning: {exc}") from None
+    w = widths.widths
+    if w["num_key_value_heads"] != shape.num_key_value_heads or w["head_dim"] != shape.head_dim:
+        raise PruneError("the plan changes KV heads or head_dim, which prune does not apply")
+    for axis, per_layer, width in (
+        ("mlp", widths.mlp, w["intermediate_size"]),
+        ("heads", widths.heads, w["num_attention_heads"]),
+    ):
+        if per_layer is None:
+            continue
+        missing = [k for k in kept if k not in per_layer]
+        if missing:
+            raise PruneError(f"the plan's {axis} section has no entry for kept layers {missing}")
+        sizes = {len(per_layer[k]) * (shape.head_dim if axis == "heads" else 1) for k in kept}
+        expect = width * (shape.head_dim if axis == "heads" else 1)
+        if sizes != {expect}:
+            raise PruneError(f"the plan's {axis} section keeps {sorted(sizes)}, not {expect}")
+    if widths.heads is not None:
+        group = shape.num_attention_heads // shape.num_key_value_heads
+        for k in kept:
+            per_group = np.bincount(widths.heads[k] // group, minlength=shape.num_key_value_heads)
+            if len(set(per_group.tolist())) != 1:
+                raise PruneError(f"layer {k}: the kept heads are not the same count per KV group")
+    if widths.hidden is not None and len(widths.hidden) != w["hidden_size"]:
+        raise PruneError("the plan's hidden section does not match its hidden_size")
+
+
 def _layer_list(value: str) -> list[int]:
     try:
         return sorted(int(x) for x in value.split(",") if x.strip())
@@ -385,7 +549,14 @@ def _layer_list(value: str) -> list[int]:
 def _prune(args: argparse.Namespace) -> int:
     try:
         plan = load_plan(args.plan) if args.plan else None
-        if args.drop_layers is not None:
+        widths = None
+        if args.budget_strategy is not None:
+            if plan is None or args.drop_layers is not None or args.neurons:
+                raise PruneError(
+                    "--budget-strategy takes a budget PLAN, without --drop-layers or --neurons"
+                )
+            layers, widths = budget_strategy(plan, args.budget_strategy, args.plan)
+        elif args.drop_layers is not None:
             layers = LayerSelection(args.drop_layers, {"rule": "explicit --drop-layers"})
             if plan is not None:
                 layers.source["plan"] = str(args.plan)
@@ -394,9 +565,13 @@ def _prune(args: argparse.Namespace) -> int:
         else:
             raise PruneError("give a PLAN (from `actclient plan`) or --drop-layers")
         model_layers = load_config(Path(args.model_dir))["num_hidden_layers"]
-        if plan is not None and plan["layers"].get("num_layers", model_layers) != model_layers:
+        planned = (
+            plan.get("budget", {}).get("source_shape") or plan.get("layers", {}) if plan else {}
+        )
+        planned_layers = planned.get("num_hidden_layers", planned.get("num_layers", model_layers))
+        if planned_layers != model_layers:
             raise PruneError(
-                f"the plan is for {plan['layers']['num_layers']} layers, the model has "
+                f"the plan is for {planned_layers} layers, the model has "
                 f"{model_layers}: it was made for another model"
             )
         neurons = None
@@ -407,12 +582,22 @@ def _prune(args: argparse.Namespace) -> int:
             if plan["neurons"].get("heads"):
                 print("prune: the plan's attention-head pruning is not applied", file=sys.stderr)
         provenance = prune_checkpoint(
-            args.model_dir, args.out, layers, neurons, progress=False if args.no_progress else None
+            args.model_dir,
+            args.out,
+            layers,
+            neurons,
+            progress=False if args.no_progress else None,
+            widths=widths,
         )
     except (PruneError, ModelFilesError, OSError, KeyError) as exc:
         print(f"prune: {exc}", file=sys.stderr)
         return 2
     width = f", intermediate_size {neurons.width}" if neurons is not None else ""
+    if widths is not None:
+        width = ", " + ", ".join(
+            f"{key} {widths.widths[key]}"
+            for key in ("intermediate_size", "num_attention_heads", "hidden_size")
+        )
     print(
         f"prune: dropped layers {provenance['dropped_layers']} "
         f"({provenance['source_num_hidden_layers']} -> {len(provenance['kept_layers'])}{width}); "
@@ -450,6 +635,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--neurons",
         action="store_true",
         help="also prune MLP neurons by the plan's neuron section (intermediate_size changes)",
+    )
+    p.add_argument(
+        "--budget-strategy",
+        choices=BUDGET_STRATEGIES,
+        metavar="NAME",
+        help="apply every dimension (layers, MLP width, heads, hidden size) of this strategy "
+        f"of a budget plan (`plan --target-params`): one of {', '.join(BUDGET_STRATEGIES)}",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a TTY")
     p.set_defaults(func=_prune)

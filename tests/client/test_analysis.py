@@ -18,16 +18,20 @@ import pytest
 
 from actclient.analysis import cli
 from actclient.analysis.analyze import analyze
+from actclient.analysis.budget import BUDGET_STRATEGIES
 from actclient.analysis.embedding import Checkpoint, EmbeddingTable, special_token_ids
 from actclient.analysis.formulas import unit_angle
-from actclient.analysis.plan import layer_plan, make_plan
+from actclient.analysis.params import ModelShape
+from actclient.analysis.plan import PlanError, layer_plan, make_budget_plan, make_plan
 from actclient.analysis.stats import AnalysisAccumulator, ResidualStats
+from actclient.cli import main as actclient
 from vllm_activations.contract.shard import bf16_bits_to_float32, float32_to_bf16_bits, write_shard
 
 LAYERS, HIDDEN, VOCAB, INTER = 6, 32, 50, 24
 HEADS, KV, HEAD_DIM = 4, 2, 4
 IDENTITY_LAYER, MASSIVE_CHANNEL, MASSIVE_VALUE = 3, 7, 5000.0
 SPECIAL = (1,)
+QUIET_HIDDEN = 11
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -104,10 +108,22 @@ def _channel_stats(rng: np.random.Generator) -> dict:
     mlp_sq[:, 9] = 1e-4  # a nearly silent neuron: every score prunes it
     heads_sq = rng.uniform(1.0, 2.0, size=(LAYERS, HEADS * HEAD_DIM))
     heads_sq[:, 0:HEAD_DIM] = 1e-3  # head 0 (KV group 0) is silent
+    norm_sq = rng.uniform(1.0, 2.0, size=(LAYERS, HIDDEN))
+    norm_sq[:, QUIET_HIDDEN] = 1e-4  # a hidden channel both norms keep near zero
     extra = {}
-    for kind, sq in (("mlp_intermediate", mlp_sq), ("attn_heads", heads_sq)):
+    kinds = (
+        ("mlp_intermediate", mlp_sq),
+        ("attn_heads", heads_sq),
+        ("mlp_norm", norm_sq),
+        ("attn_norm", norm_sq * 2),
+    )
+    for kind, sq in kinds:
         extra[f"channel_stats/{kind}/sum"] = rng.normal(size=sq.shape)
         extra[f"channel_stats/{kind}/sum_sq"] = sq * 10
+        # sum |x| <= sqrt(n sum x^2): a consistent stand-in, random per request
+        extra[f"channel_stats/{kind}/abs_sum"] = np.sqrt(sq * 10 * 10) * rng.uniform(
+            0.5, 1, sq.shape
+        )
         extra[f"channel_stats/{kind}/count"] = np.full(LAYERS, 10, dtype=np.int64)
     return extra
 
@@ -351,6 +367,10 @@ def test_any_order_and_split_equals_single_pass(
             assert sorted(map(str, other.massive_events)) == sorted(map(str, stats.massive_events))
         for kind in single.channels.sums:
             np.testing.assert_allclose(merged.channels.sums[kind], single.channels.sums[kind])
+            np.testing.assert_allclose(
+                merged.channels.minitron(kind), single.channels.minitron(kind)
+            )
+            assert merged.channels.requests[kind] == single.channels.requests[kind] == 5
             assert np.array_equal(merged.channels.counts[kind], single.channels.counts[kind])
 
 
@@ -396,6 +416,38 @@ def test_layer_plan_math(shards: Path, model_dir: Path, tmp_path: Path) -> None:
             assert not {d["layer"] for d in entry["dropped"]} & set(plan["protected"])
 
 
+def test_minitron_importance_matches_brute_force(shards: Path, tmp_path: Path) -> None:
+    """Per-request mean |x|, L2 over requests; heads L2 over head_dim and ranked within KV
+    groups; hidden channels summed over layers and both RMSNorm outputs."""
+    from vllm_activations.contract.shard import ShardReader
+
+    analysis = analyze(shards, tmp_path, None, special_ids=SPECIAL, pictures=False, progress=False)
+    means: dict[str, list[np.ndarray]] = {}
+    for path in sorted(shards.glob("*.h5")):
+        with ShardReader(path) as reader:
+            for kind in ("mlp_intermediate", "attn_heads", "mlp_norm", "attn_norm"):
+                base = f"channel_stats/{kind}"
+                count = reader.dataset(f"{base}/count")[:, None]
+                means.setdefault(kind, []).append(reader.dataset(f"{base}/abs_sum") / count)
+    want = {kind: np.sqrt((np.stack(v) ** 2).sum(0)) for kind, v in means.items()}
+    for kind, value in want.items():
+        got = np.load(tmp_path / "arrays" / f"minitron_{kind}.npy")
+        np.testing.assert_allclose(got, value, rtol=1e-12)
+    minitron = analysis["minitron"]
+    assert minitron["requests"]["mlp_intermediate"] == 5
+    heads = np.linalg.norm(want["attn_heads"].reshape(LAYERS, HEADS, HEAD_DIM), axis=2)
+    np.testing.assert_allclose(minitron["heads"]["scores"], heads, rtol=1e-12)
+    group = HEADS // KV
+    for layer, ranks in enumerate(minitron["heads"]["rank_in_group"]):
+        for g, ranked in enumerate(ranks):
+            assert sorted(ranked) == list(range(g * group, (g + 1) * group))
+            assert list(heads[layer, ranked]) == sorted(heads[layer, ranked], reverse=True)
+        assert ranks[0][-1] == 0  # the silent head is last in its group
+    hidden = want["mlp_norm"].sum(0) + want["attn_norm"].sum(0)
+    np.testing.assert_allclose(minitron["hidden"]["scores"], hidden, rtol=1e-12)
+    assert minitron["hidden"]["order"][-1] == QUIET_HIDDEN
+
+
 def test_neuron_plan_wanda_and_activation_only(shards: Path, model_dir: Path, tmp_path: Path):
     analyze(shards, tmp_path, None, special_ids=SPECIAL, pictures=False, progress=False)
     act = make_plan(tmp_path, drop=1, mlp_fraction=0.1, head_fraction=0.5)
@@ -438,3 +490,99 @@ def test_cli_analyze_and_plan(shards: Path, model_dir: Path, tmp_path: Path, cap
     args = parser.parse_args(["plan", str(out), "--drop", "99"])
     assert args.func(args) == 2
     assert "cannot drop 99" in capsys.readouterr().err
+
+
+def _config(model_dir: Path) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def _budget_model(model_dir: Path, tmp_path: Path) -> Path:
+    """The planted model's config with a vocabulary, so a budget can be counted."""
+    out = tmp_path / "model"
+    out.mkdir()
+    config = {**_config(model_dir), "vocab_size": VOCAB, "tie_word_embeddings": True}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.75, 0.6])
+def test_budget_plans_fit_and_are_tight(shards: Path, model_dir: Path, tmp_path: Path, ratio):
+    analyze(shards, tmp_path / "a", None, special_ids=SPECIAL, pictures=False, progress=False)
+    model = _budget_model(model_dir, tmp_path)
+    plan = make_budget_plan(
+        tmp_path / "a", target_ratio=ratio, model_dir=model, mlp_multiple=4, hidden_multiple=4
+    )
+    budget = plan["budget"]
+    shape = ModelShape.from_config(_config(model))
+    target = budget["target_params"]
+    assert budget["source_params"] == shape.count() and target == int(ratio * shape.count())
+    assert set(budget["strategies"]) == set(BUDGET_STRATEGIES)
+    for name, entry in budget["strategies"].items():
+        if "skipped" in entry:
+            assert name not in ("depth_only", "width_only"), entry
+            continue
+        w = entry["widths"]
+        counted = shape.with_widths(
+            num_hidden_layers=w["num_hidden_layers"],
+            intermediate_size=w["intermediate_size"],
+            num_attention_heads=w["num_attention_heads"],
+            hidden_size=w["hidden_size"],
+        ).count()
+        assert entry["params"] == counted <= target, name
+        assert w["num_key_value_heads"] == KV
+        if name in ("depth_only", "last_layers"):
+            assert target - counted < shape.per_layer()  # within one layer of the budget
+            assert w["intermediate_size"] == INTER and w["hidden_size"] == HIDDEN
+        elif w["intermediate_size"] < INTER:  # within one MLP step of the budget
+            assert target - counted < entry["granularity"]
+            assert (
+                entry["granularity"]
+                == counted
+                - shape.with_widths(
+                    num_hidden_layers=w["num_hidden_layers"],
+                    intermediate_size=w["intermediate_size"] - 4,
+                    num_attention_heads=w["num_attention_heads"],
+                    hidden_size=w["hidden_size"],
+                ).count()
+            )
+        assert len(entry["dropped_layers"]) + w["num_hidden_layers"] == LAYERS
+        assert not set(entry["dropped_layers"]) & set(budget["search"]["protected_layers"])
+        for section, size in (("mlp", INTER - w["intermediate_size"]),):
+            if entry[section]:
+                rows = entry[section]["layers"]
+                assert [r["layer"] for r in rows] == entry["kept_layers"]
+                assert all(len(r["pruned"]) == size for r in rows)
+        if entry["hidden"]:
+            assert len(entry["hidden"]["pruned"]) == HIDDEN - w["hidden_size"]
+            if name != "random":
+                assert QUIET_HIDDEN in entry["hidden"]["pruned"]
+        if entry["heads"]:
+            group = HEADS // KV
+            for row in entry["heads"]["layers"]:
+                per_group = np.bincount(np.array(row["pruned"]) // group, minlength=KV)
+                assert len(set(per_group.tolist())) == 1  # the same cut in every KV group
+                if name != "random":
+                    assert 0 in row["pruned"]  # the silent head goes first
+    last = budget["strategies"]["last_layers"]
+    if "dropped_layers" in last and last["dropped_layers"]:
+        k = len(last["dropped_layers"])
+        assert last["dropped_layers"] == list(range(LAYERS - 1 - k, LAYERS - 1))
+    assert HEAD_DIM * HEADS == 16
+
+
+def test_budget_refusals(shards: Path, model_dir: Path, tmp_path: Path, capsys) -> None:
+    analyze(shards, tmp_path / "a", None, special_ids=SPECIAL, pictures=False, progress=False)
+    model = _budget_model(model_dir, tmp_path)
+    with pytest.raises(PlanError, match="--model"):
+        make_budget_plan(tmp_path / "a", target_params=1000)
+    with pytest.raises(PlanError, match="must lie in"):
+        make_budget_plan(tmp_path / "a", target_params=10**9, model_dir=model)
+    out = tmp_path / "plan.json"
+    code = actclient(
+        ["plan", str(tmp_path / "a"), "--target-params", "9000", "--model", str(model),
+         "--hidden-multiple", "4", "--mlp-multiple", "4", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "plan: budget 9,000 of" in err and "plan: joint:" in err
+    assert json.loads(out.read_text())["budget"]["target_params"] == 9000

@@ -33,6 +33,7 @@ from actclient.analysis.embedding import (
     load_config,
     special_token_ids,
 )
+from actclient.analysis.importance import minitron_summary
 from actclient.analysis.stats import (
     DEFAULT_BLOCK_BYTES,
     POPULATIONS,
@@ -383,11 +384,14 @@ def _write_outputs(
         arrays[f"channel_stats_{kind}_layers"] = acc.channels.layers[kind]
         arrays[f"channel_stats_{kind}_sum"] = acc.channels.sums[kind]
         arrays[f"channel_stats_{kind}_sum_sq"] = acc.channels.sum_sqs[kind]
+        arrays[f"channel_stats_{kind}_abs_sum"] = acc.channels.abs_sums[kind]
         arrays[f"channel_stats_{kind}_count"] = acc.channels.counts[kind]
+    model_config = _model_config(acc.attrs, model_dir)
+    minitron, minitron_arrays = minitron_summary(acc.channels, model_config)
+    arrays.update(minitron_arrays)
     for key, value in arrays.items():
         np.save(arrays_dir / f"{key}.npy", value)
 
-    model_config = _model_config(acc.attrs, model_dir)
     main = by_tokens["all"]
     analysis = {
         "schema": ANALYSIS_SCHEMA,
@@ -425,6 +429,7 @@ def _write_outputs(
             }
             for kind in acc.channels.sums
         },
+        "minitron": minitron if acc.channels.sums else None,
         "arrays": {key: f"arrays/{key}.npy" for key in arrays},
     }
     picture_paths: list[str] = []

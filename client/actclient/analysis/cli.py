@@ -12,10 +12,43 @@ import sys
 from pathlib import Path
 
 from actclient.analysis.analyze import AnalysisError, analyze, default_jobs
+from actclient.analysis.budget import (
+    DEFAULT_DEPTH_SHARE,
+    DEFAULT_HIDDEN_MULTIPLE,
+    DEFAULT_MAX_CUT,
+    DEFAULT_MULTIPLE,
+)
 from actclient.analysis.embedding import ModelFilesError
-from actclient.analysis.plan import HEAD_RULES, PlanError, make_plan
+from actclient.analysis.plan import HEAD_RULES, PlanError, make_budget_plan, make_plan
 from actclient.analysis.stats import MassiveRule
 from vllm_activations.contract.shard import ShardError
+
+PLAN_DESCRIPTION = """\
+Write a JSON pruning plan.
+
+Layer plans (--target-layers / --drop): layers by block influence, Gromov block, alternating
+and U-shaped baselines; neurons and heads (Wanda-sp) from the channel statistics.
+
+Budget plans (--target-params / --target-ratio, need the model's config.json: --model or the
+analysis's model): one complete shape per strategy, its parameter count computed exactly from
+the config (embeddings tied or not, norms, Qwen3 q/k norms, biases) and at or below the budget:
+  depth_only   the fewest lowest-BI unprotected layers dropped, widths kept
+  last_layers  as many layers, the last ones before the final layer (baseline)
+  width_only   every layer kept; MLP width, query heads per KV group and hidden size
+  joint        --depth-share of the cut as lowest-BI layers, the width rule on the rest
+  random       the joint shape with layers, neurons, heads and channels drawn at random
+Width rule: hidden size (multiples of --hidden-multiple), query heads per KV group (rounded
+up; every KV head kept) and MLP width (multiples of --mlp-multiple) are cut by the smallest
+common fraction (at most --max-cut) that fits, found by bisection; then the MLP width is
+raised to the largest multiple that still fits. Which channels go is Minitron importance (per
+request mean |x|, L2 over requests: MLP neurons from the down_proj input, heads from the o_proj
+input ranked within KV groups, hidden channels from both RMSNorm outputs summed over layers).
+Granularity: a depth plan lands within one layer's parameters under the budget, a width plan
+within one MLP step (--mlp-multiple neurons in every kept layer); each entry states its step.
+Limits: the shapes come from fixed rules (no search over quality), one shot (no re-scoring
+after a cut), widths uniform across layers, RMSNorm over the kept hidden channels only (no
+rescaling); kept_importance is a diagnostic, not a loss: score the pruned models.
+"""
 
 
 def _ids(value: str) -> list[int]:
@@ -76,17 +109,32 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    budget = args.target_params is not None or args.target_ratio is not None
     try:
-        plan = make_plan(
-            args.analysis,
-            target_layers=args.target_layers,
-            drop=args.drop,
-            model_dir=args.model,
-            tokens=args.tokens,
-            mlp_fraction=args.mlp_fraction,
-            head_fraction=args.head_fraction,
-            head_rule=args.head_rule,
-        )
+        if budget:
+            plan = make_budget_plan(
+                args.analysis,
+                target_params=args.target_params,
+                target_ratio=args.target_ratio,
+                model_dir=args.model,
+                tokens=args.tokens,
+                mlp_multiple=args.mlp_multiple,
+                hidden_multiple=args.hidden_multiple,
+                max_cut=args.max_cut,
+                depth_share=args.depth_share,
+                seed=args.seed,
+            )
+        else:
+            plan = make_plan(
+                args.analysis,
+                target_layers=args.target_layers,
+                drop=args.drop,
+                model_dir=args.model,
+                tokens=args.tokens,
+                mlp_fraction=args.mlp_fraction,
+                head_fraction=args.head_fraction,
+                head_rule=args.head_rule,
+            )
     except (PlanError, ModelFilesError, OSError) as exc:
         print(f"plan: {exc}", file=sys.stderr)
         return 2
@@ -94,15 +142,36 @@ def _plan(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
-        for name, entry in plan["layers"]["strategies"].items():
-            dropped = [d["layer"] for d in entry.get("dropped", [])]
-            print(f"plan: {name}: drop {dropped or entry.get('skipped')}", file=sys.stderr)
-        widths = ", ".join(f"{key} {value}" for key, value in plan["widths"].items())
-        print(f"plan: widths after pruning: {widths}", file=sys.stderr)
+        if budget:
+            _print_budget(plan["budget"])
+        else:
+            for name, entry in plan["layers"]["strategies"].items():
+                dropped = [d["layer"] for d in entry.get("dropped", [])]
+                print(f"plan: {name}: drop {dropped or entry.get('skipped')}", file=sys.stderr)
+            widths = ", ".join(f"{key} {value}" for key, value in plan["widths"].items())
+            print(f"plan: widths after pruning: {widths}", file=sys.stderr)
         print(f"plan: written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _print_budget(budget: dict) -> None:
+    target, source = budget["target_params"], budget["source_params"]
+    print(f"plan: budget {target:,} of {source:,} parameters", file=sys.stderr)
+    for name, entry in budget["strategies"].items():
+        if "skipped" in entry:
+            print(f"plan: {name}: skipped: {entry['skipped']}", file=sys.stderr)
+            continue
+        w = entry["widths"]
+        print(
+            f"plan: {name}: {entry['params']:,} params ({target - entry['params']:,} under, "
+            f"step {entry['granularity']:,}); layers {w['num_hidden_layers']} "
+            f"(drop {entry['dropped_layers']}), intermediate {w['intermediate_size']}, "
+            f"heads {w['num_attention_heads']}/{w['num_key_value_heads']} KV, "
+            f"hidden {w['hidden_size']}",
+            file=sys.stderr,
+        )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -164,14 +233,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     q = subparsers.add_parser(
         "plan",
-        help="layer and neuron pruning plans from an analysis",
-        description="Write a JSON pruning plan: layers by block influence, Gromov block, "
-        "alternating and U-shaped baselines; neurons and heads from channel stats.",
+        help="layer and neuron pruning plans, or whole shapes under a parameter budget",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=PLAN_DESCRIPTION,
     )
     q.add_argument("analysis", metavar="ANALYSIS", help="analysis dir or analysis.json")
     size = q.add_mutually_exclusive_group(required=True)
     size.add_argument("--target-layers", type=int, metavar="N", help="layers to keep")
     size.add_argument("--drop", type=int, metavar="K", help="layers to drop")
+    size.add_argument(
+        "--target-params",
+        type=int,
+        metavar="N",
+        help="budget: at most N parameters, counted from the model's config.json",
+    )
+    size.add_argument(
+        "--target-ratio",
+        type=float,
+        metavar="R",
+        help="budget: at most R (0..1) times the model's parameter count",
+    )
     q.add_argument(
         "--model",
         metavar="DIR",
@@ -204,5 +285,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="per-group",
         help="per-group: equal query heads from every KV group; whole-groups: "
         "whole KV groups (default %(default)s)",
+    )
+    q.add_argument(
+        "--mlp-multiple",
+        type=int,
+        default=DEFAULT_MULTIPLE,
+        metavar="M",
+        help="budget: MLP widths on multiples of M (default %(default)s)",
+    )
+    q.add_argument(
+        "--hidden-multiple",
+        type=int,
+        default=DEFAULT_HIDDEN_MULTIPLE,
+        metavar="M",
+        help="budget: hidden sizes on multiples of M, and for Llama of the head count "
+        "(default %(default)s)",
+    )
+    q.add_argument(
+        "--max-cut",
+        type=_fraction,
+        default=DEFAULT_MAX_CUT,
+        metavar="F",
+        help="budget: the largest fraction any width axis (and the joint plan's depth) loses "
+        "(default %(default)s)",
+    )
+    q.add_argument(
+        "--depth-share",
+        type=_fraction,
+        default=DEFAULT_DEPTH_SHARE,
+        metavar="F",
+        help="budget: share of the parameter cut the joint plan takes as whole layers "
+        "(default %(default)s)",
+    )
+    q.add_argument(
+        "--seed", type=int, default=0, help="budget: seed of the random baseline (default 0)"
     )
     q.set_defaults(func=_plan)

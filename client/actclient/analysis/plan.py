@@ -1,5 +1,9 @@
 """`actclient plan`: layer and neuron pruning plans from an analysis, as JSON.
 
+With a parameter budget (`make_budget_plan`), the plan instead holds one complete shape per
+strategy (depth-only, last layers, width-only, joint, random), each counted exactly from the
+config: see `budget` for the search.
+
 Layer plans (one-shot, scores are not recomputed between removals), all dropping K layers and
 never a protected one (first, last, and the layer where massive activations appear):
 - block_influence: the K lowest ShortGPT Block Influence scores;
@@ -23,7 +27,22 @@ from pathlib import Path
 
 import numpy as np
 
-from actclient.analysis.embedding import Checkpoint, ModelFilesError, resolve_model_dir
+from actclient.analysis.budget import (
+    DEFAULT_DEPTH_SHARE,
+    DEFAULT_HIDDEN_MULTIPLE,
+    DEFAULT_MAX_CUT,
+    DEFAULT_MULTIPLE,
+    BudgetError,
+    Importance,
+    budget_plan,
+)
+from actclient.analysis.embedding import (
+    Checkpoint,
+    ModelFilesError,
+    load_config,
+    resolve_model_dir,
+)
+from actclient.analysis.params import ModelShape, ParamCountError
 
 HEAD_RULES: tuple[str, ...] = ("per-group", "whole-groups")
 LAYER_STRATEGIES: tuple[str, ...] = ("block_influence", "gromov", "alternating", "u_shaped")
@@ -376,3 +395,67 @@ def make_plan(
     widths = {"num_hidden_layers": total - drop, **neurons.get("widths", {})}
     plan["widths"] = widths
     return plan
+
+
+def make_budget_plan(
+    analysis_path: str | Path,
+    *,
+    target_params: int | None = None,
+    target_ratio: float | None = None,
+    model_dir: str | Path | None = None,
+    tokens: str = "all",
+    mlp_multiple: int = DEFAULT_MULTIPLE,
+    hidden_multiple: int = DEFAULT_HIDDEN_MULTIPLE,
+    max_cut: float = DEFAULT_MAX_CUT,
+    depth_share: float = DEFAULT_DEPTH_SHARE,
+    seed: int = 0,
+) -> dict:
+    """A plan whose every strategy fits `target_params` (or `target_ratio` of the model's
+    parameters), counted from the model's config.json; see `budget` for the search."""
+    analysis, analysis_dir = load_analysis(analysis_path)
+    if (target_params is None) == (target_ratio is None):
+        raise PlanError("give exactly one of --target-params N or --target-ratio R")
+    model_dir = model_dir if model_dir is not None else analysis.get("model_dir")
+    if model_dir is None:
+        raise PlanError(
+            "a budget plan counts parameters from the model's config.json: pass --model DIR "
+            "(or analyze with --model)"
+        )
+    if tokens not in analysis["by_tokens"]:
+        raise PlanError(f"tokens {tokens!r} is not one of {list(analysis['by_tokens'])}")
+    try:
+        model_dir = resolve_model_dir(model_dir)
+        config = load_config(model_dir)
+        shape = ModelShape.from_config(config)
+    except (ModelFilesError, ParamCountError) as exc:
+        raise PlanError(str(exc)) from None
+    if target_ratio is not None:
+        if not 0 < target_ratio < 1:
+            raise PlanError(f"--target-ratio must lie in (0, 1), got {target_ratio}")
+        target_params = int(target_ratio * shape.count())
+    assert target_params is not None
+    importance = Importance.load(analysis, analysis_dir, shape)
+    try:
+        budget = budget_plan(
+            config,
+            analysis["by_tokens"][tokens],
+            importance,
+            target_params,
+            mlp_multiple=mlp_multiple,
+            hidden_multiple=hidden_multiple,
+            max_cut=max_cut,
+            depth_share=depth_share,
+            seed=seed,
+        )
+    except BudgetError as exc:
+        raise PlanError(str(exc)) from None
+    budget["tokens"] = tokens
+    if target_ratio is not None:
+        budget["target_ratio"] = target_ratio
+    return {
+        "schema": PLAN_SCHEMA,
+        "analysis": str(analysis_dir),
+        "model": analysis.get("model"),
+        "model_dir": str(model_dir),
+        "budget": budget,
+    }

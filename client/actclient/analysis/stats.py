@@ -26,9 +26,9 @@ import numpy as np
 
 from actclient.analysis import formulas
 from vllm_activations.contract.shard import ShardError, ShardReader, from_storage
+from vllm_activations.contract.spec import CHANNEL_KINDS
 
 POPULATIONS: tuple[str, ...] = ("all", "content", "last")
-CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads")
 EMBEDDING = "embedding"
 DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
 COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever this is
@@ -577,12 +577,20 @@ def _top(events: list[tuple[float, float, int, str, int, int]]) -> list:
 
 @dataclass
 class ChannelStats:
-    """Per-neuron sums from shards' `channel_stats/<kind>/{sum,sum_sq,count}` (float64)."""
+    """Per-channel sums from shards' `channel_stats/<kind>/{sum,sum_sq,abs_sum,count}` (float64).
+
+    Each shard is one request, so besides the token sums this keeps Minitron's per-request
+    statistic: `request_mean_abs_sq` is the sum over requests of (abs_sum / count)^2, whose
+    square root is the channel's Minitron importance (L2 over requests of the mean |x|).
+    """
 
     layers: dict[str, np.ndarray] = field(default_factory=dict)
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     sum_sqs: dict[str, np.ndarray] = field(default_factory=dict)
+    abs_sums: dict[str, np.ndarray] = field(default_factory=dict)
+    request_mean_abs_sq: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, np.ndarray] = field(default_factory=dict)
+    requests: dict[str, int] = field(default_factory=dict)
 
     def add_shard(self, reader: ShardReader) -> None:
         """Add the channel statistics a shard holds (shards without them add nothing)."""
@@ -592,45 +600,70 @@ class ChannelStats:
                 continue
             total = np.asarray(reader.dataset(f"{base}/sum"), dtype=np.float64)
             total_sq = np.asarray(reader.dataset(f"{base}/sum_sq"), dtype=np.float64)
+            if f"{base}/abs_sum" not in reader:
+                raise ShardError(
+                    f"{reader.path}: {base} has no abs_sum (recorded by an older "
+                    "vllm-activations); record it again for Minitron importance"
+                )
+            total_abs = np.asarray(reader.dataset(f"{base}/abs_sum"), dtype=np.float64)
             count = np.asarray(reader.dataset(f"{base}/count"), dtype=np.int64)
-            if total.shape != total_sq.shape or total.shape[:1] != count.shape:
+            if (
+                not total.shape == total_sq.shape == total_abs.shape
+                or total.shape[:1] != count.shape
+            ):
                 raise ShardError(f"{reader.path}: {base} has inconsistent shapes")
-            self._add(kind, reader.layers, total, total_sq, count, reader.path)
+            mean_abs = total_abs / np.maximum(count, 1)[:, None]
+            sums = (total, total_sq, total_abs, mean_abs * mean_abs)
+            self._add(kind, reader.layers, sums, count, 1, reader.path)
 
     def _add(
         self,
         kind: str,
         layers: np.ndarray,
-        total: np.ndarray,
-        total_sq: np.ndarray,
+        sums: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
         count: np.ndarray,
+        requests: int,
         where: Path | str,
     ) -> None:
+        groups = (self.sums, self.sum_sqs, self.abs_sums, self.request_mean_abs_sq)
+        total = sums[0]
         if kind not in self.sums:
             self.layers[kind] = np.asarray(layers, dtype=np.int64).copy()
-            self.sums[kind] = np.zeros_like(total)
-            self.sum_sqs[kind] = np.zeros_like(total_sq)
+            for group, value in zip(groups, sums, strict=True):
+                group[kind] = np.zeros_like(value)
             self.counts[kind] = np.zeros_like(count)
+            self.requests[kind] = 0
         if not np.array_equal(self.layers[kind], layers) or self.sums[kind].shape != total.shape:
             raise ShardError(
                 f"{where}: channel_stats/{kind} covers layers {list(layers)} with shape "
                 f"{total.shape}; earlier shards had {list(self.layers[kind])} "
                 f"{self.sums[kind].shape}. Analyze shards of one capture spec together."
             )
-        self.sums[kind] += total
-        self.sum_sqs[kind] += total_sq
+        for group, value in zip(groups, sums, strict=True):
+            group[kind] += value
         self.counts[kind] += count
+        self.requests[kind] += requests
 
     def merge(self, other: ChannelStats) -> None:
         for kind in other.sums:
+            sums = (
+                other.sums[kind],
+                other.sum_sqs[kind],
+                other.abs_sums[kind],
+                other.request_mean_abs_sq[kind],
+            )
             self._add(
                 kind,
                 other.layers[kind],
-                other.sums[kind],
-                other.sum_sqs[kind],
+                sums,
                 other.counts[kind],
+                other.requests[kind],
                 "merged statistics",
             )
+
+    def minitron(self, kind: str) -> np.ndarray:
+        """Minitron importance per layer and channel [L, C]: sqrt(sum_r (mean_r |x|)^2)."""
+        return np.sqrt(self.request_mean_abs_sq[kind])
 
     def mean(self, kind: str) -> np.ndarray:
         return self.sums[kind] / np.maximum(self.counts[kind], 1)[:, None]
