@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actclient.cli import main as actclient
@@ -104,11 +105,31 @@ def test_transformers_loads_the_pruned_model_like_hand_surgery(
     assert torch.equal(got, want)
 
 
+@pytest.fixture(scope="module")
+def width_pruned_smollm2(embedded_models, tmp_path_factory) -> Path:
+    """SmolLM2 without SMOLLM2_DROP, with MLP neurons, a query head per KV group and hidden
+    channels cut: every dimension prune applies, in the one model vLLM serves."""
+    source = embedded_models["smollm2"]
+    config = json.loads((source / "config.json").read_text())
+    plan = _width_plan(config, SMOLLM2_DROP, {"mlp": 96, "heads": 1, "hidden": 36}, seed=7)
+    # Random hidden channels can take a massive-activation channel and leave a model whose
+    # surprisal is noise (bf16 vs fp32 then differs by nats); cut the embedding's quietest.
+    from actclient.analysis.embedding import Checkpoint
+
+    checkpoint = Checkpoint(source)
+    embed = checkpoint.tensor(checkpoint.find("embed_tokens.weight"))
+    quiet = np.argsort(np.linalg.norm(embed, axis=0), kind="stable")[:36]
+    plan["budget"]["strategies"]["joint"]["hidden"]["pruned"] = sorted(quiet.tolist())
+    return _prune_widths(source, plan, tmp_path_factory.mktemp("width-pruned"))
+
+
 def test_vllm_serves_the_pruned_model_and_its_surprisal_matches_transformers(
-    pruned_smollm2: Path, tmp_path: Path
+    width_pruned_smollm2: Path, tmp_path: Path
 ) -> None:
     import torch
     from transformers import AutoModelForCausalLM
+
+    pruned_smollm2 = width_pruned_smollm2
 
     server = ServerProcess(
         pruned_smollm2, tmp_path / "server", SERVE_ARGS, plain=True, env=PLAIN_ENV
@@ -181,6 +202,151 @@ def test_neuron_pruned_model_equals_hand_sliced_mlps(embedded_models, tmp_path: 
         for name in ("gate_proj", "up_proj"):
             getattr(mlp, name).weight = torch.nn.Parameter(getattr(mlp, name).weight[keep])
         mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, keep])
+    ids = torch.tensor([[5, 17, 300, 42, 9, 77, 1000, 3]])
+    with torch.no_grad():
+        assert torch.equal(
+            model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits
+        )
+
+
+def _width_plan(config: dict, dropped: list[int], cut: dict, seed: int) -> dict:
+    """A budget plan with one strategy that cuts `cut` MLP neurons, query heads per KV group
+    and hidden channels, the choices drawn at random (prune must apply any choice)."""
+    rng = np.random.default_rng(seed)
+    layers, inter, hidden = (
+        config["num_hidden_layers"],
+        config["intermediate_size"],
+        config["hidden_size"],
+    )
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    group = heads // kv
+    kept = [k for k in range(layers) if k not in dropped]
+    widths = {
+        "num_hidden_layers": len(kept),
+        "intermediate_size": inter - cut["mlp"],
+        "num_attention_heads": (group - cut["heads"]) * kv,
+        "num_key_value_heads": kv,
+        "head_dim": config["head_dim"],
+        "hidden_size": hidden - cut["hidden"],
+    }
+    entry = {
+        "widths": widths,
+        "dropped_layers": dropped,
+        "kept_layers": kept,
+        "mlp": {
+            "layers": [
+                {"layer": k, "pruned": sorted(rng.choice(inter, cut["mlp"], False).tolist())}
+                for k in kept
+            ]
+        },
+        "heads": {
+            "layers": [
+                {
+                    "layer": k,
+                    "pruned": sorted(
+                        g * group + int(h)
+                        for g in range(kv)
+                        for h in rng.choice(group, cut["heads"], False)
+                    ),
+                }
+                for k in kept
+            ]
+        },
+        "hidden": {"pruned": sorted(rng.choice(hidden, cut["hidden"], False).tolist())},
+    }
+    source_shape = {k: config[k] for k in widths}
+    source_shape["num_hidden_layers"] = layers
+    source_shape["intermediate_size"], source_shape["hidden_size"] = inter, hidden
+    source_shape["num_attention_heads"] = heads
+    return {"budget": {"source_shape": source_shape, "strategies": {"joint": entry}}}
+
+
+def _hand_sliced(source: Path, plan: dict, dtype):
+    """The source model in transformers, every plan dimension cut by hand with torch indexing."""
+    import torch
+
+    entry = plan["budget"]["strategies"]["joint"]
+    model = _hand_pruned(source, entry["dropped_layers"], dtype)
+    cfg = model.config
+    hidden = torch.tensor(np.setdiff1d(np.arange(cfg.hidden_size), entry["hidden"]["pruned"]))
+    d, group = cfg.head_dim, cfg.num_attention_heads // cfg.num_key_value_heads
+
+    def cut(module, rows=None, cols=None) -> None:
+        w = module.weight
+        w = w[rows] if rows is not None else w
+        w = w[:, cols] if cols is not None else w
+        module.weight = torch.nn.Parameter(w.contiguous())
+
+    cut(model.model.embed_tokens, cols=hidden)
+    if not cfg.tie_word_embeddings:
+        cut(model.lm_head, cols=hidden)
+    else:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    cut(model.model.norm, rows=hidden)
+    mlp_rows = {r["layer"]: r["pruned"] for r in entry["mlp"]["layers"]}
+    head_rows = {r["layer"]: r["pruned"] for r in entry["heads"]["layers"]}
+    inter = cfg.intermediate_size
+    for old, block in zip(entry["kept_layers"], model.model.layers, strict=True):
+        neurons = torch.tensor(np.setdiff1d(np.arange(inter), mlp_rows[old]))
+        heads = np.setdiff1d(np.arange(cfg.num_attention_heads), head_rows[old])
+        channels = torch.tensor((heads[:, None] * d + np.arange(d)).ravel())
+        attn, mlp = block.self_attn, block.mlp
+        cut(block.input_layernorm, rows=hidden)
+        cut(block.post_attention_layernorm, rows=hidden)
+        cut(attn.q_proj, rows=channels, cols=hidden)
+        cut(attn.k_proj, cols=hidden)
+        cut(attn.v_proj, cols=hidden)
+        cut(attn.o_proj, rows=hidden, cols=channels)
+        attn.num_key_value_groups = len(heads) // cfg.num_key_value_heads
+        cut(mlp.gate_proj, rows=neurons, cols=hidden)
+        cut(mlp.up_proj, rows=neurons, cols=hidden)
+        cut(mlp.down_proj, rows=hidden, cols=neurons)
+    assert group > 1
+    return model
+
+
+def _prune_widths(source: Path, plan: dict, tmp_path: Path) -> Path:
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "pruned"
+    code = actclient(
+        ["prune", str(source), str(tmp_path / "plan.json"), "--budget-strategy", "joint",
+         "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+# (name, dropped layers, cuts): SmolLM2's hidden size stays a multiple of its 6 kept heads
+WIDTH_CASES = [
+    ("smollm2", [13, 25], {"mlp": 96, "heads": 1, "hidden": 36}),
+    ("tiny-qwen3-untied", [2], {"mlp": 64, "heads": 1, "hidden": 24}),
+    ("tiny-qwen3-tied", [], {"mlp": 32, "heads": 1, "hidden": 8}),
+]
+
+
+@pytest.mark.parametrize(("name", "dropped", "cut"), WIDTH_CASES)
+def test_width_pruned_model_equals_hand_surgery(
+    embedded_models, tmp_path: Path, name: str, dropped: list[int], cut: dict
+) -> None:
+    """Layers, MLP neurons, query heads (the same count in every KV group) and hidden channels:
+    the pruned checkpoint gives the logits of the source with every tensor cut by hand, and
+    holds exactly the parameters `plan` counts for its config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from actclient.analysis.params import count_parameters
+
+    source = embedded_models[name]
+    config = json.loads((source / "config.json").read_text())
+    plan = _width_plan(config, dropped, cut, seed=len(name))
+    out = _prune_widths(source, plan, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    widths = plan["budget"]["strategies"]["joint"]["widths"]
+    for key, value in widths.items():
+        assert getattr(model.config, key) == value, key
+    pruned_config = json.loads((out / "config.json").read_text())
+    assert count_parameters(pruned_config) == sum(p.numel() for p in model.parameters())
+    reference = _hand_sliced(source, plan, torch.float32)
     ids = torch.tensor([[5, 17, 300, 42, 9, 77, 1000, 3]])
     with torch.no_grad():
         assert torch.equal(
