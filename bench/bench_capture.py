@@ -1,18 +1,24 @@
-"""Capture overhead: plain vLLM versus capture, same prompts, same machine, same run.
+"""Capture overhead, through the routes users call, variants interleaved in the same run.
 
-Three measurements on the embedded SmolLM2, each the wall time of N concurrent requests
-(Phase 1 tour-stop prompts, greedy, a fixed number of generated tokens, EOS ignored so every
-variant generates exactly the same tokens), best of `--repeats`:
-- `plain`: stock vLLM (no plugin architecture, no connector), its own server;
-- on one capture server: `no capture, no sidecar hop` (straight to the launcher's internal
-  vLLM port), `no capture` (requests without a spec, through the sidecar),
-  `all layers x both sites`, `quarter of the layers`, `last token only`. Capture time runs
-  until every shard is on disk.
-Ratios are against `plain` and against `no capture` on the capture server, measured in the
-same run. Prints a table (wall time and generated tokens/s per variant), writes
-bench/results/capture.json.
+Two servers on the embedded SmolLM2, both up for the whole run: stock vLLM (`plain`) and
+`vllm-activations serve` (the capture server). Each variant is the wall time of N concurrent
+requests (Phase 1 tour-stop prompts, greedy, a fixed number of generated tokens, EOS ignored
+so every variant computes exactly the same tokens):
+- `plain vLLM, /v1/completions`: stock vLLM, the same token ids;
+- `no capture, /v1/completions`: the capture server's OpenAI route through the sidecar, no
+  capture spec (the baseline of every capture ratio);
+- `no capture, no sidecar hop`: the capture server's internal vLLM port, straight;
+- `/generate_with_activations` with `last token only`, `quarter of the layers`,
+  `all layers x both sites`, `summary only, all layers`: the chat messages (so the route's own
+  tokenization is counted), waiting for each shard (`wait: true`), as `actclient record`
+  does.
+Rounds run every variant once, in an order rotated each round (ABC.., BC..A, ...), so slow
+drifts of the machine hit every variant alike. Reported per variant: median and range of
+the wall times, and the median and range of the per-round ratios against the same round's
+baseline. Shards are deleted between batches (not timed). Idle CPU of each server is
+measured at the start: an idle server that burns CPU would bias the interleaving.
 
-    python bench/bench_capture.py [--requests 64] [--max-tokens 128] [--repeats 2]
+    python bench/bench_capture.py [--requests 64] [--max-tokens 128] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -21,16 +27,16 @@ import argparse
 import asyncio
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import httpx
-from workload import RESULTS, ROOT, bench_cores, chat_body, phase1_messages, write_results
+from workload import RESULTS, ROOT, bench_cores, phase1_messages, write_results
 
 from vllm_activations import embedded
 from vllm_activations.contract.spec import CaptureSpec
-from vllm_activations.openai_capture import capture_params
 from vllm_activations.process import ServerProcess, free_loopback_port
 
 SERVER_ARGS = [
@@ -44,38 +50,65 @@ SERVER_ARGS = [
     # prefix cache, which would otherwise give the no-capture runs free prefill.
     "--no-enable-prefix-caching",
 ]
+BASELINE = "no capture, /v1/completions"
 
 
-async def run_batch(url, headers, prompts, max_tokens, spec: CaptureSpec | None) -> dict:
-    async def one(client, messages):
-        body = chat_body(messages, max_tokens, spec)
-        r = await client.post(f"{url}/v1/chat/completions", json=body, headers=headers)
-        r.raise_for_status()
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (Linux /proc)."""
+    total, todo, seen = 0.0, [pid], set()
+    tick = 100.0
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        todo.extend(int(c) for c in children)
+    return total
+
+
+def idle_cpu_share(server: ServerProcess, seconds: float = 3.0) -> float:
+    before = process_tree_cpu_s(server.proc.pid)
+    time.sleep(seconds)
+    return (process_tree_cpu_s(server.proc.pid) - before) / seconds
+
+
+async def batch(variant: dict, prompts: list, token_ids: list, max_tokens: int) -> dict:
+    """One batch of concurrent requests; wall time, tokens, shard bytes and shard ids."""
+    url, headers, spec = variant["url"], variant["headers"], variant.get("spec")
+
+    async def one(client: httpx.AsyncClient, k: int) -> tuple[int, int, str | None]:
+        sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        if spec is None:
+            body = {"model": "bench", "prompt": token_ids[k], **sampling}
+            r = await client.post(f"{url}/v1/completions", json=body, headers=headers)
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"], 0, None
+        body = {"messages": prompts[k], **sampling, "capture": spec.to_dict(), "wait": True}
+        r = await client.post(f"{url}/generate_with_activations", json=body, headers=headers)
+        if r.status_code != 200:
+            raise RuntimeError(f"{variant['name']}: HTTP {r.status_code}: {r.text[:300]}")
         data = r.json()
-        if spec is not None:  # the sidecar answers once the shard is written
-            return data["usage"], int(capture_params(data)["bytes"])
-        return data["usage"], 0
+        return len(data["output_tokens"]), int(data["shard"]["bytes"]), data["shard"]["id"]
 
-    async with httpx.AsyncClient(timeout=1200) as client:
+    async with httpx.AsyncClient(timeout=1800) as client:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one(client, m) for m in prompts))
+        results = await asyncio.gather(*(one(client, k) for k in range(len(prompts))))
         wall = time.perf_counter() - start
-    completion = sum(u["completion_tokens"] for u, _ in results)
-    prompt = sum(u["prompt_tokens"] for u, _ in results)
+        ids = [i for _, _, i in results if i]
+        # Not timed: keep the disk from filling over the rounds.
+        for i in ids:
+            (await client.delete(f"{url}/shards/{i}", headers=headers)).raise_for_status()
     return {
         "wall_s": wall,
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "gen_tok_per_s": completion / wall,
-        "shard_bytes": sum(b for _, b in results),
+        "completion_tokens": sum(n for n, _, _ in results),
+        "shard_bytes": sum(b for _, b, _ in results),
     }
-
-
-def measure(url, headers, prompts, max_tokens, spec, repeats) -> dict:
-    runs = [asyncio.run(run_batch(url, headers, prompts, max_tokens, spec)) for _ in range(repeats)]
-    best = min(runs, key=lambda r: r["wall_s"])
-    best["walls_s"] = [round(r["wall_s"], 3) for r in runs]
-    return best
 
 
 def start(model: Path, workdir: Path, plain: bool, concurrency: int) -> ServerProcess:
@@ -91,13 +124,32 @@ def start(model: Path, workdir: Path, plain: bool, concurrency: int) -> ServerPr
     return server
 
 
+def tokenize(server: ServerProcess, prompts: list) -> list[list[int]]:
+    """The chat-templated prompt token ids, from the capture server's vLLM (as the sidecar)."""
+    ids = []
+    with httpx.Client(timeout=120) as client:
+        for messages in prompts:
+            body = {"model": "bench", "messages": messages, "add_generation_prompt": True}
+            r = client.post(f"{server.vllm_url}/tokenize", json=body, headers=server.headers)
+            r.raise_for_status()
+            ids.append(r.json()["tokens"])
+    return ids
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", default=str(ROOT / "bench" / "work"))
     parser.add_argument("--out", default=str(RESULTS / "capture.json"))
+    parser.add_argument(
+        "--only", default=None, help="comma-separated variant names to run beside the baselines"
+    )
     args = parser.parse_args()
     # vLLM's CPU build picks its OpenMP cores from how many cores it reserves for API server
     # processes, which differs between stock vLLM and the launcher: pin the same cores for
@@ -107,52 +159,77 @@ def main() -> int:
     model = embedded.smollm2()
     num_layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     workdir = Path(args.workdir).resolve()
-    variants = {
-        "no capture": None,
-        "all layers x both sites": CaptureSpec(),
-        "quarter of the layers": CaptureSpec(layers=tuple(range(0, num_layers, 4))),
-        "last token only": CaptureSpec(positions="last"),
-        "summary only, all layers": CaptureSpec(summary=True, tensors=False),
-    }
-    results: dict[str, dict] = {}
     plain = start(model, workdir / "plain", plain=True, concurrency=args.requests)
+    server = None
     try:
+        server = start(model, workdir / "capture", plain=False, concurrency=args.requests)
+        token_ids = tokenize(server, prompts)
+        idle = {"plain": idle_cpu_share(plain), "capture": idle_cpu_share(server)}
+        sidecar = {"url": server.url, "headers": server.headers}
+        variants = [
+            {"name": "plain vLLM, /v1/completions", "url": plain.url, "headers": plain.headers},
+            {"name": BASELINE, **sidecar},
+            {"name": "no capture, no sidecar hop", "url": server.vllm_url, "headers": {}},
+            {"name": "last token only", **sidecar, "spec": CaptureSpec(positions="last")},
+            {
+                "name": "quarter of the layers",
+                **sidecar,
+                "spec": CaptureSpec(layers=tuple(range(0, num_layers, 4))),
+            },
+            {"name": "all layers x both sites", **sidecar, "spec": CaptureSpec()},
+            {
+                "name": "summary only, all layers",
+                **sidecar,
+                "spec": CaptureSpec(summary=True, tensors=False),
+            },
+        ]
+        if args.only:
+            keep = {s.strip() for s in args.only.split(",")}
+            variants = [v for v in variants if "spec" not in v or v["name"] in keep]
         # Warm-up at full size: the first batches at new shapes compile and allocate.
-        measure(plain.url, plain.headers, prompts, args.max_tokens, None, 1)
-        results["plain vLLM"] = measure(
-            plain.url, plain.headers, prompts, args.max_tokens, None, args.repeats
-        )
+        for v in variants:
+            if v["name"] in ("plain vLLM, /v1/completions", BASELINE, "all layers x both sites"):
+                asyncio.run(batch(v, prompts, token_ids, args.max_tokens))
+        runs: dict[str, list[dict]] = {v["name"]: [] for v in variants}
+        for r in range(args.rounds):
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
+            for v in order:
+                result = asyncio.run(batch(v, prompts, token_ids, args.max_tokens))
+                runs[v["name"]].append(result)
+                print(f"round {r + 1} {v['name']:30s} {result['wall_s']:7.2f} s", flush=True)
     finally:
+        if server is not None:
+            server.stop()
         plain.stop()
-    server = start(model, workdir / "capture", plain=False, concurrency=args.requests)
-    try:
-        measure(server.url, server.headers, prompts, args.max_tokens, CaptureSpec(), 1)
-        # The same engine without the sidecar's HTTP hop: what the hop itself costs.
-        results["no capture, no sidecar hop"] = measure(
-            server.vllm_url, server.headers, prompts, args.max_tokens, None, args.repeats
-        )
-        for name, spec in variants.items():
-            results[name] = measure(
-                server.url, server.headers, prompts, args.max_tokens, spec, args.repeats
-            )
-    finally:
-        server.stop()
-    base = results["plain vLLM"]["wall_s"]
-    same_server = results["no capture"]["wall_s"]
+    base = [run["wall_s"] for run in runs[BASELINE]]
+    plain_walls = [run["wall_s"] for run in runs["plain vLLM, /v1/completions"]]
+    results = {}
+    for name, rs in runs.items():
+        walls = [run["wall_s"] for run in rs]
+        results[name] = {
+            "wall_s": spread(walls),
+            "walls_s": [round(w, 3) for w in walls],
+            "ratio_to_baseline": spread([w / b for w, b in zip(walls, base, strict=True)]),
+            "ratio_to_plain": spread([w / p for w, p in zip(walls, plain_walls, strict=True)]),
+            "completion_tokens": rs[0]["completion_tokens"],
+            "gen_tok_per_s": rs[0]["completion_tokens"] / statistics.median(walls),
+            "shard_bytes": rs[0]["shard_bytes"],
+        }
     print(
         f"\n{args.requests} requests x {args.max_tokens} generated tokens, SmolLM2-135M, "
-        f"{platform.machine()} {platform.processor() or ''}".strip()
+        f"{args.rounds} interleaved rounds, {platform.machine()} {platform.processor() or ''}"
     )
+    print(f"idle CPU (cores busy): plain {idle['plain']:.2f}, capture server {idle['capture']:.2f}")
     print(
-        f"{'variant':28s} {'wall s':>8s} {'gen tok/s':>10s} {'vs plain':>9s} "
-        f"{'vs no capture':>14s} {'shard MiB':>10s}"
+        f"{'variant':30s} {'wall s (median, range)':>24s} {'vs ' + BASELINE:>32s} "
+        f"{'vs plain':>20s} {'shard MiB':>10s}"
     )
     for name, r in results.items():
-        r["ratio_to_plain"] = r["wall_s"] / base
-        r["ratio_to_no_capture"] = r["wall_s"] / same_server
+        w, rb, rp = r["wall_s"], r["ratio_to_baseline"], r["ratio_to_plain"]
         print(
-            f"{name:28s} {r['wall_s']:8.2f} {r['gen_tok_per_s']:10.1f} "
-            f"{r['ratio_to_plain']:8.3f}x {r['ratio_to_no_capture']:13.3f}x "
+            f"{name:30s} {w['median']:8.2f} ({w['min']:.2f}-{w['max']:.2f})    "
+            f"{rb['median']:14.3f}x ({rb['min']:.3f}-{rb['max']:.3f}) "
+            f"{rp['median']:8.3f}x ({rp['min']:.3f}-{rp['max']:.3f}) "
             f"{r['shard_bytes'] / 2**20:10.1f}"
         )
     write_results(
@@ -160,7 +237,10 @@ def main() -> int:
         {
             "requests": args.requests,
             "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
             "cores": cores,
+            "idle_cpu_cores_busy": idle,
+            "baseline": BASELINE,
             "results": results,
         },
     )

@@ -7,7 +7,8 @@ plugin's parts: the shard writer thread, the per-step row bookkeeping (`wait_for
 capture op, and everything else (the model and vLLM). Idle spinning (`sched_yield` in vLLM's
 shared-memory queues) and waiting threads are left out of the total.
 
-    python bench/profile_capture.py [--requests 32] [--max-tokens 64] [--layers all|quarter|last]
+    python bench/profile_capture.py [--requests 32] [--max-tokens 64]
+        [--layers all|quarter|last|summary]
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from vllm_activations.process import ServerProcess
 
 IDLE = ("sched_yield", "Condition.wait", "EpollSelector.select", "select (selectors", "_worker (")
 PARTS = {
-    "shard writer thread": "_ShardWriterThread._run",
-    "row bookkeeping (wait_for_save)": "ActivationCaptureConnector.wait_for_save",
-    "statistics slots (bind)": "ActivationCaptureConnector.bind_connector_metadata",
+    "shard writer thread": "ShardWriterThread._run",
+    "row bookkeeping (wait_for_save)": "CaptureWorker.wait_for_save",
+    "statistics slots (bind)": "CaptureWorker.bind",
     "capture op": "_capture_residuals_op",
     "channel statistics op": "_channel_stats_op",
+    "summary op": "_summarize_op",
 }
 
 
@@ -72,7 +74,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--layers", choices=("all", "quarter", "last"), default="all")
+    parser.add_argument("--layers", choices=("all", "quarter", "last", "summary"), default="all")
     parser.add_argument("--workdir", default=str(ROOT / "bench" / "work" / "profile"))
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -85,6 +87,7 @@ def main() -> int:
         "all": CaptureSpec(),
         "quarter": CaptureSpec(layers=tuple(range(0, 30, 4))),
         "last": CaptureSpec(positions="last"),
+        "summary": CaptureSpec(summary=True, tensors=False),
     }[args.layers]
     workdir = Path(args.workdir).resolve()
     server = ServerProcess(
@@ -94,6 +97,7 @@ def main() -> int:
             "--max-model-len", "4096", "--gpu-memory-utilization", "0.15",
             "--served-model-name", "bench", "--no-enable-prefix-caching",
             "--max-concurrent-captures", str(args.requests),
+            "--summary-slots", str(args.requests),
         ],
     )  # fmt: skip
     prompts = phase1_messages(args.requests)

@@ -26,11 +26,15 @@ def load(name: str) -> dict | None:
 
 def main() -> int:
     if capture := load("capture.json"):
-        print(f"  {capture['requests']} requests x {capture['max_tokens']} generated tokens")
+        print(
+            f"  {capture['requests']} requests x {capture['max_tokens']} generated tokens, "
+            f"medians of {capture['rounds']} interleaved rounds"
+        )
         for name, r in capture["results"].items():
             print(
-                f"  {name:28s} {r['wall_s']:7.2f} s {r['gen_tok_per_s']:7.1f} tok/s "
-                f"{r['ratio_to_plain']:6.3f}x plain wall time"
+                f"  {name:30s} {r['wall_s']['median']:7.2f} s {r['gen_tok_per_s']:7.1f} tok/s "
+                f"{r['ratio_to_baseline']['median']:6.3f}x {capture['baseline']}, "
+                f"{r['ratio_to_plain']['median']:6.3f}x plain"
             )
     if hf := load("hf.json"):
         print(

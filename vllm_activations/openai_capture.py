@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_activations.announce import FALLBACK_POLL_S, Announcements
 from vllm_activations.contract.shard import SHARD_SUFFIX
 from vllm_activations.contract.spec import CaptureSpec
 
@@ -103,12 +104,21 @@ async def wait_for_shard_async(
     params: dict[str, Any],
     timeout: float = 120.0,
     shard_dir: str | os.PathLike[str] | None = None,
+    announcements: Announcements | None = None,
 ) -> Path:
+    """As wait_for_shard, on an event loop. With `announcements` (the sidecar, beside the
+    writer) it wakes when the writer announces the shard or its error file, and looks at
+    the disk only every FALLBACK_POLL_S otherwise."""
     if "shard_path" not in params:
         return _sidecar_shard(params, shard_dir)
     deadline = time.monotonic() + timeout
+    watched = [Path(params["shard_path"]), Path(params["error_path"])]
     while (path := _check(params)) is None:
-        if time.monotonic() > deadline:
+        left = deadline - time.monotonic()
+        if left < 0:
             raise CaptureFailed(f"shard {params['shard_path']} not written after {timeout} s")
-        await asyncio.sleep(0.02)
+        if announcements is not None:
+            await announcements.wait(watched, min(FALLBACK_POLL_S, left))
+        else:
+            await asyncio.sleep(0.02)
     return path

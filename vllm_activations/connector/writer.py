@@ -1,5 +1,6 @@
-"""Shard writer: a thread that checks a finished request's rows and statistics and writes its
-shard atomically (or `<capture_id>.error.json` saying what is missing), off the step loop."""
+"""Shard writer: a thread that checks a finished request's rows and statistics, off the step
+loop, and hands its shard to the writer process (`writer_process`), which writes it
+atomically; or writes `<capture_id>.error.json` saying what is missing."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import logging
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -15,9 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from vllm_activations.announce import announce
 from vllm_activations.connector.protocol import FinishedCapture, NewCapture, error_path, shard_path
 from vllm_activations.connector.row_store import NUMPY_STORAGE, RowStore
 from vllm_activations.contract.spec import CaptureSpec
+from vllm_activations.writer_process import encode_frame
 
 logger = logging.getLogger("vllm_activations.connector")
 
@@ -35,16 +40,65 @@ class WorkerRequest:
     error: str | None = None
 
 
+class WriterProcess:
+    """The shard writer process (`writer_process`): started on first use, and again after it
+    died; `call` sends one job and waits for its reply (the wait releases the GIL)."""
+
+    def __init__(self, tokenizer: str, revision: str | None, trust_remote_code: bool) -> None:
+        self._argv = [sys.executable, "-m", "vllm_activations.writer_process"]
+        self._argv += [tokenizer, revision or ""]
+        if trust_remote_code:
+            self._argv.append("--trust-remote-code")
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0
+            )
+        return self._proc
+
+    def call(self, job: dict[str, Any]) -> None:
+        """Run one job; raises RuntimeError with the child's error, or if it died."""
+        proc = self.start()
+        try:
+            for chunk in encode_frame(job):
+                view = memoryview(chunk).cast("B")
+                while view:  # a raw pipe write may take part of a large chunk
+                    view = view[proc.stdin.write(view) :]
+            line = proc.stdout.readline()
+        except (BrokenPipeError, OSError) as exc:
+            line, problem = b"", exc
+        else:
+            problem = None
+        if not line:
+            rc = proc.wait(timeout=30)
+            self._proc = None
+            raise RuntimeError(f"the shard writer process exited (status {rc}): {problem or ''}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(reply["error"])
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.stdin.close()  # end of input: the child finishes and exits
+            try:
+                self._proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+
+
 class ShardWriterThread:
-    """Assembles and writes shards off the engine's step loop, in submission order."""
+    """Checks finished requests and hands their shards to the writer process, in submission
+    order, off the engine's step loop."""
 
     def __init__(self, vllm_config, model_attrs: dict[str, Any]) -> None:
         self._queue: queue.Queue = queue.Queue()
         self._model_attrs = model_attrs
-        self._tokenizer_name = vllm_config.model_config.tokenizer
-        self._tokenizer_revision = vllm_config.model_config.tokenizer_revision
-        self._trust_remote_code = vllm_config.model_config.trust_remote_code
-        self._tokenizer = None
+        model_config = vllm_config.model_config
+        self._child = WriterProcess(
+            model_config.tokenizer, model_config.tokenizer_revision, model_config.trust_remote_code
+        )
         # Special token ids the summary's `content` population left out (recorded per shard).
         self.special_ids: list[int] = []
         self._thread = threading.Thread(target=self._run, name="vllm-activations-writer")
@@ -57,8 +111,10 @@ class ShardWriterThread:
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=60)
+        self._child.close()
 
     def _run(self) -> None:
+        self._child.start()
         while True:
             item = self._queue.get()
             if item is None:
@@ -70,19 +126,8 @@ class ShardWriterThread:
                 logger.exception("vllm-activations: shard %s failed", state.new.capture_id)
                 _write_error(shard_dir, state.new.capture_id, f"shard write failed: {exc}")
 
-    def _decode(self, token_ids: list[int]) -> str:
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(
-                self._tokenizer_name,
-                revision=self._tokenizer_revision,
-                trust_remote_code=self._trust_remote_code,
-            )
-        return self._tokenizer.decode(token_ids)
-
     def _write(self, shard_dir: Path, state: WorkerRequest, fin: FinishedCapture) -> None:
-        from vllm_activations.contract.shard import staged_shard_path, write_shard
+        from vllm_activations.contract.shard import staged_shard_path
 
         new, spec = state.new, state.spec
         if state.error is not None:
@@ -128,8 +173,6 @@ class ShardWriterThread:
             capture_spec=spec.to_dict(),
             sampling_params=new.sampling_params,
             finish_reason=fin.finish_reason or "",
-            prompt=self._decode(new.prompt_token_ids),
-            completion=self._decode(fin.output_token_ids),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         if state.summary is not None:
@@ -142,20 +185,24 @@ class ShardWriterThread:
                 "has_embedding": True,
             }
         final = shard_path(shard_dir, new.capture_id)
-        write_shard(
+        job = {
             # Teacher logprobs exist only in the API response: the sidecar adds them to the
             # staged (hidden) shard and renames it to `final` (shard.publish_with_teacher).
-            staged_shard_path(final) if spec.teacher_logprobs else final,
-            input_tokens=new.prompt_token_ids,
-            output_tokens=fin.output_token_ids,
-            positions=expected,
-            layers=new.layers,
-            layer_outputs=outputs,
-            dtype=spec.dtype,
-            attrs=attrs,
-            extra=extra or None,
-            extra_attrs=extra_attrs,
-        )
+            "path": str(staged_shard_path(final) if spec.teacher_logprobs else final),
+            "decode": {"prompt": new.prompt_token_ids, "completion": fin.output_token_ids},
+            "write_shard": dict(
+                input_tokens=new.prompt_token_ids,
+                output_tokens=fin.output_token_ids,
+                positions=expected,
+                layers=new.layers,
+                layer_outputs=outputs,
+                dtype=spec.dtype,
+                attrs=attrs,
+                extra=extra or None,
+                extra_attrs=extra_attrs,
+            ),
+        }
+        self._child.call(job)
 
 
 def _write_error(shard_dir: Path, capture_id: str, message: str) -> None:
@@ -163,6 +210,7 @@ def _write_error(shard_dir: Path, capture_id: str, message: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(json.dumps({"capture_id": capture_id, "error": message}))
     os.replace(tmp, path)
+    announce(path)
 
 
 def model_attrs(vllm_config) -> dict[str, Any]:

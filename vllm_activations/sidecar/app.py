@@ -20,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Receive, Scope, Send
 
 from vllm_activations import __version__
+from vllm_activations.announce import Announcements
 from vllm_activations.sidecar import passthrough
 from vllm_activations.sidecar.errors import ApiError, install_error_handlers
 from vllm_activations.sidecar.generate import CaptureRunner, shard_disk_bytes, vllm_error
@@ -109,8 +110,14 @@ def create_app(settings: Settings) -> FastAPI:
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             app.state.client = client
             app.state.runner = CaptureRunner(settings, client, store)
-            yield
-            await jobs.cancel_all()
+            announcements = Announcements(store.root)
+            if announcements.start():
+                app.state.runner.announcements = announcements
+            try:
+                yield
+            finally:
+                await jobs.cancel_all()
+                announcements.close()
 
     app = FastAPI(
         title="vllm-activations",

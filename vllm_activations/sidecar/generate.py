@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from vllm_activations.announce import Announcements
 from vllm_activations.contract.shard import ShardError, ShardReader, staged_shard_path
 from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError, check_teacher_logprobs
 from vllm_activations.openai_capture import (
@@ -108,6 +109,8 @@ class CaptureRunner:
         self.store = store
         self.disk = DiskBudget(store.root, settings.limits.min_free_disk_bytes)
         self._model_name = settings.model_name
+        # The writer's "shard in place" datagrams (announce.py); None: poll the disk.
+        self.announcements: Announcements | None = None
 
     async def model_name(self) -> str:
         if self._model_name is None:
@@ -318,7 +321,9 @@ class CaptureRunner:
             params = capture_params(completion)
             if prepared.spec.teacher_logprobs:
                 await self.publish_teacher(params, completion, prepared.spec.teacher_logprobs)
-            path = await wait_for_shard_async(params, self.settings.shard_timeout_s)
+            path = await wait_for_shard_async(
+                params, self.settings.shard_timeout_s, announcements=self.announcements
+            )
         except CaptureFailed as exc:
             raise capture_failure(exc, self.store.root) from exc
         t2 = time.perf_counter()
@@ -362,7 +367,9 @@ class CaptureRunner:
         name. Raises CaptureFailed; a failure removes the staged file."""
         staged = staged_shard_path(params["shard_path"])
         await wait_for_shard_async(
-            {**params, "shard_path": str(staged)}, self.settings.shard_timeout_s
+            {**params, "shard_path": str(staged)},
+            self.settings.shard_timeout_s,
+            announcements=self.announcements,
         )
         try:
             await asyncio.to_thread(finish_teacher_shard, params["shard_path"], completion, k)
@@ -370,10 +377,17 @@ class CaptureRunner:
             staged.unlink(missing_ok=True)
             raise CaptureFailed(f"teacher data: {exc}") from exc
 
+    async def _wait_for_shard(self, params: dict[str, Any]) -> Path:
+        return await wait_for_shard_async(
+            params, self.settings.shard_timeout_s, announcements=self.announcements
+        )
+
     async def wait_and_describe(self, params: dict[str, Any]) -> dict[str, Any]:
         """Wait for the shard the connector named in `params`; its public description."""
         try:
-            path = await wait_for_shard_async(params, self.settings.shard_timeout_s)
+            path = await wait_for_shard_async(
+                params, self.settings.shard_timeout_s, announcements=self.announcements
+            )
         except CaptureFailed as exc:
             raise capture_failure(exc, self.store.root) from exc
         sha256 = await asyncio.to_thread(self.store.sha256, path)
