@@ -121,6 +121,8 @@ def _load_baseline(rev: str):  # noqa: ANN202 - a module
         capture_output=True,
         text=True,
     ).stdout
+    # the shard module has moved since (issue 19); the baseline reads shards the same way
+    source = source.replace("from vllm_activations.shard ", "from vllm_activations.contract.shard ")
     path = Path(tempfile.mkdtemp(prefix="baseline-")) / "stats_baseline.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("stats_baseline", path)

@@ -131,6 +131,7 @@ def _worker(settings: AccumulatorSettings, tasks, results) -> None:  # noqa: ANN
                 results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
                 return
             results.put(("shard", index, error))
+        acc.release_buffers()  # the parent's merge needs the memory more
         results.put(("done", None, acc))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         results.put(("crashed", None, f"{type(exc).__name__}: {exc}"))
@@ -172,6 +173,7 @@ def accumulate(
     if jobs == 1:
         for index, path in enumerate(paths):
             finished(index, _add_one(total, path, settings))
+        total.release_buffers()
         return total, sorted(skipped, key=lambda s: s["shard"])
     merged: AnalysisAccumulator | None = None
     ctx = multiprocessing.get_context("spawn")

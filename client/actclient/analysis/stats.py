@@ -139,6 +139,21 @@ def _power_sums(
     return dev_sum, dev_sq
 
 
+def _first_row_equal(rows: np.ndarray, value: np.ndarray) -> np.ndarray:
+    """Per column of rows [N, F], the first row index equal to `value` [F] (N where none).
+
+    Equal rows weighted N - row in the narrowest unsigned type, then one max across rows:
+    two light passes (numpy's argmax across rows copies the array to transpose it).
+    """
+    n = len(rows)
+    eq = np.equal(rows, value)
+    kind = np.uint8 if n < 1 << 8 else np.uint16 if n < 1 << 16 else np.uint32
+    weights = np.arange(n, 0, -1, dtype=kind)[:, None]
+    score = eq.view(np.uint8) if kind is np.uint8 else eq.astype(kind)
+    np.multiply(score, weights, out=score)
+    return n - np.maximum.reduce(score, axis=0).astype(np.int64)
+
+
 def _column_peak(mag: np.ndarray, runs: list[tuple[int, int]], rows: np.ndarray) -> np.ndarray:
     """max over the selected token rows of |x| [S, H] (zeros when none): runs or a gather."""
     if runs and len(runs) <= 8:
@@ -173,21 +188,34 @@ class TokenBlock:
         self.positions, self.tokens, self.shard = positions, tokens, shard
         t, num_sites, hidden = x.shape
         self.masks = masks
-        # two buffers like x (|x| and temporaries), reused across blocks when given
+        # two buffers like x (|x| and x^2), reused across blocks when given
         mag_buf, temp = scratch if scratch is not None else (np.empty_like(x), np.empty_like(x))
-        self.mag = np.abs(x, out=mag_buf)
-        peak = np.maximum.reduce(self.mag, axis=2)
-        self.sq = formulas.squared_norms(x)
+        self.mag = mag_buf
+        peak = np.empty((t, num_sites), x.dtype)
+        self.sq = np.empty((t, num_sites))
+        gram, rest = np.empty((t, num_sites, num_sites)), np.empty((t, num_sites))
+        update = np.empty((t, max(num_sites - 1, 0)))
+        self.kurtosis, abs_sum = np.empty((t, num_sites)), np.empty((t, num_sites))
+        # One token at a time: its site vectors (S x H) stay in cache across the formulas,
+        # where whole-block passes would each stream the block from memory again.
+        diff = np.empty((1, *x.shape[1:]), x.dtype)
+        for i in range(t):
+            one, mag = x[i : i + 1], np.abs(x[i : i + 1], out=mag_buf[i : i + 1])
+            np.maximum.reduce(mag, axis=2, out=peak[i : i + 1])
+            self.sq[i] = formulas.squared_norms(one)[0]
+            gram_one, rest_one = formulas.site_gram(one, self.sq[i : i + 1], peak[i : i + 1])
+            gram[i], rest[i] = gram_one[0], rest_one[0]
+            update[i] = formulas.update_norms(one, diff)[0]
+            self.kurtosis[i] = formulas.excess_kurtosis(one, self.sq[i : i + 1], temp[i : i + 1])[0]
+            abs_sum[i] = formulas.channel_sums(mag)[0]
         self.norms = np.sqrt(self.sq)
-        gram, rest = formulas.site_gram(x, self.sq, peak)
         self.gram = formulas.gram_cosines(gram)
         del gram
         formulas.exact_near_cosines(x, self.gram, rest)
+        self.gram_sq = self.gram * self.gram
         self.angle = formulas.boundary_angles(x, self.gram, rest, boundary_sites)
         safe = np.where(self.norms > 0, self.norms, 1.0)
-        self.update_ratio = formulas.update_norms(x, temp) / safe[:, :-1]
-        self.kurtosis = formulas.excess_kurtosis(x, self.sq, temp)
-        abs_sum = formulas.channel_sums(self.mag)
+        self.update_ratio = update / safe[:, :-1]
         self.hoyer = formulas.hoyer_sparsity(abs_sum, self.norms, hidden)
         self._moments(x, masks, shift, temp)
         self._peaks(masks)
@@ -215,8 +243,10 @@ class TokenBlock:
         t = len(x)
         flat, flat2 = x.reshape(t, -1), x2.reshape(t, -1)
         if shift is None:
-            rows = np.flatnonzero(content) if content.any() else np.arange(t)
-            mean = flat[rows].mean(0, dtype=np.float64)
+            rows = content if content.any() else np.ones(t, dtype=bool)
+            # summed run by run: a gather of the rows would copy the block
+            total = sum(np.add.reduce(flat[a:b], axis=0, dtype=np.float64) for a, b in _runs(rows))
+            mean = total / np.count_nonzero(rows)
             shift = mean.astype(x.dtype).astype(np.float64).reshape(x.shape[1:])
         self.shift = shift
         k = shift.reshape(-1)
@@ -248,9 +278,10 @@ class TokenBlock:
         }
         self._content_row: np.ndarray | None = None  # first content row at the peak, cached
 
-    def locate(self, population: str, flat: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    def locate(self, population: str, flat: np.ndarray | None, peak: np.ndarray) -> np.ndarray:
         """Block row of the first |x| equal to `peak` (the population's column peak) among
-        the population's rows, per flat (site, channel) index.
+        the population's rows, per flat (site, channel) index (`flat` None: every one, on
+        whole arrays rather than gathers).
 
         Content rows are searched once per channel and cached; "all" reuses them and only
         looks at the few other rows (position 0, special tokens) itself.
@@ -258,49 +289,77 @@ class TokenBlock:
         mask = self.masks[population]
         rows = np.flatnonzero(mask)
         if len(rows) == 1:  # the last-token population: one row per shard
-            return np.full(len(flat), rows[0])
+            return np.full(len(peak), rows[0])
         if population == "content":
             return self._content_first(flat)
         if population != "all":
             return self._first_equal(mask, flat, peak)
         content = self.masks["content"]
         other = ~content
-        at_content = self.peaks["content"].ravel()[flat] >= self.peak_other.ravel()[flat]
+        peak_content, peak_other = (
+            a.ravel() if flat is None else a.ravel()[flat]
+            for a in (self.peaks["content"], self.peak_other)
+        )
+        at_content = peak_content >= peak_other
         if not content.any():
             at_content[:] = False
-        row = np.empty(len(flat), dtype=np.int64)
+        row = np.empty(len(peak), dtype=np.int64)
         if at_content.any():
-            row[at_content] = self._content_first(flat[at_content])
+            # most channels: the content rows of every channel, which "content" needs too
+            whole = flat is None and 4 * np.count_nonzero(at_content) > len(at_content)
+            if whole:
+                np.copyto(row, self._content_first(None), where=at_content)
+            else:
+                where = np.flatnonzero(at_content)
+                row[where] = self._content_first(where if flat is None else flat[where])
         if other.any():
-            off = ~at_content
-            row[off] = self._first_equal(other, flat[off], peak[off])
+            off = np.flatnonzero(~at_content)
+            if len(off):
+                row[off] = self._first_equal(other, off if flat is None else flat[off], peak[off])
             # an other row holding the same value earlier than the content row wins
-            tie = np.flatnonzero(at_content & (self.peak_other.ravel()[flat] == peak))
+            tie = np.flatnonzero(at_content & (peak_other == peak))
             if len(tie):
-                row[tie] = np.minimum(row[tie], self._first_equal(other, flat[tie], peak[tie]))
+                at = tie if flat is None else flat[tie]
+                row[tie] = np.minimum(row[tie], self._first_equal(other, at, peak[tie]))
         return row
 
-    def _content_first(self, flat: np.ndarray) -> np.ndarray:
+    def _content_first(self, flat: np.ndarray | None) -> np.ndarray:
+        size = self.mag[0].size
+        mask, peaks = self.masks["content"], self.peaks["content"].ravel()
+        if flat is None:
+            if self._content_row is None or (self._content_row < 0).any():
+                self._content_row = self._first_equal(mask, None, peaks)
+            return self._content_row
         if self._content_row is None:
-            self._content_row = np.full(self.mag[0].size, -1, dtype=np.int64)
+            self._content_row = np.full(size, -1, dtype=np.int64)
         missing = flat[self._content_row[flat] < 0]
         if len(missing):
-            peak = self.peaks["content"].ravel()[missing]
-            self._content_row[missing] = self._first_equal(self.masks["content"], missing, peak)
+            self._content_row[missing] = self._first_equal(mask, missing, peaks[missing])
         return self._content_row[flat]
 
-    def _first_equal(self, mask: np.ndarray, flat: np.ndarray, peak: np.ndarray) -> np.ndarray:
-        # Rows from last to first, each overwriting where it holds the peak: the first row
-        # wins, in two light passes per row (numpy's argmax across rows is slow). T where
-        # no mask row holds it.
+    def _first_equal(
+        self, mask: np.ndarray, flat: np.ndarray | None, peak: np.ndarray
+    ) -> np.ndarray:
+        # The mask's runs of rows in order (its rows gathered when there are many), the first
+        # run holding the peak wins; T where no mask row holds it. `flat` None: every column.
         t = self.mag.shape[0]
         table = self.mag.reshape(t, -1)
-        full = len(flat) == table.shape[1]
-        row = np.full(len(flat), t, dtype=np.int64)
-        hit = np.empty(len(flat), dtype=bool)
-        for r in np.flatnonzero(mask)[::-1]:
-            np.equal(table[r] if full else table[r, flat], peak, out=hit)
-            np.copyto(row, r, where=hit)
+        full = flat is None
+        row = np.full(len(peak), t, dtype=np.int64)
+        runs = _runs(mask)
+        if len(runs) > 8:
+            rows = np.flatnonzero(mask)
+            part = table[rows] if full else table[np.ix_(rows, flat)]
+            first = _first_row_equal(part, peak)
+            hit = first < len(rows)
+            row[hit] = rows[first[hit]]
+            return row
+        for k, (a, b) in enumerate(runs):
+            first = _first_row_equal(table[a:b] if full else table[a:b, flat], peak)
+            if k == 0:
+                np.copyto(row, first + a, where=first < b - a)
+            else:
+                np.copyto(row, first + a, where=(first < b - a) & (row == t))
         return row
 
 
@@ -354,9 +413,8 @@ class ResidualStats:
             return
         w = mask.astype(np.float64)
         tokens = len(w)
-        cos = block.gram.reshape(tokens, -1)
-        self.cos_sum += (w @ cos).reshape(self.cos_sum.shape)
-        self.cos_sq_sum += (w @ (cos * cos)).reshape(self.cos_sq_sum.shape)
+        self.cos_sum += (w @ block.gram.reshape(tokens, -1)).reshape(self.cos_sum.shape)
+        self.cos_sq_sum += (w @ block.gram_sq.reshape(tokens, -1)).reshape(self.cos_sq_sum.shape)
         self.angle_sum += (w @ block.angle.reshape(tokens, -1)).reshape(self.angle_sum.shape)
         self.norm_sum += w @ block.norms
         self.norm_sq_sum += w @ block.sq
@@ -377,9 +435,9 @@ class ResidualStats:
         peak = block.peaks[population].ravel()
         flat = np.flatnonzero(peak >= self.absmax.ravel())  # better or tied: _update_absmax
         if 4 * len(flat) > len(peak):
-            flat = np.arange(len(peak))  # most channels: whole arrays beat fancy indexing
-        if len(flat):
-            value = peak[flat]
+            flat = None  # most channels: whole arrays beat fancy indexing
+        if flat is None or len(flat):
+            value = peak if flat is None else peak[flat]
             row = block.locate(population, flat, value)
             self._update_absmax(
                 flat, value.astype(np.float64), block.positions[row], block.tokens[row]
@@ -399,23 +457,24 @@ class ResidualStats:
                 )
 
     def _update_absmax(
-        self, flat: np.ndarray, peak: np.ndarray, position: np.ndarray, token: np.ndarray
+        self, flat: np.ndarray | None, peak: np.ndarray, position: np.ndarray, token: np.ndarray
     ) -> None:
         # Ties go to the smaller (position, token), so the result is independent of shard order.
+        # `flat` None: every (site, channel), on whole arrays rather than fancy indexing.
         absmax, pos, tok = (
             a.reshape(-1) for a in (self.absmax, self.absmax_position, self.absmax_token)
         )
-        everything = len(flat) == len(absmax)  # then plain slices, not fancy indexing
+        everything = flat is None
         if everything:
             cur, cur_pos, cur_tok = absmax, pos, tok
         else:
             cur, cur_pos, cur_tok = absmax[flat], pos[flat], tok[flat]
-        tie = (
-            (peak == cur)
-            & (cur_pos >= 0)
-            & ((position < cur_pos) | ((position == cur_pos) & (token < cur_tok)))
-        )
-        better = (peak > cur) | tie
+        better = peak > cur
+        tie = np.flatnonzero(peak == cur)  # few: the order test only where it is needed
+        if len(tie):
+            p, q = position[tie], cur_pos[tie]
+            earlier = (q >= 0) & ((p < q) | ((p == q) & (token[tie] < cur_tok[tie])))
+            better[tie[earlier]] = True
         if everything:
             np.copyto(absmax, peak, where=better)
             np.copyto(pos, position, where=better)
@@ -490,7 +549,7 @@ class ResidualStats:
             self.count = int(n)
             self.set_moments(mean, m2)
         self._update_absmax(
-            np.arange(other.absmax.size),
+            None,
             other.absmax.ravel(),
             other.absmax_position.ravel(),
             other.absmax_token.ravel(),
@@ -719,10 +778,29 @@ class AnalysisAccumulator:
     num_shards: int = 0
     bytes_read: int = 0
     attrs: dict = field(default_factory=dict)
+    # token-block memory kept across blocks and shards (fresh memory costs page faults)
+    _buffers: dict[str, np.ndarray] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.layout is not None and not self.populations:
             self._init_populations()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_buffers": {}}  # a worker sends sums, not its buffers
+
+    def release_buffers(self) -> None:
+        """Free the token-block memory kept between shards (before sending or merging)."""
+        self._buffers.clear()
+
+    def _buffer(self, key: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A C-contiguous array of `shape` on memory kept under `key` (grown when too small)."""
+        size = int(np.prod(shape))
+        held = self._buffers.get(key)
+        if held is None or held.dtype != dtype or held.size < size:
+            held = self._buffers[key] = np.empty(size, dtype)
+        return held[:size].reshape(shape)
 
     def _init_populations(self) -> None:
         layout = self.layout
@@ -773,8 +851,7 @@ class AnalysisAccumulator:
             step = max(1, self.block_bytes // per_token)
             first = next(iter(self.populations.values()))
             shape = (min(step, len(positions)), len(layout.labels), self.hidden_size)
-            # buffers reused by every block of the shard: fresh memory costs page faults
-            work = [np.empty(shape, self.compute_dtype) for _ in range(3)]
+            work = [self._buffer(key, shape, self.compute_dtype) for key in ("x", "|x|", "x^2")]
             for start in range(0, len(positions), step):
                 stop = min(start + step, len(positions))
                 x = self._read_block(reader, start, stop, tokens[start:stop], work[0])
@@ -862,15 +939,12 @@ class AnalysisAccumulator:
             x[:, 0] = self.embed(tokens)
             base = 1
         stride = len(layout.sites)
-        raw = None
         for k, site in enumerate(layout.sites):
             # ShardReader reads whole layers; a token range keeps memory bounded on long shards.
             ds = reader._file["layer_outputs"][site]  # noqa: SLF001
             dtype = ds.attrs.get("dtype", "float32")
             dtype = dtype.decode() if isinstance(dtype, bytes) else str(dtype)
-            shape = (ds.shape[0], stop - start, ds.shape[2])
-            if raw is None or raw.shape != shape or raw.dtype != ds.dtype:
-                raw = np.empty(shape, ds.dtype)  # reused by the next site
+            raw = self._buffer("stored", (ds.shape[0], stop - start, ds.shape[2]), ds.dtype)
             ds.read_direct(raw, np.s_[:, start:stop, :])
             decode_into(raw.transpose(1, 0, 2), dtype, x[:, base + k :: stride])
         return x
