@@ -112,15 +112,26 @@ def width_pruned_smollm2(embedded_models, tmp_path_factory) -> Path:
     source = embedded_models["smollm2"]
     config = json.loads((source / "config.json").read_text())
     plan = _width_plan(config, SMOLLM2_DROP, {"mlp": 96, "heads": 1, "hidden": 36}, seed=7)
-    # Random hidden channels can take a massive-activation channel and leave a model whose
-    # surprisal is noise (bf16 vs fp32 then differs by nats); cut the embedding's quietest.
+    _cut_quiet_hidden(plan, source)
+    # FLAP biases too (mlp_bias, attention_bias): vLLM's Llama must load and apply them.
+    work = tmp_path_factory.mktemp("width-pruned")
+    texts = [t.text for t in load_texts(DEFAULT_TEXTS)[:4]]
+    plan["analysis"] = str(_channel_stats_analysis(source, texts, work / "analysis"))
+    return _prune_widths(source, plan, work, ("--bias-compensation",))
+
+
+def _cut_quiet_hidden(plan: dict, source: Path) -> None:
+    """Random hidden channels can take a massive-activation channel and leave a model whose
+    surprisal is noise (bf16 vs fp32 then differs by nats); cut the embedding's quietest."""
     from actclient.analysis.embedding import Checkpoint
 
+    entry = plan["budget"]["strategies"]["joint"]
     checkpoint = Checkpoint(source)
     embed = checkpoint.tensor(checkpoint.find("embed_tokens.weight"))
-    quiet = np.argsort(np.linalg.norm(embed, axis=0), kind="stable")[:36]
-    plan["budget"]["strategies"]["joint"]["hidden"]["pruned"] = sorted(quiet.tolist())
-    return _prune_widths(source, plan, tmp_path_factory.mktemp("width-pruned"))
+    quiet = np.argsort(np.linalg.norm(embed, axis=0), kind="stable")[
+        : len(entry["hidden"]["pruned"])
+    ]
+    entry["hidden"]["pruned"] = sorted(quiet.tolist())
 
 
 def test_vllm_serves_the_pruned_model_and_its_surprisal_matches_transformers(
@@ -140,6 +151,8 @@ def test_vllm_serves_the_pruned_model_and_its_surprisal_matches_transformers(
     finally:
         server.stop()
     assert result["model_path"] == str(pruned_smollm2)
+    config = json.loads((pruned_smollm2 / "config.json").read_text())
+    assert config["mlp_bias"] and config["attention_bias"]  # served with FLAP's biases
     models = {
         dtype: AutoModelForCausalLM.from_pretrained(pruned_smollm2, dtype=dtype).eval()
         for dtype in (torch.float32, torch.bfloat16)
@@ -305,12 +318,13 @@ def _hand_sliced(source: Path, plan: dict, dtype):
     return model
 
 
-def _prune_widths(source: Path, plan: dict, tmp_path: Path) -> Path:
+def _prune_widths(source: Path, plan: dict, tmp_path: Path, extra: tuple = ()) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     out = tmp_path / "pruned"
     code = actclient(
         ["prune", str(source), str(tmp_path / "plan.json"), "--budget-strategy", "joint",
-         "--out", str(out)]
+         "--out", str(out), *extra]
     )  # fmt: skip
     assert code == 0
     return out
@@ -352,3 +366,164 @@ def test_width_pruned_model_equals_hand_surgery(
         assert torch.equal(
             model(ids, use_cache=False).logits, reference(ids, use_cache=False).logits
         )
+
+
+def _channel_stats_analysis(source: Path, texts: list[str], out: Path) -> Path:
+    """An analysis directory holding only the channel statistics FLAP needs (per layer sum and
+    count of the down_proj and o_proj inputs), measured with transformers hooks in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    layers = len(model.model.layers)
+    sums: dict[str, list] = {"mlp_intermediate": [0.0] * layers, "attn_heads": [0.0] * layers}
+    counts = {kind: np.zeros(layers, dtype=np.int64) for kind in sums}
+
+    def hook(kind: str, layer: int):
+        def add(_module, inputs) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[kind][layer] = sums[kind][layer] + x.sum(0).numpy()
+            counts[kind][layer] += x.shape[0]
+
+        return add
+
+    for i, block in enumerate(model.model.layers):
+        block.mlp.down_proj.register_forward_pre_hook(hook("mlp_intermediate", i))
+        block.self_attn.o_proj.register_forward_pre_hook(hook("attn_heads", i))
+    with torch.no_grad():
+        for text in texts:
+            model(tokenizer(text, return_tensors="pt").input_ids, use_cache=False)
+    arrays = out / "arrays"
+    arrays.mkdir(parents=True)
+    for kind in sums:
+        np.save(arrays / f"channel_stats_{kind}_layers.npy", np.arange(layers))
+        np.save(arrays / f"channel_stats_{kind}_sum.npy", np.stack(sums[kind]))
+        np.save(arrays / f"channel_stats_{kind}_count.npy", counts[kind])
+    return out
+
+
+def _compensate_by_hand(model, source: Path, plan: dict, analysis: Path) -> None:
+    """FLAP in torch on a hand-sliced model: bias(down_proj, o_proj) = the source weight's
+    removed columns @ the removed channels' means (float64, rounded to bf16 as stored), then
+    cut to the kept hidden channels; zero biases on gate/up and q/k/v."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    entry = plan["budget"]["strategies"]["joint"]
+    arrays = analysis / "arrays"
+    cfg = full.config
+    hidden = torch.tensor(np.setdiff1d(np.arange(cfg.hidden_size), entry["hidden"]["pruned"]))
+    d = cfg.head_dim
+    removed = {
+        "mlp_intermediate": {r["layer"]: r["pruned"] for r in entry["mlp"]["layers"]},
+        "attn_heads": {
+            r["layer"]: (np.asarray(r["pruned"])[:, None] * d + np.arange(d)).ravel().tolist()
+            for r in entry["heads"]["layers"]
+        },
+    }
+
+    def bias(weight, kind: str, layer: int):
+        mean = (
+            np.load(arrays / f"channel_stats_{kind}_sum.npy")[layer]
+            / np.load(arrays / f"channel_stats_{kind}_count.npy")[layer]
+        )
+        cols = torch.tensor(removed[kind][layer])
+        value = weight.double()[:, cols] @ torch.from_numpy(mean).double()[cols]
+        return torch.nn.Parameter(value.float().bfloat16().float()[hidden])
+
+    for old, block in zip(entry["kept_layers"], model.model.layers, strict=True):
+        src = full.model.layers[old]
+        mlp, attn = block.mlp, block.self_attn
+        mlp.down_proj.bias = bias(src.mlp.down_proj.weight, "mlp_intermediate", old)
+        attn.o_proj.bias = bias(src.self_attn.o_proj.weight, "attn_heads", old)
+        for module in (mlp.gate_proj, mlp.up_proj, attn.q_proj, attn.k_proj, attn.v_proj):
+            module.bias = torch.nn.Parameter(torch.zeros(module.weight.shape[0]))
+
+
+def test_bias_compensation_equals_hand_surgery_and_brings_logits_closer(
+    embedded_models, tmp_path: Path
+) -> None:
+    """FLAP on SmolLM2 (a Llama): the compensated checkpoint loads in transformers with
+    mlp_bias and attention_bias, equals hand surgery exactly, and its logits on the texts the
+    means came from are closer to the unpruned model's than the uncompensated checkpoint's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = embedded_models["smollm2"]
+    texts = [t.text for t in load_texts(DEFAULT_TEXTS)]
+    analysis = _channel_stats_analysis(source, texts[:4], tmp_path / "analysis")
+    config = json.loads((source / "config.json").read_text())
+    plan = _width_plan(config, [13, 25], {"mlp": 384, "heads": 1, "hidden": 36}, seed=3)
+    _cut_quiet_hidden(plan, source)
+    plan["analysis"] = str(analysis)
+    plain = _prune_widths(source, plan, tmp_path / "plain")
+    compensated = _prune_widths(source, plan, tmp_path / "flap", ["--bias-compensation"])
+    pruned_config = json.loads((compensated / "config.json").read_text())
+    assert pruned_config["mlp_bias"] and pruned_config["attention_bias"]
+    assert pruned_config[PROVENANCE_KEY]["bias_compensation"]["projections"] == [
+        "down_proj",
+        "o_proj",
+    ]
+    model = AutoModelForCausalLM.from_pretrained(compensated, dtype=torch.float32).eval()
+    from actclient.analysis.params import count_parameters
+
+    assert count_parameters(pruned_config) == sum(p.numel() for p in model.parameters())
+    reference = _hand_sliced(source, plan, torch.float32)
+    _compensate_by_hand(reference, source, plan, analysis)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    without = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval()
+    kl: dict[str, list[float]] = {"with": [], "without": [], "held-out with": [],
+                                  "held-out without": []}  # fmt: skip
+    for n, text in enumerate(texts[:6]):
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            got = model(ids, use_cache=False).logits
+            assert torch.equal(got, reference(ids, use_cache=False).logits)
+            want = torch.log_softmax(dense(ids, use_cache=False).logits[0], -1)
+            for name, logits in (("with", got), ("without", without(ids, use_cache=False).logits)):
+                logp = torch.log_softmax(logits[0], -1)
+                key = name if n < 4 else f"held-out {name}"
+                kl[key].append(float((want.exp() * (want - logp)).sum(-1).mean()))
+    mean = {key: float(np.mean(v)) for key, v in kl.items()}
+    print("mean KL(dense || pruned) per token, nats: " + ", ".join(
+        f"{key} {value:.4f}" for key, value in mean.items()))  # fmt: skip
+    assert mean["with"] < mean["without"]
+
+
+def test_bias_compensation_refuses_qwen3(embedded_models, tmp_path: Path, capsys) -> None:
+    source = embedded_models["tiny-qwen3-untied"]
+    config = json.loads((source / "config.json").read_text())
+    plan = _width_plan(config, [], {"mlp": 32, "heads": 1, "hidden": 0}, seed=0)
+    plan["analysis"] = str(tmp_path)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    code = actclient(
+        ["prune", str(source), str(tmp_path / "plan.json"), "--budget-strategy", "joint",
+         "--bias-compensation", "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "model_type 'qwen3'" in err and "vLLM's Qwen3 builds o_proj without a bias" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bf16_bias_rounding_matches_torch() -> None:
+    import torch
+
+    from actclient.prune import _encoded
+
+    values = np.random.default_rng(0).normal(size=4096) * np.logspace(-6, 3, 4096)
+    _, _, write = _encoded(values, "BF16", [])
+
+    class Sink:
+        data = b""
+
+        def write(self, chunk: bytes) -> None:
+            self.data += chunk
+
+    sink = Sink()
+    write(sink)
+    want = torch.from_numpy(values).float().bfloat16().view(torch.int16).numpy().view("<u2")
+    assert sink.data == want.tobytes()

@@ -11,6 +11,14 @@ Optional MLP neuron pruning (`--neurons`, from the plan's neuron section) keeps 
 gate_proj/up_proj and the columns of down_proj of the kept neurons: a slice of the raw
 element bits (bf16 as uint16), so every kept element is still bit-identical; the width must be
 the same in every layer so the result is a standard config with a new `intermediate_size`.
+
+Optional FLAP bias compensation (`--bias-compensation`, An et al. 2024): a removed input
+channel j of down_proj (an MLP neuron) or o_proj (a head's channels) contributed
+W[:, j] * x_j to the output; its mean over the recorded tokens, W[:, removed] @ mean(x[removed]),
+is added to that projection's bias. The means are sum / count of the analysis's channel
+statistics (`mlp_intermediate`, `attn_heads`), computed in float64 from the stored weights and
+written in the weight's dtype. Only Llama takes it: its config's `mlp_bias` / `attention_bias`
+add the biases (also on gate/up and q/k/v, written as zeros), and vLLM's Llama builds them too.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import numpy as np
 from actclient import __version__
 from actclient.analysis.budget import BUDGET_STRATEGIES
 from actclient.analysis.embedding import (
+    Checkpoint,
     ModelFilesError,
     TensorInfo,
     load_config,
@@ -67,6 +76,21 @@ _ITEMSIZE = {
     "F8_E5M2": 1,
 }
 _COPY_CHUNK = 64 * 2**20
+# Why each architecture other than Llama cannot take FLAP's output-projection biases.
+_NO_BIAS_COMPENSATION = {
+    "qwen3": "Qwen3 has no MLP bias option, and vLLM's Qwen3 builds o_proj without a bias "
+    "(transformers' attention_bias would add one that vLLM does not load)",
+    "qwen2": "Qwen2 has biases on q/k/v only: no config option adds one to o_proj or down_proj",
+    "mistral": "Mistral has no bias option on o_proj or the MLP",
+}
+# output projection -> (the channel statistic of its input, the Llama config key, the modules
+# the key gives a bias)
+_COMPENSATED = {
+    "down_proj": ("mlp_intermediate", "mlp_bias", ("gate_proj", "up_proj", "down_proj")),
+    "o_proj": ("attn_heads", "attention_bias", ("q_proj", "k_proj", "v_proj", "o_proj")),
+}
+_FLOAT_DTYPES = {"BF16", "F16", "F32"}
+_MEAN_PARTS = ("layers", "sum", "count")
 
 
 class PruneError(ValueError):
@@ -135,6 +159,36 @@ class WidthSelection:
             elif kind == "weight":
                 out.append((1, channels))
         return out
+
+
+@dataclass
+class ChannelMeans:
+    """Per-layer mean of each input channel of down_proj and o_proj over the recorded tokens."""
+
+    mean: dict[str, dict[int, np.ndarray]]  # channel kind -> source layer -> [channels]
+    source: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, analysis_dir: str | Path) -> ChannelMeans:
+        """sum / count of an analysis's channel statistics (arrays/channel_stats_*)."""
+        arrays = Path(analysis_dir) / "arrays"
+        mean: dict[str, dict[int, np.ndarray]] = {}
+        tokens = {}
+        for kind, _, _ in _COMPENSATED.values():
+            parts = {p: arrays / f"channel_stats_{kind}_{p}.npy" for p in _MEAN_PARTS}
+            if not all(path.is_file() for path in parts.values()):
+                continue
+            layers, total, count = (np.load(path) for path in parts.values())
+            if (count == 0).any():
+                raise PruneError(f"{arrays}: channel_stats_{kind} counts no token in some layer")
+            mean[kind] = {int(k): total[i] / count[i] for i, k in enumerate(layers)}
+            tokens[kind] = int(count[0])
+        if not mean:
+            raise PruneError(
+                f"{arrays}: no channel statistics for bias compensation (record with "
+                "channel_stats and analyze the shards)"
+            )
+        return cls(mean, {"analysis": str(analysis_dir), "tokens": tokens})
 
 
 # (module, weight|bias) -> the axis of length hidden_size
@@ -395,6 +449,102 @@ def _neuron_slice(
     return None
 
 
+@dataclass
+class _Biases:
+    """The biases bias compensation writes, at source width (the cuts apply on writing)."""
+
+    values: dict[str, np.ndarray]  # source bias name -> float64 value (replaces the source's)
+    created: dict[str, str]  # source weight name -> its new bias, written right after it
+    config: dict[str, bool]  # Llama config keys turned on
+    provenance: dict
+
+
+def check_bias_compensation(config: dict) -> None:
+    """Refuse, naming the model type and why, an architecture that cannot take FLAP's biases."""
+    model_type = config.get("model_type")
+    if model_type != "llama":
+        why = _NO_BIAS_COMPENSATION.get(
+            str(model_type), "only Llama's config (mlp_bias, attention_bias) is known to add them"
+        )
+        raise PruneError(f"--bias-compensation: model_type {model_type!r}: {why}")
+
+
+def _bias_compensation(
+    config: dict,
+    checkpoint: Checkpoint,
+    kept_layers: list[int],
+    kept_inputs: dict[str, dict[int, np.ndarray] | None],
+    means: ChannelMeans,
+) -> _Biases:
+    """FLAP: for every kept layer, bias(proj) += W[:, removed] @ mean(x[removed]) for the output
+    projections whose inputs lose channels (`kept_inputs`: proj -> layer -> kept channels)."""
+    check_bias_compensation(config)
+    if all(v is None for v in kept_inputs.values()):
+        raise PruneError(
+            "--bias-compensation: the plan removes no MLP neuron or attention head, so there "
+            "is nothing to compensate (hidden-size and layer cuts have no bias to fold into)"
+        )
+    out = _Biases({}, {}, {}, {**means.source, "rule": "bias += W[:, removed] @ mean(x[removed])"})
+    kept_set = set(kept_layers)
+    for proj, kept_by_layer in kept_inputs.items():
+        if kept_by_layer is None:
+            continue
+        kind, key, modules = _COMPENSATED[proj]
+        if kind not in means.mean:
+            raise PruneError(f"--bias-compensation: the analysis has no {kind} statistics")
+        missing = sorted(kept_set - set(means.mean[kind]))
+        if missing:
+            raise PruneError(f"--bias-compensation: no {kind} statistics for layers {missing}")
+        out.config[key] = True
+        out.provenance.setdefault("projections", []).append(proj)
+        for name, info in checkpoint.tensors.items():
+            match = _LAYER_NAME.match(name)
+            parts = name.split(".")
+            if not match or int(match.group(2)) not in kept_set or parts[-1] != "weight":
+                continue
+            if parts[-2] not in modules:
+                continue
+            if info.dtype not in _FLOAT_DTYPES:
+                raise PruneError(f"{name}: cannot write a bias for dtype {info.dtype}")
+            layer, bias = int(match.group(2)), name[: -len("weight")] + "bias"
+            if bias in checkpoint.tensors:
+                value = checkpoint.tensor(bias).astype(np.float64)
+            else:
+                out.created[name] = bias
+                value = np.zeros(info.shape[0])
+            if parts[-2] == proj and layer in kept_by_layer:
+                mean = means.mean[kind][layer]
+                if len(mean) != info.shape[1]:
+                    raise PruneError(
+                        f"{name}: {info.shape[1]} input channels, the analysis's {kind} has "
+                        f"{len(mean)}: another model?"
+                    )
+                removed = np.setdiff1d(np.arange(info.shape[1]), kept_by_layer[layer])
+                weight = checkpoint.tensor(name).astype(np.float64)
+                value = value + weight[:, removed] @ mean[removed]
+            if parts[-2] == proj or name in out.created:
+                out.values[bias] = value
+    return out
+
+
+def _encoded(
+    value: np.ndarray, dtype: str, cuts: list[tuple[int, np.ndarray]]
+) -> tuple[list[int], int, Callable[[BinaryIO], None]]:
+    """Shape, size and writer of a float64 array cut like a source tensor, in `dtype`
+    (float64 -> float32 -> the dtype, bfloat16 rounded to nearest even as torch does)."""
+    for axis, keep in cuts:
+        value = np.take(value, keep, axis=axis)
+    x = np.ascontiguousarray(value, dtype=np.float32)
+    if dtype == "BF16":
+        bits = x.view(np.uint32)
+        data = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+    elif dtype == "F16":
+        data = x.astype("<f2").tobytes()
+    else:
+        data = x.astype("<f4").tobytes()
+    return list(value.shape), len(data), lambda out: out.write(data)
+
+
 def prune_checkpoint(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -402,9 +552,11 @@ def prune_checkpoint(
     neurons: NeuronSelection | None = None,
     progress: bool | None = None,
     widths: WidthSelection | None = None,
+    bias_compensation: ChannelMeans | None = None,
 ) -> dict:
     """Write the pruned checkpoint to `out_dir` (created; must not exist or be empty), with a
     progress bar over the source's safetensors files (`progress`: None: only on a terminal).
+    `bias_compensation`: fold the removed MLP neurons' and heads' means into biases (FLAP).
 
     Returns the provenance written into the config. The output is built in a temporary
     sibling directory and renamed into place, so a failed run leaves nothing half-written.
@@ -430,6 +582,27 @@ def prune_checkpoint(
     if out_dir.exists() and any(out_dir.iterdir()):
         raise PruneError(f"{out_dir} exists and is not empty; choose another --out")
 
+    biases = None
+    if bias_compensation is not None:
+        heads = None
+        if widths is not None and widths.heads is not None:
+            d = widths.widths["head_dim"]
+            heads = {k: (v[:, None] * d + np.arange(d)).ravel() for k, v in widths.heads.items()}
+        mlp = neurons.kept if neurons is not None else widths.mlp if widths is not None else None
+        biases = _bias_compensation(
+            config,
+            Checkpoint(model_dir),
+            kept,
+            {"down_proj": mlp, "o_proj": heads},
+            bias_compensation,
+        )
+
+    def cuts_for(name: str, layer: int | None, shape: tuple[int, ...]) -> list:
+        if widths is not None:
+            return widths.cuts(name, layer, shape)
+        cut = _neuron_slice(name, layer, neurons)
+        return [cut] if cut is not None else []
+
     new_index = {old: new for new, old in enumerate(kept)}
     provenance = {
         "tool": f"actclient {__version__}",
@@ -447,6 +620,9 @@ def prune_checkpoint(
         provenance["widths"] = {**widths.source, "widths": widths.widths}
         for key in ("intermediate_size", "num_attention_heads", "hidden_size", "head_dim"):
             new_config[key] = int(widths.widths[key])
+    if biases is not None:
+        provenance["bias_compensation"] = biases.provenance
+        new_config.update(biases.config)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.pruning-", dir=out_dir.parent))
@@ -464,15 +640,19 @@ def prune_checkpoint(
                 info = infos[name]
                 match = _LAYER_NAME.match(name)
                 layer = int(match.group(2)) if match else None
-                cut = _neuron_slice(name, layer, neurons)
-                cuts = [cut] if cut is not None else []
-                if widths is not None:
-                    cuts = widths.cuts(name, layer, info.shape)
-                if not cuts:
+                cuts = cuts_for(name, layer, info.shape)
+                if biases is not None and name in biases.values:
+                    shape, nbytes, write = _encoded(biases.values[name], info.dtype, cuts)
+                elif not cuts:
                     shape, nbytes, write = list(info.shape), info.nbytes, _copied(info)
                 else:
                     shape, nbytes, write = _sliced(info, cuts)
                 tensors.append(_OutTensor(new_name, info.dtype, shape, nbytes, write))
+                if biases is not None and name in biases.created:
+                    bias = biases.created[name]
+                    value = biases.values[bias]
+                    encoded = _encoded(value, info.dtype, cuts_for(bias, layer, value.shape))
+                    tensors.append(_OutTensor(_rename(bias, new_index), info.dtype, *encoded))
             if tensors:
                 total_size += _write_safetensors(tmp / path.name, tensors, metadata)
                 weight_map.update({t.name: path.name for t in tensors})
@@ -581,6 +761,12 @@ def _prune(args: argparse.Namespace) -> int:
             neurons = neurons_from_plan(plan, args.plan)
             if plan["neurons"].get("heads"):
                 print("prune: the plan's attention-head pruning is not applied", file=sys.stderr)
+        means = None
+        if args.bias_compensation:
+            if plan is None or not plan.get("analysis"):
+                raise PruneError("--bias-compensation needs a PLAN that names its analysis")
+            check_bias_compensation(load_config(Path(args.model_dir)))
+            means = ChannelMeans.load(plan["analysis"])
         provenance = prune_checkpoint(
             args.model_dir,
             args.out,
@@ -588,6 +774,7 @@ def _prune(args: argparse.Namespace) -> int:
             neurons,
             progress=False if args.no_progress else None,
             widths=widths,
+            bias_compensation=means,
         )
     except (PruneError, ModelFilesError, OSError, KeyError) as exc:
         print(f"prune: {exc}", file=sys.stderr)
@@ -598,6 +785,9 @@ def _prune(args: argparse.Namespace) -> int:
             f"{key} {widths.widths[key]}"
             for key in ("intermediate_size", "num_attention_heads", "hidden_size")
         )
+    if "bias_compensation" in provenance:
+        compensated = provenance["bias_compensation"]["projections"]
+        width += f"; biases compensated on {', '.join(compensated)}"
     print(
         f"prune: dropped layers {provenance['dropped_layers']} "
         f"({provenance['source_num_hidden_layers']} -> {len(provenance['kept_layers'])}{width}); "
@@ -642,6 +832,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="apply every dimension (layers, MLP width, heads, hidden size) of this strategy "
         f"of a budget plan (`plan --target-params`): one of {', '.join(BUDGET_STRATEGIES)}",
+    )
+    p.add_argument(
+        "--bias-compensation",
+        action="store_true",
+        help="FLAP: add W[:, removed] @ mean(x[removed]) to the bias of down_proj (removed MLP "
+        "neurons) and o_proj (removed heads), the means from the channel statistics of the "
+        "analysis the plan names; Llama only (sets mlp_bias / attention_bias, zero biases on "
+        "gate/up and q/k/v); Qwen2, Qwen3 and Mistral are refused (no such bias in vLLM)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a TTY")
     p.set_defaults(func=_prune)
