@@ -1,16 +1,20 @@
-"""`make experiment`: does activation-guided layer deletion beat blind deletion on SmolLM2?
+"""`make experiment`: which pruning keeps SmolLM2's tour texts best, by layers and by budget?
 
 One command, end to end on this machine: record SmolLM2 activations on the shipped Phase 1
-prompts (the `make demo` flow, reused when its analysis exists), `actclient analyze`, then for
-every k in 2, 4, 6, 8 an `actclient plan --drop k`, and for every method (Block Influence,
-Gromov block, alternating layers, and random layers with 3 seeds) a pruned checkpoint
-(`actclient prune`). Each model, the dense one first, is served by a stock vLLM (plain, eager:
-one engine at a time, no capture) and scored by `actclient evaluate` on the held-out tour
-texts, which no recorded prompt mentions. Variants that drop the same layers are evaluated
-once. Writes prune_experiment.json, .md (tables) and .png (plot) to --results.
-
-Random layers are drawn from the layers the plan may drop (it protects the first and the
-last layer), so every method chooses from the same pool.
+prompts (the `make demo` flow with channel statistics, reused when its analysis exists),
+`actclient analyze`, then two parts (`--part` picks one):
+- layers: for every k in 2, 4, 6, 8 an `actclient plan --drop k`, and for every method (Block
+  Influence, Gromov block, alternating layers, random layers with 3 seeds) a pruned checkpoint;
+  random layers come from the layers the plan may drop (it protects the first and the last
+  layer), so every method chooses from the same pool. Writes prune_experiment.{json,md,png}.
+- budget: for every ratio in 0.85, 0.7 an `actclient plan --target-ratio R` and a checkpoint
+  per budget strategy (depth_only, last_layers, width_only, joint, random with 3 seeds, and
+  width_only with FLAP bias compensation): equal parameter counts, compared on the same texts.
+  Writes budget_experiment.{json,md,png}.
+Each model, the dense one first, is served by a stock vLLM (plain, compiled: one engine at a
+time, no capture) and scored by `actclient evaluate` on the held-out tour texts, which no
+recorded prompt mentions. Variants that drop the same layers are evaluated once. Nothing is
+healed or distilled after pruning.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ if TYPE_CHECKING:
 
 METHODS = ("block_influence", "gromov", "alternating")
 DEFAULT_KS = (2, 4, 6, 8)
+DEFAULT_RATIOS = (0.85, 0.7)
+PARTS = ("layers", "budget")
+# the budget strategies in table order; FLAP is width_only with bias compensation
+FLAP = "width_only+flap"
+BUDGET_ROWS = ("depth_only", "last_layers", "width_only", FLAP, "joint", "random")
 DEFAULT_SEEDS = (0, 1, 2)
 RANDOM = "random"
 NEURONS = "mlp_neurons"  # the plan's MLP neuron pruning alone, no layer dropped
@@ -102,6 +111,36 @@ def variants(plans: dict[int, dict], seeds: tuple[int, ...]) -> list[dict]:
     return out
 
 
+def budget_variants(plans: dict[float, dict[int, dict]]) -> list[dict]:
+    """Every (strategy, ratio, seed) of budget plans {ratio: {seed: plan}}: each strategy from
+    the first seed's plan, `random` from every seed's, FLAP as width_only with compensation."""
+    out = []
+    for ratio, by_seed in plans.items():
+        first = next(iter(by_seed.values()))
+        for name in BUDGET_ROWS:
+            strategy = "width_only" if name == FLAP else name
+            sources = by_seed.items() if name == RANDOM else [(None, first)]
+            for seed, plan in sources:
+                entry = plan["budget"]["strategies"][strategy]
+                if "skipped" in entry:
+                    _log(f"ratio {ratio} {name}: skipped by the plan ({entry['skipped']})")
+                    continue
+                out.append(
+                    {
+                        "method": name,
+                        "strategy": strategy,
+                        "ratio": ratio,
+                        "seed": seed,
+                        "target_params": plan["budget"]["target_params"],
+                        "params": entry["params"],
+                        "widths": entry["widths"],
+                        "dropped": entry["dropped_layers"],
+                        "bias_compensation": name == FLAP,
+                    }
+                )
+    return out
+
+
 def serve_and_evaluate(
     model: Path, workdir: Path, texts: Sequence[ReferenceText], reference: dict | None
 ) -> dict:
@@ -133,15 +172,9 @@ def _row(variant: dict, result: dict) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> dict:
-    from actclient.analysis.plan import make_plan
+def run(args: argparse.Namespace) -> dict[str, dict]:
+    """Record and analyze, evaluate the dense model, then each part in `args.part`."""
     from actclient.evaluate import load_texts
-    from actclient.prune import (
-        LayerSelection,
-        layers_from_plan,
-        neurons_from_plan,
-        prune_checkpoint,
-    )
     from vllm_activations import embedded
 
     started = time.monotonic()
@@ -149,11 +182,72 @@ def run(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     model = embedded.smollm2()
     texts = load_texts(args.texts)
-    timings: dict[str, float] = {}
 
     t = time.monotonic()
     analysis = record_and_analyze(work, args.prompts, args.max_tokens)
-    timings["record_and_analyze_s"] = time.monotonic() - t
+    shared = {"record_and_analyze_s": time.monotonic() - t}
+
+    t = time.monotonic()
+    _log(f"dense {model.name}: serving and evaluating {len(texts)} texts")
+    dense = serve_and_evaluate(model, work / "servers" / "dense", texts, None)
+    (work / "eval").mkdir(exist_ok=True)
+    (work / "eval" / "dense.json").write_text(json.dumps(dense, indent=1) + "\n")
+    shared["dense_evaluate_s"] = time.monotonic() - t
+    common = {
+        "model": Path(model).name,  # names only: results are committed, machine paths are not
+        "texts": Path(args.texts).name,
+        "num_texts": len(texts),
+        "recorded_prompts": args.prompts,
+        "seeds": list(args.seeds),
+        "serve_args": list(SERVE_ARGS),
+    }
+    parts = PARTS if args.part == "all" else (args.part,)
+    results = {}
+    for part in parts:
+        t = time.monotonic()
+        go = run_layers if part == "layers" else run_budget
+        results[part] = {**common, **go(args, work, model, analysis, texts, dense)}
+        timings = {**shared, "evaluate_s": time.monotonic() - t}
+        timings["total_s"] = timings["record_and_analyze_s"] + timings["dense_evaluate_s"]
+        timings["total_s"] += timings["evaluate_s"]
+        results[part]["timings"] = timings
+    _log(f"done in {(time.monotonic() - started) / 60:.1f} min")
+    return results
+
+
+def _evaluate_pruned(
+    name: str, pruned: Path, work: Path, texts: Sequence[ReferenceText], dense: dict, keep: bool
+) -> dict:
+    result = serve_and_evaluate(pruned, work / "servers" / name, texts, dense)
+    (work / "eval" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    if not keep:
+        shutil.rmtree(pruned)
+    return result
+
+
+def _log_row(row: dict) -> None:
+    _log(
+        f"    mean ppl x{row['mean_perplexity_ratio']:.3f}, factual surprisal "
+        f"x{row['factual_mean_surprisal_ratio']:.3f}, {'PASS' if row['pass'] else 'FAIL'}"
+    )
+
+
+def run_layers(
+    args: argparse.Namespace,
+    work: Path,
+    model: Path,
+    analysis: Path,
+    texts: Sequence[ReferenceText],
+    dense: dict,
+) -> dict:
+    """The layer-deletion part: every method and k, rows with the dense row first."""
+    from actclient.analysis.plan import make_plan
+    from actclient.prune import (
+        LayerSelection,
+        layers_from_plan,
+        neurons_from_plan,
+        prune_checkpoint,
+    )
 
     plans = {}
     for k in args.k:
@@ -161,12 +255,6 @@ def run(args: argparse.Namespace) -> dict:
         (work / "plans").mkdir(exist_ok=True)
         (work / "plans" / f"drop{k}.json").write_text(json.dumps(plans[k], indent=1) + "\n")
     todo = variants(plans, tuple(args.seeds))
-
-    t = time.monotonic()
-    _log(f"dense {model.name}: serving and evaluating {len(texts)} texts")
-    dense = serve_and_evaluate(model, work / "servers" / "dense", texts, None)
-    (work / "eval").mkdir(exist_ok=True)
-    (work / "eval" / "dense.json").write_text(json.dumps(dense, indent=1) + "\n")
     rows = [_row({"method": "dense", "k": 0, "seed": None, "dropped": []}, dense)]
     done: dict[tuple[int, ...], dict] = {}
     for n, variant in enumerate(todo, 1):
@@ -198,31 +286,78 @@ def run(args: argparse.Namespace) -> dict:
                 plans[variant["k"]], variant["method"], work / "plans" / f"drop{variant['k']}.json"
             )
         prune_checkpoint(model, pruned, selection, neurons)
-        result = serve_and_evaluate(pruned, work / "servers" / name, texts, dense)
-        (work / "eval" / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-        if not args.keep_models:
-            shutil.rmtree(pruned)
-        done[key] = result
-        row = _row(variant, result)
-        rows.append(row)
-        _log(
-            f"    mean ppl x{row['mean_perplexity_ratio']:.3f}, factual surprisal "
-            f"x{row['factual_mean_surprisal_ratio']:.3f}, {'PASS' if row['pass'] else 'FAIL'}"
-        )
-    timings["evaluate_s"] = time.monotonic() - t
-    timings["total_s"] = time.monotonic() - started
+        done[key] = _evaluate_pruned(name, pruned, work, texts, dense, args.keep_models)
+        rows.append(_row(variant, done[key]))
+        _log_row(rows[-1])
     return {
         "schema": "vllm_activations.prune_experiment/1",
-        "model": Path(model).name,  # names only: results are committed, machine paths are not
         "model_layers": plans[args.k[0]]["layers"]["num_layers"],
         "protected_layers": plans[args.k[0]]["layers"]["protected"],
-        "texts": Path(args.texts).name,
-        "num_texts": len(texts),
-        "recorded_prompts": args.prompts,
         "ks": list(args.k),
-        "seeds": list(args.seeds),
-        "serve_args": list(SERVE_ARGS),
-        "timings": timings,
+        "rows": rows,
+    }
+
+
+def run_budget(
+    args: argparse.Namespace,
+    work: Path,
+    model: Path,
+    analysis: Path,
+    texts: Sequence[ReferenceText],
+    dense: dict,
+) -> dict:
+    """The budget part: every strategy at every ratio, rows with the dense row first."""
+    from actclient.analysis.plan import make_budget_plan
+    from actclient.prune import ChannelMeans, budget_strategy, prune_checkpoint
+
+    plans: dict[float, dict[int, dict]] = {}
+    (work / "plans").mkdir(exist_ok=True)
+    for ratio in args.ratios:
+        plans[ratio] = {}
+        for seed in args.seeds:
+            plan = make_budget_plan(analysis, target_ratio=ratio, model_dir=model, seed=seed)
+            path = work / "plans" / f"budget{ratio}-s{seed}.json"
+            path.write_text(json.dumps(plan, indent=1) + "\n")
+            plans[ratio][seed] = plan
+    first = plans[args.ratios[0]][args.seeds[0]]["budget"]
+    todo = budget_variants(plans)
+    means = ChannelMeans.load(analysis)
+    rows = [_row({"method": "dense", "ratio": 1.0, "seed": None, "dropped": []}, dense)]
+    rows[0]["params"] = first["source_params"]
+    for n, variant in enumerate(todo, 1):
+        seed = variant["seed"] if variant["seed"] is not None else args.seeds[0]
+        name = f"{variant['method']}-r{variant['ratio']}" + (
+            f"-s{variant['seed']}" if variant["seed"] is not None else ""
+        )
+        w = variant["widths"]
+        _log(
+            f"[{n}/{len(todo)}] {name}: {variant['params']:,} params, layers "
+            f"{w['num_hidden_layers']}, MLP {w['intermediate_size']}, heads "
+            f"{w['num_attention_heads']}, hidden {w['hidden_size']}"
+        )
+        plan_path = work / "plans" / f"budget{variant['ratio']}-s{seed}.json"
+        layers, widths = budget_strategy(
+            plans[variant["ratio"]][seed], variant["strategy"], plan_path
+        )
+        pruned = work / "models" / name.replace("+", "-")
+        if pruned.exists():
+            shutil.rmtree(pruned)
+        prune_checkpoint(
+            model,
+            pruned,
+            layers,
+            widths=widths,
+            bias_compensation=means if variant["bias_compensation"] else None,
+        )
+        result = _evaluate_pruned(name, pruned, work, texts, dense, args.keep_models)
+        rows.append(_row(variant, result))
+        _log_row(rows[-1])
+    return {
+        "schema": "vllm_activations.budget_experiment/1",
+        "source_params": first["source_params"],
+        "source_shape": first["source_shape"],
+        "ratios": list(args.ratios),
+        "search": {k: v for k, v in first["search"].items() if k != "layer_drop_order"},
         "rows": rows,
     }
 
@@ -357,6 +492,109 @@ def plot(results: dict, path: Path) -> Path | None:
     return path
 
 
+def budget_markdown(results: dict) -> str:
+    """Tables: perplexity and factual-surprisal ratios by strategy and budget, and the shapes."""
+    rows = results["rows"]
+    dense = rows[0]["summary"]
+    ratios = results["ratios"]
+    head = "| strategy | " + " | ".join(f"{r:g} of the parameters" for r in ratios) + " |"
+    lines = [
+        f"SmolLM2-135M-Instruct ({results['source_params']:,} parameters, bf16), "
+        f"{results['num_texts']} held-out tour texts ({dense['tokens']} scored tokens), no "
+        f"healing. Dense: mean perplexity {dense['mean_perplexity']:.2f}, factual-token "
+        f"surprisal {dense['factual_mean_surprisal']:.3f} nats.",
+        "",
+    ]
+    for key, title in (
+        ("mean_perplexity_ratio", "Mean perplexity, ratio to dense (pass: at most 1.20)"),
+        ("factual_mean_surprisal_ratio", "Factual-token surprisal, ratio to dense (pass: < 2)"),
+    ):
+        lines += [f"**{title}**", "", head, "|---|" + "---|" * len(ratios)]
+        for method in BUDGET_ROWS:
+            cells = [_cell([r for r in rows if r["method"] == method and r["ratio"] == ratio], key)
+                     for ratio in ratios]  # fmt: skip
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "✗: fails that rule (a text above perplexity 1000 fails the perplexity rule too). "
+        f"Random: mean [min-max] over seeds {', '.join(map(str, results['seeds']))}. "
+        f"{FLAP}: width_only with FLAP bias compensation (`prune --bias-compensation`).",
+        "",
+        "Shapes (source: layers {num_hidden_layers}, MLP {intermediate_size}, heads "
+        "{num_attention_heads}, hidden {hidden_size}):".format(**results["source_shape"]),
+        "",
+        "| budget | strategy | parameters | layers | MLP | heads | hidden | dropped layers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows[1:]:
+        if r["method"] == RANDOM and r["seed"] != results["seeds"][0]:
+            continue
+        w = r["widths"]
+        lines.append(
+            f"| {r['ratio']:g} | {r['method']} | {r['params']:,} | {w['num_hidden_layers']} | "
+            f"{w['intermediate_size']} | {w['num_attention_heads']} | {w['hidden_size']} | "
+            f"{r['dropped'] if r['method'] != RANDOM else 'random'} |"
+        )
+    t = results["timings"]
+    lines += [
+        "",
+        f"Wall time: {t['total_s'] / 60:.1f} min (recording and analysis "
+        f"{t['record_and_analyze_s'] / 60:.1f} min, dense evaluation "
+        f"{t['dense_evaluate_s'] / 60:.1f} min, pruning and evaluation "
+        f"{t['evaluate_s'] / 60:.1f} min).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def budget_plot(results: dict, path: Path) -> Path | None:
+    """Ratio to dense against the parameter fraction per strategy; random: mean and range."""
+    from actclient.analysis.plots import _pyplot
+
+    plt = _pyplot()
+    if plt is None:
+        return None
+    from matplotlib.ticker import ScalarFormatter
+
+    rows = results["rows"][1:]
+    ratios = results["ratios"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (
+        ("mean_perplexity_ratio", "mean perplexity / dense", 1.2),
+        ("factual_mean_surprisal_ratio", "factual-token surprisal / dense", 2.0),
+    )
+    for ax, (key, label, limit) in zip(axes, panels, strict=True):
+        for method in BUDGET_ROWS:
+            by = {q: [r[key] for r in rows if r["method"] == method and r["ratio"] == q]
+                  for q in ratios}  # fmt: skip
+            present = [q for q in ratios if by[q]]
+            if not present:
+                continue
+            mean = [sum(by[q]) / len(by[q]) for q in present]
+            style = {"color": "grey", "linestyle": "--"} if method == RANDOM else {}
+            ax.plot(present, mean, marker="o", label=method, **style)
+            if method == RANDOM:
+                low, high = [min(by[q]) for q in present], [max(by[q]) for q in present]
+                ax.fill_between(present, low, high, color="grey", alpha=0.25)
+        ax.axhline(limit, color="red", linewidth=0.8, linestyle=":", label=f"pass limit {limit:g}")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.set_xticks(ratios)
+        ax.invert_xaxis()
+        ax.set_xlabel("parameters kept (fraction of the dense model)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: pruning strategies at equal parameter budgets, no healing")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_WRITERS = {"layers": ("prune_experiment", markdown, plot),
+            "budget": ("budget_experiment", budget_markdown, budget_plot)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     from actclient.evaluate import DEFAULT_TEXTS
 
@@ -369,18 +607,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=12, help="Phase 1 prompts to record")
     parser.add_argument("--max-tokens", type=int, default=64, help="generated per prompt")
     parser.add_argument("--keep-models", action="store_true", help="keep pruned checkpoints")
+    parser.add_argument(
+        "--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS), help="budget part"
+    )
+    parser.add_argument("--part", choices=("all", *PARTS), default="all")
     args = parser.parse_args(argv)
 
     results = run(args)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / "prune_experiment"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    table = markdown(results)
-    stem.with_suffix(".md").write_text(table)
-    picture = plot(results, stem.with_suffix(".png"))
-    print("\n" + table)
-    print(f"results: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {picture}")
+    for part, result in results.items():
+        name, table_of, plot_of = _WRITERS[part]
+        stem = out / name
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        table = table_of(result)
+        stem.with_suffix(".md").write_text(table)
+        picture = plot_of(result, stem.with_suffix(".png"))
+        print("\n" + table)
+        print(f"results: {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {picture}")
     return 0
 
 
