@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from actclient.analysis.stats import MassiveRule, TokenBlock
@@ -49,7 +50,11 @@ def test_device_formulas_equal_the_analyzers():
     assert flags.any() and np.array_equal(flags, want)
 
 
-def test_ring_and_populations_equal_direct_sums():
+@pytest.mark.parametrize("path", ["segments", "graph"])
+def test_ring_and_populations_equal_direct_sums(path, monkeypatch):
+    # "graph": the fixed-shape index_add_ path a CUDA graph records, forced here on the CPU;
+    # "segments": the per-slot partial sums used outside graphs.
+    monkeypatch.setattr(summary, "capturing_graph", lambda: path == "graph")
     """Chunked steps, two requests with different keep rules, an async-style extra forward:
     the device sums (committed + valid ring) equal summing each kept token's quantities."""
     layers, hidden, rows, block_size = 2, 32, 16, 4

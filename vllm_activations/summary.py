@@ -11,8 +11,9 @@ activation counts (Sun et al.: |x| > threshold and > ratio x the token's median 
 shard then holds O(S^2 + S*H) numbers per request instead of O(T*S*H).
 
 The per-token formulas are those of `client/actclient/analysis/formulas.py`, written in torch
-(float64 here: one Gram per token, so angles stay accurate near cos = 1 without the
-analyzer's exact recomputation); `tests/test_summary.py` checks them against the analyzer's
+(the Gram and what derives from it in float64, so angles stay accurate near cos = 1
+without the analyzer's exact recomputation; the per-channel work in float32; every sum in
+float64); `tests/test_summary.py` checks them against the analyzer's
 own on the same vectors, including massive channels and near-identical sites.
 
 Populations, as the analyzer reports them: `all` kept tokens, `content` (not position 0 and
@@ -53,7 +54,9 @@ def boundary_sites(num_layers: int) -> list[int]:
 
 
 def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token quantities of site vectors x [T, S, H] (float64), the analyzer's formulas.
+    """Per-token quantities of site vectors x [T, S, H], the analyzer's formulas: the Gram
+    and everything derived from it in float64, the per-channel work in x's dtype (float32
+    on the device), per-token results as float64.
 
     cos [T,S,S] (normalised by the Gram's own diagonal; a zero vector has cosine 0), angle
     [T,B,B] upper triangle, 2*atan2(sqrt(1-c), sqrt(1+c)); ratio [T,S,S] = |x_b - x_a| /
@@ -61,7 +64,9 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
     ((sqrt(H) - |x|_1/|x|_2) / (sqrt(H) - 1)); mag = |x|; flags = massive activations.
     """
     hidden = x.shape[2]
-    gram = torch.matmul(x, x.transpose(1, 2))
+    x64 = x.double()  # the Gram in float64: angles near cos = 1 stay accurate
+    gram = torch.matmul(x64, x64.transpose(1, 2))
+    del x64
     sq = torch.diagonal(gram, dim1=1, dim2=2).clone()
     norms = sq.sqrt()
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -76,10 +81,12 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
     c2 = centred.mul_(centred)  # in place: the centred values are not needed again
     m4 = torch.linalg.vecdot(c2, c2) / hidden
     safe_m2 = torch.where(m2 > 0, m2, torch.ones_like(m2))
-    kurtosis = torch.where(m2 > 0, m4 / (safe_m2 * safe_m2) - 3.0, torch.zeros_like(m2))
+    kurtosis = torch.where(m2 > 0, m4 / (safe_m2 * safe_m2) - 3.0, torch.zeros_like(m2)).double()
     mag = x.abs()
     root_h = math.sqrt(hidden)
-    l1_ratio = torch.where(norms > 0, mag.sum(2) / safe, torch.full_like(norms, root_h))
+    l1_ratio = torch.where(
+        norms > 0, mag.sum(2, dtype=torch.float64) / safe, torch.full_like(norms, root_h)
+    )
     hoyer = (root_h - l1_ratio) / max(root_h - 1.0, 1e-12)
     median = _massive_medians(mag)
     bound = torch.clamp(MASSIVE_RATIO * median, min=MASSIVE_THRESHOLD)
@@ -88,6 +95,10 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
         "cos": cos, "angle": angle, "ratio": ratio, "sq": sq, "norms": norms,
         "kurtosis": kurtosis, "hoyer": hoyer, "x": x, "mag": mag, "flags": flags,
     }  # fmt: skip
+
+
+def capturing_graph() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _median(mag: torch.Tensor) -> torch.Tensor:
@@ -103,7 +114,7 @@ def _massive_medians(mag: torch.Tensor) -> torch.Tensor:
     """The per-(token, site) median |x| where the massive rule needs it: rows whose max |x|
     exceeds the threshold (other rows can flag nothing, their median stays 0). A CUDA graph
     needs fixed shapes, so while one is recorded every row gets its median."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing_graph():
         return _median(mag)
     median = torch.zeros(mag.shape[:2], dtype=mag.dtype, device=mag.device)
     rows = torch.nonzero(mag.amax(2) > MASSIVE_THRESHOLD, as_tuple=True)
@@ -150,7 +161,8 @@ class PopulationSums:
         ]  # fmt: skip
 
     def add(self, owner: torch.Tensor, q: dict[str, torch.Tensor]) -> None:
-        """Add token quantities `q` into the slots `owner` [T] (the trash slot for others)."""
+        """Add token quantities `q` into the slots `owner` [T] (the trash slot for others):
+        fixed shapes, no host sync (the path a CUDA graph records)."""
         self.count.index_add_(0, owner, torch.ones_like(owner))
         self.pairs["cos_sum"].index_add_(0, owner, q["cos"])
         self.pairs["cos_sq_sum"].index_add_(0, owner, q["cos"] * q["cos"])
@@ -166,9 +178,60 @@ class PopulationSums:
         self.massive_count.index_add_(0, owner, q["flags"].int())
         self.massive_tokens.index_add_(0, owner, q["flags"].any(2).long())
 
+    def add_partials(self, slots: torch.Tensor, part: dict[str, torch.Tensor]) -> None:
+        """Add per-slot partial sums (`partials`) into distinct `slots` [k]: gathers and
+        scatters of whole slot rows, no atomics (the fast path outside CUDA graphs)."""
+        self.count[slots] += part["count"]
+        self.pairs["cos_sum"][slots] += part["cos"]
+        self.pairs["cos_sq_sum"][slots] += part["cos_sq"]
+        self.pairs["ratio_sum"][slots] += part["ratio"]
+        self.angle_sum[slots] += part["angle"]
+        self.sites["norm_sum"][slots] += part["norms"]
+        self.sites["norm_sq_sum"][slots] += part["sq"]
+        self.sites["kurtosis_sum"][slots] += part["kurtosis"]
+        self.sites["hoyer_sum"][slots] += part["hoyer"]
+        self.x_sum[slots] += part["x"]
+        self.x_sq_sum[slots] += part["x_sq"]
+        self.absmax[slots] = torch.maximum(self.absmax[slots], part["mag"])
+        self.massive_count[slots] += part["flags"]
+        self.massive_tokens[slots] += part["flag_tokens"]
+
     def zero_slot(self, slot: int) -> None:
         for t in self.tensors():
             t[slot].zero_()
+
+
+def partials(q: dict[str, torch.Tensor], segments: list[tuple[int, int]]) -> dict:
+    """Per-segment sums of token quantities `q` (rows [start, stop) per segment), in the
+    accumulators' dtypes: one row per segment. A one-token segment is its own row."""
+    singles = all(stop - start == 1 for start, stop in segments)
+    if singles:
+        index = torch.as_tensor([start for start, _ in segments], device=q["x"].device)
+        x, mag, flags = q["x"][index], q["mag"][index], q["flags"][index]
+        return {
+            "count": torch.ones(len(segments), dtype=torch.long, device=x.device),
+            "cos": q["cos"][index], "cos_sq": q["cos"][index].square(),
+            "ratio": q["ratio"][index], "angle": q["angle"][index],
+            "norms": q["norms"][index], "sq": q["sq"][index],
+            "kurtosis": q["kurtosis"][index], "hoyer": q["hoyer"][index],
+            "x": x.double(), "x_sq": x.double().square(), "mag": mag.float(),
+            "flags": flags.int(), "flag_tokens": flags.any(2).long(),
+        }  # fmt: skip
+    rows = []
+    for start, stop in segments:
+        r = slice(start, stop)
+        x = q["x"][r]
+        rows.append({
+            "count": torch.tensor(stop - start, device=x.device),
+            "cos": q["cos"][r].sum(0), "cos_sq": q["cos"][r].square().sum(0),
+            "ratio": q["ratio"][r].sum(0), "angle": q["angle"][r].sum(0),
+            "norms": q["norms"][r].sum(0), "sq": q["sq"][r].sum(0),
+            "kurtosis": q["kurtosis"][r].sum(0), "hoyer": q["hoyer"][r].sum(0),
+            "x": x.sum(0, dtype=torch.float64), "x_sq": x.square().sum(0, dtype=torch.float64),
+            "mag": q["mag"][r].amax(0).float(), "flags": q["flags"][r].sum(0, dtype=torch.int32),
+            "flag_tokens": q["flags"][r].any(2).sum(0),
+        })  # fmt: skip
+    return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
 
 RING_FIELDS = ("cos", "angle", "ratio", "sq", "norms", "kurtosis", "hoyer", "x", "mag", "flags")
@@ -215,7 +278,7 @@ class SummaryState:
         if block_bytes is None:  # larger blocks on a GPU: fewer, bigger kernels per step
             on_cuda = torch.device(device or torch.get_default_device()).type == "cuda"
             block_bytes = (1 << 30) if on_cuda else (256 << 20)
-        per_token = s * hidden * 8 * 8 + s * s * 8 * 8  # float64 x, |x|, sort, temporaries
+        per_token = s * hidden * 8 * 6 + s * s * 8 * 8  # x, |x|, sort, temporaries
         trash = slots + 1
         special = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         ids = [i for i in special_ids if 0 <= i < vocab_size]
@@ -307,27 +370,61 @@ class SummaryState:
         slot_ids = torch.arange(trash + 1, device=pos.device).repeat_interleave(2)
         evict = (newest >= 0) & self.ring_valid & (self.mode[slot_ids] != MODE_CODES["last"])
         evict[2 * trash :] = False
-        ring_q = dict(self.ring)
-        ring_q["x"] = ring_q["x"].double()
-        self._add(torch.where(evict, slot_ids, trash), self.ring_content, ring_q)
+        self._add(torch.where(evict, slot_ids, trash), self.ring_content, dict(self.ring))
         committed = keep & ~winner & (mode != MODE_CODES["last"])
         for start in range(0, n, self.block_tokens):
             stop = min(n, start + self.block_tokens)
-            x = torch.cat([self.embedding[start:stop, None], buffer[start:stop]], dim=1).double()
+            x = torch.cat([self.embedding[start:stop, None], buffer[start:stop]], dim=1).float()
             q = token_quantities(x, self.boundary)
             rows = slice(start, stop)
             self._add(torch.where(committed[rows], owner[rows], trash), content[rows], q)
             target = torch.where(winner[rows], key[rows], 2 * trash)
+            new = {"pos": pos[rows], "content": content[rows], "winner": winner[rows]}
+            if not capturing_graph():  # copy only the winners (others go to the trash entry)
+                won = torch.nonzero(winner[rows]).flatten()
+                target, q = target[won], {name: value[won] for name, value in q.items()}
+                new = {name: value[won] for name, value in new.items()}
             for name in RING_FIELDS:
-                value = q[name] if name != "x" else q[name].float()
-                self.ring[name].index_copy_(0, target, value.to(self.ring[name].dtype))
-            self.ring_position.index_copy_(0, target, pos[rows])
-            self.ring_content.index_copy_(0, target, content[rows])
-            self.ring_valid.index_copy_(0, target, winner[rows])
+                self.ring[name].index_copy_(0, target, q[name].to(self.ring[name].dtype))
+            self.ring_position.index_copy_(0, target, new["pos"])
+            self.ring_content.index_copy_(0, target, new["content"])
+            self.ring_valid.index_copy_(0, target, new["winner"])
 
     def _add(self, owner: torch.Tensor, content: torch.Tensor, q: dict) -> None:
-        self.sums["all"].add(owner, q)
-        self.sums["content"].add(torch.where(content, owner, self.slots), q)
+        if capturing_graph():
+            q = {**q, "x": q["x"].double()}  # index_add_ wants the accumulator's dtype
+            self.sums["all"].add(owner, q)
+            self.sums["content"].add(torch.where(content, owner, self.slots), q)
+            return
+        for population, who in (
+            ("all", owner),
+            ("content", torch.where(content, owner, self.slots)),
+        ):
+            self._add_segments(self.sums[population], who, q)
+
+    def _add_segments(self, sums: PopulationSums, owner: torch.Tensor, q: dict) -> None:
+        """Outside CUDA graphs: the rows of each slot summed first (vLLM keeps a request's
+        tokens together in the batch), then one gather-add-scatter per accumulator."""
+        keep = torch.nonzero(owner != self.slots).flatten()
+        if keep.numel() == 0:
+            return
+        if keep.numel() != owner.numel():
+            owner, q = owner[keep], {name: value[keep] for name, value in q.items()}
+        slots, counts = torch.unique_consecutive(owner, return_counts=True)
+        bounds = [0, *torch.cumsum(counts, 0).tolist()]
+        part = partials(q, list(zip(bounds[:-1], bounds[1:], strict=True)))
+        if len(set(slots.tolist())) != len(slots):  # a slot's rows in two runs: merge them
+            slots, inverse = torch.unique(slots, return_inverse=True)
+            merged = {}
+            for name, value in part.items():
+                out = torch.zeros((len(slots), *value.shape[1:]), dtype=value.dtype,
+                                  device=value.device)  # fmt: skip
+                if name == "mag":
+                    merged[name] = out.index_reduce_(0, inverse, value, "amax")
+                else:
+                    merged[name] = out.index_add_(0, inverse, value)
+            part = merged
+        sums.add_partials(slots, part)
 
 
 # ------------------------------------------------------------------ host side
