@@ -379,9 +379,14 @@ def _cell(rows: list[dict], key: str) -> str:
         return "-"
     passed = sum(_passes(r, key) for r in rows)
     if len(values) == 1:
-        return f"{values[0]:.2f}" + ("" if passed else " ✗")
+        return _num(values[0]) + ("" if passed else " ✗")
     mean = sum(values) / len(values)
-    return f"{mean:.2f} [{min(values):.2f}-{max(values):.2f}] ({passed}/{len(rows)} pass)"
+    return f"{_num(mean)} [{_num(min(values))}-{_num(max(values))}] ({passed}/{len(rows)} pass)"
+
+
+def _num(x: float) -> str:
+    """Two decimals; a catastrophic ratio (perplexity x1e8) in three significant digits."""
+    return f"{x:.2f}" if x < 1000 else f"{x:.3g}"
 
 
 def markdown(results: dict) -> str:
@@ -553,8 +558,6 @@ def budget_plot(results: dict, path: Path) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
-    from matplotlib.ticker import ScalarFormatter
-
     rows = results["rows"][1:]
     ratios = results["ratios"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -576,8 +579,8 @@ def budget_plot(results: dict, path: Path) -> Path | None:
                 low, high = [min(by[q]) for q in present], [max(by[q]) for q in present]
                 ax.fill_between(present, low, high, color="grey", alpha=0.25)
         ax.axhline(limit, color="red", linewidth=0.8, linestyle=":", label=f"pass limit {limit:g}")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
+        if key == "mean_perplexity_ratio":
+            ax.set_yscale("log")  # catastrophic models reach x1e9: powers of ten
         ax.set_xticks(ratios)
         ax.invert_xaxis()
         ax.set_xlabel("parameters kept (fraction of the dense model)")
