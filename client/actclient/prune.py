@@ -801,10 +801,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `prune` to the top-level `actclient` parser."""
     p = subparsers.add_parser(
         "prune",
-        help="write a pruned checkpoint (layers dropped, optionally MLP neurons) from a plan",
+        help="write a pruned checkpoint (layers, MLP neurons, heads, hidden size) from a plan",
         description="Copy a safetensors checkpoint without the plan's dropped layers (kept "
-        "layers renumbered, weights byte-identical), with tokenizer files and a config that "
-        "records where the plan came from. Exit status 2 on bad input.",
+        "layers renumbered, weights byte-identical), optionally with the plan's narrower "
+        "widths (--neurons, --budget-strategy; kept elements bit-identical) and FLAP biases "
+        "(--bias-compensation), with tokenizer files and a config that records where the plan "
+        "came from. Exit status 2 on bad input.",
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="source Hugging Face model directory")
     p.add_argument("plan", metavar="PLAN", nargs="?", help="plan JSON from `actclient plan`")
