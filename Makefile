@@ -27,8 +27,10 @@ models: setup
 demo: setup
 	$(PY) -m actpipeline.demo
 
-# Layer deletion on SmolLM2 by Block Influence, Gromov, alternating and random layers, k = 2..8,
-# scored on held-out tour texts; writes docs/results/prune_experiment.{json,md,png}.
+# On SmolLM2, scored on held-out tour texts: layer deletion by Block Influence, Gromov,
+# alternating and random layers, k = 2..8 (docs/results/prune_experiment.*), and equal-budget
+# plans at 0.85 and 0.7 of the parameters, depth vs width vs joint vs last layers vs random
+# (docs/results/budget_experiment.*); `--part layers|budget` runs one.
 experiment: setup
 	$(PY) -m actpipeline.prune_experiment
 

@@ -22,7 +22,8 @@ Strategies: `depth_only` (fewest lowest-BI layers dropped to fit, full widths), 
 rest), and `random` (the joint shape, layers among the unprotected, neurons, heads and
 hidden channels drawn at random with `seed`). Granularity: a depth plan lands within one
 layer's parameters of the budget, a width or joint plan within one MLP step (`mlp_multiple`
-neurons in every kept layer); each entry states its own.
+neurons in every kept layer) unless the MLP is already at full width (then within one hidden
+step); each entry states its own.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ raised to the largest multiple that still fits. Which channels go is Minitron im
 request mean |x|, L2 over requests: MLP neurons from the down_proj input, heads from the o_proj
 input ranked within KV groups, hidden channels from both RMSNorm outputs summed over layers).
 Granularity: a depth plan lands within one layer's parameters under the budget, a width plan
-within one MLP step (--mlp-multiple neurons in every kept layer); each entry states its step.
+within one MLP step (--mlp-multiple neurons in every kept layer) unless the MLP is already at
+full width (then within one hidden step); each entry states its step.
 Limits: the shapes come from fixed rules (no search over quality), one shot (no re-scoring
 after a cut), widths uniform across layers, RMSNorm over the kept hidden channels only (no
 rescaling); kept_importance is a diagnostic, not a loss: score the pruned models.
