@@ -83,9 +83,7 @@ class Announcements:
         while self._sock is not None:
             try:
                 name = self._sock.recv(4096).decode(errors="replace")
-            except BlockingIOError:
-                return
-            except OSError:
+            except OSError:  # BlockingIOError: nothing more to read
                 return
             for event in self._waiters.get(name, ()):
                 event.set()

@@ -204,17 +204,13 @@ class PopulationSums:
 def partials(q: dict[str, torch.Tensor], segments: list[tuple[int, int]]) -> dict:
     """Per-segment sums of token quantities `q` (rows [start, stop) per segment), in the
     accumulators' dtypes: one row per segment. A one-token segment is its own row."""
-    singles = all(stop - start == 1 for start, stop in segments)
-    if singles:
-        index = torch.as_tensor([start for start, _ in segments], device=q["x"].device)
-        x, mag, flags = q["x"][index], q["mag"][index], q["flags"][index]
+    if len(segments) == len(q["x"]):  # one token per segment: the rows are the partials
+        x, cos, flags = q["x"].double(), q["cos"], q["flags"]
         return {
             "count": torch.ones(len(segments), dtype=torch.long, device=x.device),
-            "cos": q["cos"][index], "cos_sq": q["cos"][index].square(),
-            "ratio": q["ratio"][index], "angle": q["angle"][index],
-            "norms": q["norms"][index], "sq": q["sq"][index],
-            "kurtosis": q["kurtosis"][index], "hoyer": q["hoyer"][index],
-            "x": x.double(), "x_sq": x.double().square(), "mag": mag.float(),
+            "cos": cos, "cos_sq": cos.square(), "ratio": q["ratio"], "angle": q["angle"],
+            "norms": q["norms"], "sq": q["sq"], "kurtosis": q["kurtosis"], "hoyer": q["hoyer"],
+            "x": x, "x_sq": x.square(), "mag": q["mag"].float(),
             "flags": flags.int(), "flag_tokens": flags.any(2).long(),
         }  # fmt: skip
     rows = []

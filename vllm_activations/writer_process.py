@@ -42,7 +42,7 @@ def encode_frame(job: dict[str, Any]) -> list[bytes | memoryview]:
     return chunks
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
+def _read_exact(stream: BinaryIO, n: int) -> bytearray | None:
     data = bytearray(n)
     view, got = memoryview(data), 0
     while got < n:
@@ -50,7 +50,7 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
         if not k:
             return None
         got += k
-    return bytes(data) if n < 4096 else data
+    return data
 
 
 def read_frame(stream: BinaryIO) -> dict[str, Any] | None:
@@ -60,6 +60,8 @@ def read_frame(stream: BinaryIO) -> dict[str, Any] | None:
         return None
     length, count = _HEAD.unpack(head)
     payload = _read_exact(stream, length)
+    if payload is None:
+        return None
     buffers = []
     for _ in range(count):
         size = _read_exact(stream, _LEN.size)
@@ -67,8 +69,6 @@ def read_frame(stream: BinaryIO) -> dict[str, Any] | None:
         if data is None:
             return None
         buffers.append(data)
-    if payload is None:
-        return None
     return pickle.loads(payload, buffers=buffers)
 
 

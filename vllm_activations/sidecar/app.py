@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from vllm_activations import __version__
 from vllm_activations.announce import Announcements
+from vllm_activations.contract.spec import CAPTURE_ID_RE
 from vllm_activations.sidecar import passthrough
 from vllm_activations.sidecar.errors import ApiError, install_error_handlers
 from vllm_activations.sidecar.generate import CaptureRunner, shard_disk_bytes, vllm_error
@@ -36,7 +37,7 @@ from vllm_activations.sidecar.schemas import (
     ShardListItem,
 )
 from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings, key_matches
-from vllm_activations.sidecar.store import SHARD_ID_RE, ShardStore, validate_shard_id
+from vllm_activations.sidecar.store import ShardStore, validate_shard_id
 
 # Hop-by-hop headers and ones httpx/uvicorn set themselves are not forwarded.
 _DROP_REQUEST_HEADERS = {
@@ -67,7 +68,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 bearer = HTTPBearer(auto_error=False, description="an API key of this server")
 # The id rule is stated in the schema and checked by validate_shard_id (400 naming the field).
 IdPath = Path(
-    description="a shard, job or capture id", json_schema_extra={"pattern": SHARD_ID_RE.pattern}
+    description="a shard, job or capture id", json_schema_extra={"pattern": CAPTURE_ID_RE.pattern}
 )
 
 
@@ -236,7 +237,7 @@ def create_app(settings: Settings) -> FastAPI:
             str | None,
             Query(
                 description="list ids after this one",
-                json_schema_extra={"pattern": SHARD_ID_RE.pattern},
+                json_schema_extra={"pattern": CAPTURE_ID_RE.pattern},
             ),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,

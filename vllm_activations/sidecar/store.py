@@ -18,13 +18,10 @@ from vllm_activations.contract.shard import SHARD_SUFFIX, iter_shard_paths
 from vllm_activations.contract.spec import CAPTURE_ID_RE
 from vllm_activations.sidecar.errors import ApiError
 
-# A shard id is a capture id: one rule, in the contract.
-SHARD_ID_RE = CAPTURE_ID_RE
-
 
 def validate_shard_id(shard_id: str, field: str = "id") -> str:
     """Return the id if it is a safe file-name stem, else raise a 400 naming the field."""
-    if not SHARD_ID_RE.fullmatch(shard_id):
+    if not CAPTURE_ID_RE.fullmatch(shard_id):
         raise ApiError(
             400,
             f"{shard_id!r} is not a valid id; use 1-128 characters from [A-Za-z0-9._-], "
@@ -93,7 +90,7 @@ class ShardStore:
             shard_id = path.name[: -len(SHARD_SUFFIX)]
             if after is not None and shard_id <= after:
                 continue
-            if not SHARD_ID_RE.fullmatch(shard_id) or path.is_symlink():
+            if not CAPTURE_ID_RE.fullmatch(shard_id) or path.is_symlink():
                 continue
             if len(entries) == limit:
                 more = True
