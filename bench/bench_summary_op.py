@@ -1,0 +1,94 @@
+"""Summary accumulation, the two paths side by side on the same inputs, in one run.
+
+`SummaryState.accumulate` adds a step's tokens into their requests' slots either with
+fixed-shape `index_add_`/`index_reduce_` (the path a CUDA graph records; forced here) or, outside
+graphs, by summing each slot's rows first (`partials`) and adding them with one
+gather-add-scatter per accumulator. SmolLM2's shape (30 layers, 576 channels, 61 sites), 64
+slots; a decode-like step (one token for each of `--tokens` requests) and a prefill-like step
+(chunks of 64 tokens). Prints the median and range of wall time per step over `--repeats`,
+and the ratio, interleaving the two paths (each on its own state, warmed up once).
+
+    python bench/bench_summary_op.py [--tokens 64] [--prefill 512] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from vllm_activations import summary
+
+LAYERS, HIDDEN, SLOTS, BLOCK = 30, 576, 64, 16
+
+
+def make_state() -> summary.SummaryState:
+    state = summary.SummaryState.allocate(
+        SLOTS, LAYERS, HIDDEN, rows=4096, dtype=torch.bfloat16, vocab_size=49152,
+        special_ids=[0, 1, 2], device="cpu",
+    )  # fmt: skip
+    state.bind_blocks(num_blocks=SLOTS * 64, block_size=BLOCK)
+    for slot in range(SLOTS):
+        state.start_slot(slot, "all", 0, 300)
+    owner = torch.arange(SLOTS * 64 + 1) // 64  # 64 blocks per slot, the last one is trash
+    state.block_owner.copy_(owner.clamp(max=SLOTS))
+    return state
+
+
+def step(tokens: int, per_request: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(tokens, 2 * LAYERS, HIDDEN, generator=g).to(torch.bfloat16)
+    buffer[:, :, 7] *= 400.0  # a massive channel: the median rule runs on every row
+    embedding = torch.randn(tokens, HIDDEN, generator=g).to(torch.bfloat16)
+    request = torch.arange(tokens) // per_request
+    pos = 300 + torch.arange(tokens) % per_request
+    slots = (request * 64 + pos // BLOCK) * BLOCK + pos % BLOCK
+    return buffer, embedding, pos, slots
+
+
+def timed(path: str, state: summary.SummaryState, inputs) -> float:
+    buffer, embedding, pos, slots = inputs
+    state.embedding[: len(pos)] = embedding
+    original = summary.capturing_graph
+    summary.capturing_graph = lambda: path == "index ops"
+    try:
+        start = time.perf_counter()
+        state.accumulate(buffer, pos, slots)
+        return time.perf_counter() - start
+    finally:
+        summary.capturing_graph = original
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64, help="decode step: one per request")
+    parser.add_argument("--prefill", type=int, default=512, help="prefill step tokens")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    cases = {
+        f"decode, {args.tokens} requests x 1 token": step(args.tokens, 1, 0),
+        f"prefill, {args.prefill} tokens in chunks of 64": step(args.prefill, 64, 1),
+    }
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, inputs in cases.items():
+        walls: dict[str, list[float]] = {"index ops": [], "per-slot partials": []}
+        # One state per path, touched once first: the timings leave out first-use page faults.
+        states = {path: make_state() for path in walls}
+        for path in walls:
+            timed(path, states[path], inputs)
+        for _ in range(args.repeats):
+            for path in walls:
+                walls[path].append(timed(path, states[path], inputs))
+        med = {p: statistics.median(w) for p, w in walls.items()}
+        print(name)
+        for path, w in walls.items():
+            print(f"  {path:18s} {med[path] * 1e3:8.1f} ms ({min(w) * 1e3:.1f}-{max(w) * 1e3:.1f})")
+        print(f"  index ops / partials: {med['index ops'] / med['per-slot partials']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
