@@ -12,6 +12,14 @@ call sequence, with vLLM's own data classes (`Request`, `SchedulerOutput`, `NewR
   forward context, then `start_load_kv(**V2 kwargs)` and `wait_for_save` after it closed.
 - V2 FULL CUDA graphs: bind outside any context, the graph replays the capture ops (they read
   the runner's persistent slot-mapping buffer, as here), `wait_for_save` outside any context.
+- A step with no tokens (the one that delivers finished requests when nothing else runs): each
+  runner's no-forward path (V1 `kv_connector_no_forward`, V2 `ActiveKVConnector.no_forward`).
+
+Every step also checks the calls the connector received against that runner's protocol, read
+from vLLM's source (`v1/worker/gpu/model_runner.py`, `v1/worker/gpu/kv_connector.py`,
+`v1/worker/kv_connector_model_runner_mixin.py`): order, whether a forward context was open,
+and the keyword arguments of `start_load_kv` (V2: `scheduler_output`, `request_state_indices`,
+`request_ids`, `num_tokens` = the unpadded batch size, plus `attn_metadata` in FULL mode).
 
 The "model" is the real capture ops on a real capture buffer: each layer's residual is a code
 for (request, position, layer), so every shard row can be checked to be the right
@@ -39,7 +47,10 @@ from vllm.config import KVTransferConfig, set_current_vllm_config  # noqa: E402
 from vllm.distributed.kv_transfer import kv_transfer_state  # noqa: E402
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 from vllm.engine.arg_utils import EngineArgs  # noqa: E402
-from vllm.forward_context import set_forward_context  # noqa: E402
+from vllm.forward_context import (  # noqa: E402
+    is_forward_context_available,
+    set_forward_context,
+)
 from vllm.v1.core.sched.output import (  # noqa: E402
     CachedRequestData,
     NewRequestData,
@@ -164,7 +175,9 @@ def protocol_env(embedded_models, tmp_path_factory):
         worker = kv_transfer_state.get_kv_transfer_group()
         assert isinstance(worker, ActivationCaptureConnector)
         scheduler = ActivationCaptureConnector(config, KVConnectorRole.SCHEDULER, kv_cache_config)
+        calls = _spy_on_connector_calls(worker)
         yield SimpleNamespace(
+            calls=calls,
             config=config,
             worker=worker,
             scheduler=scheduler,
@@ -175,6 +188,58 @@ def protocol_env(embedded_models, tmp_path_factory):
         )
         kv_transfer_state.ensure_kv_transfer_shutdown()
         capture.set_capture_state(None)
+
+
+SPIED = ("handle_preemptions", "bind_connector_metadata", "start_load_kv", "wait_for_save")
+
+
+def _spy_on_connector_calls(worker: ActivationCaptureConnector) -> list[tuple]:
+    """Record (method, forward context open?, keyword names, num_tokens) of every call the
+    runners make to the worker connector's per-step methods."""
+    calls: list[tuple] = []
+    for name in SPIED:
+        method = getattr(worker, name)
+
+        def spy(*args, _name=name, _method=method, **kwargs):
+            calls.append(
+                (_name, is_forward_context_available(), frozenset(kwargs), kwargs.get("num_tokens"))
+            )
+            return _method(*args, **kwargs)
+
+        setattr(worker, name, spy)
+    return calls
+
+
+V2_LOAD_KWARGS = frozenset(
+    {"scheduler_output", "request_state_indices", "request_ids", "num_tokens"}
+)
+
+
+def expected_calls(layout: str, num_tokens: int) -> list[tuple]:
+    """The connector calls of one step under `layout`, as vLLM 0.32's runners make them."""
+    if layout == "v1":
+        # _get_kv_connector_output, inside set_forward_context (no-forward steps open one too)
+        return [
+            ("bind_connector_metadata", True, frozenset(), None),
+            ("start_load_kv", True, frozenset(), None),
+            ("wait_for_save", True, frozenset(), None),
+        ]
+    if num_tokens == 0:  # ActiveKVConnector.no_forward: no input batch, so no load kwargs
+        return [
+            ("handle_preemptions", False, frozenset(), None),
+            ("bind_connector_metadata", False, frozenset(), None),
+            ("start_load_kv", True, frozenset(), None),
+            ("wait_for_save", False, frozenset(), None),
+        ]
+    full = layout == "v2-full"
+    load = V2_LOAD_KWARGS | ({"attn_metadata"} if full else set())
+    return [
+        ("handle_preemptions", not full, frozenset(), None),
+        ("bind_connector_metadata", not full, frozenset(), None),
+        # post_forward: start_load_kv under set_forward_context(None, ...) when none is open
+        ("start_load_kv", True, frozenset(load), num_tokens),
+        ("wait_for_save", False, frozenset(), None),
+    ]
 
 
 @dataclass(eq=False)
@@ -197,11 +262,10 @@ class Replay:
         self.layout = layout
         self.sims: dict[str, Sim] = {}
         self.next_block = 0
-        self.v2 = ActiveKVConnector.__new__(ActiveKVConnector)
-        self.v2.vllm_config = env.config
-        self.v2.kv_connector = env.worker
-        self.v2._pending_load_kwargs = None
-        self.v2._disabled = False
+        # vLLM's own V2 wrapper, built as the V2 runner builds it (it registers the KV caches
+        # and takes the connector from the KV-transfer group).
+        self.v2 = ActiveKVConnector(env.config, {})
+        assert self.v2.kv_connector is env.worker
         self.forwarded: dict[str, list[int]] = {}
 
     def add(self, name: str, prompt_len: int, spec: dict, *, max_tokens: int = 64,
@@ -325,14 +389,28 @@ class Replay:
 
     def _run(self, output: SchedulerOutput, layout, padded: int) -> None:
         env = self.env
+        env.calls.clear()
+        self._run_protocol(output, layout, padded)
+        assert env.calls == expected_calls(self.layout, len(layout)), env.calls
+
+    def _run_protocol(self, output: SchedulerOutput, layout, padded: int) -> None:
+        env = self.env
+        if output.total_num_scheduled_tokens == 0:  # the runners' no-forward paths
+            if self.layout == "v1":
+                KVConnectorModelRunnerMixin.kv_connector_no_forward(output, env.config)
+            else:
+                self.v2.no_forward(output)
+            return
         slot_tensor = torch.tensor(
             [s for _, _, s in layout] + [-1] * (padded - len(layout)), dtype=torch.long
         )
         context = {"slot_mapping": {"model.layers.0.self_attn.attn": slot_tensor}}
-        batch = SimpleNamespace(
-            req_ids=[sim.request.request_id for sim in dict.fromkeys(s for s, _, _ in layout)],
-            idx_mapping=None,
-            num_tokens=len(layout),
+        req_ids = [sim.request.request_id for sim in dict.fromkeys(s for s, _, _ in layout)]
+        batch = SimpleNamespace(  # the InputBatch fields ActiveKVConnector reads
+            req_ids=req_ids,
+            idx_mapping=torch.arange(len(req_ids), dtype=torch.int32),
+            num_tokens=len(layout),  # unpadded; the forward runs `padded` rows
+            num_tokens_after_padding=padded,
         )
         if self.layout == "v1":
             with set_forward_context(None, env.config, **context):
