@@ -12,10 +12,14 @@ layer outputs and reading them after the forward gives wrong values. The row boo
 (`record_rows`: each row's position and KV slot, from a persistent slot-mapping buffer that
 is updated between replays, as vLLM's runners do) must hold the current step's values after a
 replay. Last, the connector's device-to-host path: a bounded gather into device staging and
-a pinned, non-blocking copy, checked for equality and timed against a pageable `.cpu()` of
-the same rows on the Qwen3-32B row shape.
+a pinned, non-blocking copy, right after a CUDA-graph replay wrote the buffer (no
+synchronisation in between, as in the connector's `wait_for_save`), checked against the
+eager reference across several staging chunks; then timed against a pageable `.cpu()` of the
+same rows on the Qwen3-32B row shape.
 
     python bench/gpu_op_check.py        # prints PASS/FAIL per check, exit 1 on any FAIL
+
+It needs an NVIDIA GPU and a CUDA build of torch; without one it says so and exits 1.
 """
 
 from __future__ import annotations
@@ -145,7 +149,10 @@ def reference(model: Model, x: torch.Tensor) -> torch.Tensor:
 
 def main() -> int:
     if not torch.cuda.is_available():
-        print("FAIL: no CUDA device")
+        print(
+            f"FAIL: no CUDA device (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda or 'none'}): this check needs an NVIDIA GPU; nothing was run"
+        )
         return 1
     torch.manual_seed(0)
     device = "cuda"
@@ -189,9 +196,46 @@ def main() -> int:
             f"wrong with the in-place norm (max abs diff {err:.2f}), as expected"
         )
         failures += err <= 1e-3
+        failures += staged_after_replay(model, compiled, hidden, device)
     failures += staging_check(device)
     print("ALL PASS" if failures == 0 else f"{failures} FAILED")
     return 1 if failures else 0
+
+
+def staged_after_replay(model: Model, compiled, hidden: int, device: str) -> int:
+    """The connector's copy-out right after a CUDA-graph replay: the kept rows x columns
+    gathered in small chunks into device staging, each copied to pinned host memory with
+    `non_blocking=True` and one stream synchronisation (worker.py `_staged_rows`), with no
+    synchronisation between the replay and the gather. Returns failures."""
+    n, sites = 200, model.buffer.shape[1]  # a size the loop above recorded a graph for
+    x = torch.randn(n, hidden, device=device)
+    model.slot_mapping[:n].copy_(torch.arange(n, device=device))
+    compiled(x.clone(), torch.arange(n, device=device))  # no synchronize: stream order only
+    rows = torch.randperm(n, device=device)[: n // 2].sort().values
+    columns = torch.arange(1, sites, 2, device=device)  # post_mlp sites only, a column subset
+    chunk = 37  # rows per staging chunk: several chunks, the last one partial
+    width = len(columns)
+    staging = torch.empty(chunk * width, hidden, device=device)
+    host = torch.empty(chunk * width, hidden, pin_memory=True)
+    flat = model.buffer.view(-1, hidden)
+    got = []
+    for start in range(0, len(rows), chunk):
+        index = rows[start : start + chunk]
+        k = len(index)
+        flat_index = (index[:, None] * sites + columns[None, :]).view(-1)
+        torch.index_select(flat, 0, flat_index, out=staging[: k * width])
+        host[: k * width].copy_(staging[: k * width], non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        got.append(host[: k * width].view(k, width, hidden).clone())
+    want = reference(model, x)[rows][:, columns].cpu()
+    err = (torch.cat(got) - want).abs().max().item() / want.abs().max().item()
+    ok = err < 1e-5
+    print(
+        f"{'PASS' if ok else 'FAIL'}: pinned non-blocking staging copy right after a CUDA-graph "
+        f"replay ({len(rows)} rows x {width} columns in {chunk}-row chunks): max rel diff "
+        f"{err:.2e}"
+    )
+    return 0 if ok else 1
 
 
 def staging_check(device: str, rows: int = 2048, sites: int = 128, hidden: int = 5120) -> int:
