@@ -16,6 +16,7 @@ them into token populations and merges accumulators.
 
 from __future__ import annotations
 
+import copy
 import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -29,6 +30,11 @@ from vllm_activations.contract.shard import ShardError, ShardReader, from_storag
 from vllm_activations.contract.spec import CHANNEL_KINDS
 
 POPULATIONS: tuple[str, ...] = ("all", "content", "last")
+# Where the accumulator adds each token set of a raw shard's blocks, and each population of a
+# summary shard (see AnalysisAccumulator).
+RAW_PARTS = {"content": "content", "other": "rest", "last": "last"}
+SUMMARY_PARTS = {"all": "rest", "content": "summary_content", "last": "last"}
+PARTS: tuple[str, ...] = ("content", "rest", "summary_content", "last")
 EMBEDDING = "embedding"
 DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
 COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever this is
@@ -127,11 +133,25 @@ def _power_sums(
     if n < POWER_SUM_ROWS or len(runs) > 8:
         return _exact_sums(flat, rows, k)
     ones = np.ones(len(flat), dtype=flat.dtype)
-    s1 = sum(ones[: b - a] @ flat[a:b] for a, b in runs).astype(np.float64)
-    s2 = sum(ones[: b - a] @ flat2[a:b] for a, b in runs).astype(np.float64)
-    dev_sum = s1 - n * k
-    dev_sq = s2 - (2.0 * s1 - n * k) * k
-    bad = np.flatnonzero((s2 - s1 * s1 / n) * POWER_SUM_CONDITION < s2)
+    (a, b), rest = runs[0], runs[1:]
+    s1, s2 = ones[: b - a] @ flat[a:b], ones[: b - a] @ flat2[a:b]
+    for a, b in rest:
+        s1 += ones[: b - a] @ flat[a:b]
+        s2 += ones[: b - a] @ flat2[a:b]
+    # Which channels cancel, tested in x's dtype (it only picks the ones summed exactly).
+    spread = np.multiply(s1, s1)
+    spread /= n
+    np.subtract(s2, spread, out=spread)
+    spread *= POWER_SUM_CONDITION
+    bad = np.flatnonzero(spread < s2)
+    del spread
+    # float64, in place: sum d = S1 - n k; sum d^2 = S2 - (S1 + sum d) k
+    s1, dev_sq = s1.astype(np.float64), s2.astype(np.float64)
+    dev_sum = np.multiply(k, -n)
+    dev_sum += s1
+    s1 += dev_sum
+    s1 *= k
+    dev_sq -= s1
     if len(bad):
         d = flat[np.ix_(rows, bad)].astype(np.float64) - k[bad]
         dev_sum[bad] = d.sum(0)
@@ -168,9 +188,11 @@ class TokenBlock:
 
     `x` is [tokens, sites, hidden] in the compute dtype. Holds the cosine matrix [T, S, S],
     boundary angles [T, B, B] (upper triangle), norms, update ratios, kurtosis, Hoyer
-    sparsity (all from `formulas`), and for each population its per-channel sums of
-    deviations from the block's `shift` [S, H], column peaks of |x| and the rows holding
-    massive activations.
+    sparsity (all from `formulas`), and for the token sets `content`, `other` (the rest:
+    position 0, special tokens) and `last` (`masks` gives content and last) their per-channel
+    sums of deviations from the block's `shift` [S, H] and column peaks of |x|, and the rows
+    holding massive activations. The `all` population is content + other, merged once by the
+    accumulator rather than summed block by block.
     """
 
     def __init__(
@@ -187,7 +209,7 @@ class TokenBlock:
     ) -> None:
         self.positions, self.tokens, self.shard = positions, tokens, shard
         t, num_sites, hidden = x.shape
-        self.masks = masks
+        self.masks = {**masks, "other": ~masks["content"]}
         # two buffers like x (|x| and x^2), reused across blocks when given
         mag_buf, temp = scratch if scratch is not None else (np.empty_like(x), np.empty_like(x))
         self.mag = mag_buf
@@ -251,77 +273,38 @@ class TokenBlock:
         self.shift = shift
         k = shift.reshape(-1)
         shape = x.shape[1:]
-        sums = {
-            "content": _power_sums(flat, flat2, content, k),
-            "last": _exact_sums(flat, np.flatnonzero(masks["last"]), k),
-        }
-        other_rows = np.flatnonzero(~content)
-        if len(other_rows):
-            other = _exact_sums(flat, other_rows, k)
-            sums["all"] = (sums["content"][0] + other[0], sums["content"][1] + other[1])
-        else:
-            sums["all"] = sums["content"]
+        sums = {"content": _power_sums(flat, flat2, content, k)}
+        for name in ("other", "last"):  # empty sets have no sums (add_block skips them)
+            rows = np.flatnonzero(self.masks[name])
+            if len(rows):
+                sums[name] = _exact_sums(flat, rows, k)
         self.deviation_sums = {
             name: (dev.reshape(shape), dev_sq.reshape(shape))
             for name, (dev, dev_sq) in sums.items()
         }
 
     def _peaks(self, masks: dict[str, np.ndarray]) -> None:
-        content = masks["content"]
-        other_rows = np.nonzero(~content)[0]
-        peak_content = _column_peak(self.mag, _runs(content), np.nonzero(content)[0])
-        self.peak_other = _column_peak(self.mag, [], other_rows)
-        self.peaks = {
-            "all": np.maximum(peak_content, self.peak_other),
-            "content": peak_content,
-            "last": _column_peak(self.mag, [], np.nonzero(masks["last"])[0]),
-        }
+        # column peaks of the non-empty token sets (add_block skips empty ones)
+        self.peaks = {}
+        for name, mask in self.masks.items():
+            rows = np.flatnonzero(mask)
+            if len(rows) and name in ("content", "other", "last"):
+                runs = _runs(mask) if name == "content" else []
+                self.peaks[name] = _column_peak(self.mag, runs, rows)
         self._content_row: np.ndarray | None = None  # first content row at the peak, cached
 
     def locate(self, population: str, flat: np.ndarray | None, peak: np.ndarray) -> np.ndarray:
         """Block row of the first |x| equal to `peak` (the population's column peak) among
         the population's rows, per flat (site, channel) index (`flat` None: every one, on
-        whole arrays rather than gathers).
-
-        Content rows are searched once per channel and cached; "all" reuses them and only
-        looks at the few other rows (position 0, special tokens) itself.
-        """
+        whole arrays rather than gathers). Content rows are searched once per channel and
+        cached."""
         mask = self.masks[population]
         rows = np.flatnonzero(mask)
         if len(rows) == 1:  # the last-token population: one row per shard
             return np.full(len(peak), rows[0])
         if population == "content":
             return self._content_first(flat)
-        if population != "all":
-            return self._first_equal(mask, flat, peak)
-        content = self.masks["content"]
-        other = ~content
-        peak_content, peak_other = (
-            a.ravel() if flat is None else a.ravel()[flat]
-            for a in (self.peaks["content"], self.peak_other)
-        )
-        at_content = peak_content >= peak_other
-        if not content.any():
-            at_content[:] = False
-        row = np.empty(len(peak), dtype=np.int64)
-        if at_content.any():
-            # most channels: the content rows of every channel, which "content" needs too
-            whole = flat is None and 4 * np.count_nonzero(at_content) > len(at_content)
-            if whole:
-                np.copyto(row, self._content_first(None), where=at_content)
-            else:
-                where = np.flatnonzero(at_content)
-                row[where] = self._content_first(where if flat is None else flat[where])
-        if other.any():
-            off = np.flatnonzero(~at_content)
-            if len(off):
-                row[off] = self._first_equal(other, off if flat is None else flat[off], peak[off])
-            # an other row holding the same value earlier than the content row wins
-            tie = np.flatnonzero(at_content & (peak_other == peak))
-            if len(tie):
-                at = tie if flat is None else flat[tie]
-                row[tie] = np.minimum(row[tie], self._first_equal(other, at, peak[tie]))
-        return row
+        return self._first_equal(mask, flat, peak)
 
     def _content_first(self, flat: np.ndarray | None) -> np.ndarray:
         size = self.mag[0].size
@@ -757,6 +740,11 @@ def decode_into(stored: np.ndarray, dtype: str, out: np.ndarray) -> None:
 class AnalysisAccumulator:
     """Everything `analyze` needs, accumulated shard by shard; mergeable across splits.
 
+    Token blocks of raw shards add to three disjoint parts, `content`, `rest` (the other raw
+    tokens, and summary shards' `all` population) and `last`; summary shards' `content` goes
+    to `summary_content`. `populations` merges them once per read-out: all = content + rest,
+    content = content + summary_content, so no block pays for `all` a second time.
+
     `embed(token_ids) -> float32 [T, H]` rebuilds layer 0's input (None: no embedding site).
     Content tokens exclude position 0 and `special_ids`; `last` is each shard's last position.
     `compute_dtype` is the per-token arithmetic type (float32; float64 for audits); after
@@ -773,7 +761,7 @@ class AnalysisAccumulator:
     warm_tokens: int = REBASE_TOKENS
     layout: SiteLayout | None = None
     hidden_size: int = 0
-    populations: dict[str, ResidualStats] = field(default_factory=dict)
+    parts: dict[str, ResidualStats] = field(default_factory=dict)
     channels: ChannelStats = field(default_factory=ChannelStats)
     num_shards: int = 0
     bytes_read: int = 0
@@ -782,13 +770,32 @@ class AnalysisAccumulator:
     _buffers: dict[str, np.ndarray] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _merged: dict[str, ResidualStats] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
-        if self.layout is not None and not self.populations:
+        if self.layout is not None and not self.parts:
             self._init_populations()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_buffers": {}}  # a worker sends sums, not its buffers
+        # a worker sends sums, not its buffers or read-outs
+        return {**self.__dict__, "_buffers": {}, "_merged": None}
+
+    @property
+    def populations(self) -> dict[str, ResidualStats]:
+        """The token populations of POPULATIONS, merged from the parts (cached until the
+        next shard or merge)."""
+        if self._merged is None:
+            if not self.parts:
+                return {}
+            parts = self.parts
+            self._merged = {
+                "all": _merged(parts["content"], parts["rest"]),
+                "content": _merged(parts["content"], parts["summary_content"]),
+                "last": parts["last"],
+            }
+        return self._merged
 
     def release_buffers(self) -> None:
         """Free the token-block memory kept between shards (before sending or merging)."""
@@ -806,9 +813,9 @@ class AnalysisAccumulator:
         layout = self.layout
         assert layout is not None
         bsites = [layout.boundary_site(b) for b in layout.boundaries]
-        self.populations = {
+        self.parts = {
             name: ResidualStats(len(layout.labels), self.hidden_size, bsites, self.rule)
-            for name in POPULATIONS
+            for name in PARTS
         }
 
     def _init_layout(self, reader: ShardReader) -> None:
@@ -838,6 +845,7 @@ class AnalysisAccumulator:
                     "analyze shards of one model and capture spec together"
                 )
             self.channels.add_shard(reader)
+            self._merged = None
             if reader.has_summary:  # summed on the device already: no token pass
                 self._add_summary(reader)
                 return
@@ -849,19 +857,17 @@ class AnalysisAccumulator:
             itemsize = np.dtype(self.compute_dtype).itemsize
             per_token = len(layout.labels) * self.hidden_size * itemsize * 6  # x, |x|, temps
             step = max(1, self.block_bytes // per_token)
-            first = next(iter(self.populations.values()))
+            parts = self.parts
+            first, raw = parts["content"], [parts[name] for name in RAW_PARTS.values()]
             shape = (min(step, len(positions)), len(layout.labels), self.hidden_size)
             work = [self._buffer(key, shape, self.compute_dtype) for key in ("x", "|x|", "x^2")]
             for start in range(0, len(positions), step):
                 stop = min(start + step, len(positions))
                 x = self._read_block(reader, start, stop, tokens[start:stop], work[0])
-                masks = {
-                    "all": np.ones(stop - start, dtype=bool),
-                    "content": content[start:stop],
-                    "last": last[start:stop],
-                }
-                warm = first.count >= self.warm_tokens and all(
-                    p.channel_shift is first.channel_shift for p in self.populations.values()
+                masks = {"content": content[start:stop], "last": last[start:stop]}
+                seen = first.count + parts["rest"].count
+                warm = seen >= self.warm_tokens and all(
+                    p.channel_shift is first.channel_shift for p in raw
                 )
                 block = TokenBlock(
                     x,
@@ -874,10 +880,10 @@ class AnalysisAccumulator:
                     first.channel_shift if warm else None,
                     (work[1][: stop - start], work[2][: stop - start]),
                 )
-                for name, stats in self.populations.items():
-                    stats.add_block(block, name)
+                for token_set, part in RAW_PARTS.items():
+                    parts[part].add_block(block, token_set)
                 del block
-                if first.count < self.warm_tokens:
+                if seen < self.warm_tokens:
                     self._rebase()
             self.num_shards += 1
             self.bytes_read += reader.path.stat().st_size
@@ -905,7 +911,8 @@ class AnalysisAccumulator:
         # The summary always has the embedding site (and boundary 0); drop them without one.
         first = 0 if layout.has_embedding else 1
         data = reader.summary()
-        for name, stats in self.populations.items():
+        for name, part in SUMMARY_PARTS.items():
+            stats = self.parts[part]
             stats.merge(_summary_stats(data[name], stats, first))
         self.num_shards += 1
         self.bytes_read += reader.path.stat().st_size
@@ -913,11 +920,11 @@ class AnalysisAccumulator:
     def _rebase(self) -> None:
         # Early on, move the moments' shift to the running mean (content tokens, else all), so
         # the float64 deviation sums stay well conditioned whatever the first block held.
-        source = self.populations["content"]
+        source = self.parts["content"]
         if not source.count:
-            source = self.populations["all"]
+            source = self.parts["rest"]
         shift = source.channel_mean.astype(np.float32).astype(np.float64)
-        for stats in self.populations.values():
+        for stats in self.parts.values():
             stats.rebase(shift)
 
     def _read_block(
@@ -960,8 +967,9 @@ class AnalysisAccumulator:
             self.attrs = dict(other.attrs)
         if other.layout != self.layout or other.hidden_size != self.hidden_size:
             raise ValueError("cannot merge analyses of different layers, sites or hidden sizes")
-        for name, stats in self.populations.items():
-            stats.merge(other.populations[name])
+        for name, stats in self.parts.items():
+            stats.merge(other.parts[name])
+        self._merged = None
         self.channels.merge(other.channels)
         self.num_shards += other.num_shards
         self.bytes_read += other.bytes_read
@@ -969,6 +977,14 @@ class AnalysisAccumulator:
     def add_shards(self, paths: Iterable[str | Path]) -> None:
         for path in paths:
             self.add_shard(path)
+
+
+def _merged(a: ResidualStats, b: ResidualStats) -> ResidualStats:
+    """a + b as a new accumulator (a copy of a when b is empty)."""
+    out = copy.deepcopy(a)
+    if b.count:
+        out.merge(b)
+    return out
 
 
 def _summary_stats(sums: dict[str, np.ndarray], like: ResidualStats, first: int) -> ResidualStats:
