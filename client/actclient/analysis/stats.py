@@ -34,7 +34,7 @@ POPULATIONS: tuple[str, ...] = ("all", "content", "last")
 # summary shard (see AnalysisAccumulator).
 RAW_PARTS = {"content": "content", "other": "rest", "last": "last"}
 SUMMARY_PARTS = {"all": "rest", "content": "summary_content", "last": "last"}
-PARTS: tuple[str, ...] = ("content", "rest", "summary_content", "last")
+PARTS: tuple[str, ...] = ("content", "rest", "last")  # summary_content: made when needed
 EMBEDDING = "embedding"
 DEFAULT_BLOCK_BYTES = 256 << 20  # working memory of one token block, all sites
 COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever this is
@@ -792,7 +792,7 @@ class AnalysisAccumulator:
             parts = self.parts
             self._merged = {
                 "all": _merged(parts["content"], parts["rest"]),
-                "content": _merged(parts["content"], parts["summary_content"]),
+                "content": _merged(parts["content"], parts.get("summary_content")),
                 "last": parts["last"],
             }
         return self._merged
@@ -810,13 +810,13 @@ class AnalysisAccumulator:
         return held[:size].reshape(shape)
 
     def _init_populations(self) -> None:
+        self.parts = {name: self._new_stats() for name in PARTS}
+
+    def _new_stats(self) -> ResidualStats:
         layout = self.layout
         assert layout is not None
         bsites = [layout.boundary_site(b) for b in layout.boundaries]
-        self.parts = {
-            name: ResidualStats(len(layout.labels), self.hidden_size, bsites, self.rule)
-            for name in PARTS
-        }
+        return ResidualStats(len(layout.labels), self.hidden_size, bsites, self.rule)
 
     def _init_layout(self, reader: ShardReader) -> None:
         self.layout = layout_of(reader, self.embed is not None)
@@ -912,6 +912,8 @@ class AnalysisAccumulator:
         first = 0 if layout.has_embedding else 1
         data = reader.summary()
         for name, part in SUMMARY_PARTS.items():
+            if part not in self.parts:
+                self.parts[part] = self._new_stats()
             stats = self.parts[part]
             stats.merge(_summary_stats(data[name], stats, first))
         self.num_shards += 1
@@ -967,8 +969,11 @@ class AnalysisAccumulator:
             self.attrs = dict(other.attrs)
         if other.layout != self.layout or other.hidden_size != self.hidden_size:
             raise ValueError("cannot merge analyses of different layers, sites or hidden sizes")
-        for name, stats in self.parts.items():
-            stats.merge(other.parts[name])
+        for name, stats in other.parts.items():
+            if name in self.parts:
+                self.parts[name].merge(stats)
+            else:
+                self.parts[name] = copy.deepcopy(stats)
         self._merged = None
         self.channels.merge(other.channels)
         self.num_shards += other.num_shards
@@ -979,10 +984,10 @@ class AnalysisAccumulator:
             self.add_shard(path)
 
 
-def _merged(a: ResidualStats, b: ResidualStats) -> ResidualStats:
-    """a + b as a new accumulator (a copy of a when b is empty)."""
+def _merged(a: ResidualStats, b: ResidualStats | None) -> ResidualStats:
+    """a + b as a new accumulator (a copy of a when b is empty or None)."""
     out = copy.deepcopy(a)
-    if b.count:
+    if b is not None and b.count:
         out.merge(b)
     return out
 
