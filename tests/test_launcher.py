@@ -34,6 +34,17 @@ def test_default_is_the_tested_configuration(capsys, embedded_models):
     assert config["vllm_activations"]["channel_stats_slots"] == 16
 
 
+def test_dry_run_prints_every_variable_it_changes(capsys, embedded_models, monkeypatch):
+    """A VLLM_PLUGINS that leaves our plugin out is extended, and the dry run says so."""
+    monkeypatch.setenv("VLLM_PLUGINS", "other")
+    env, _, notes = dry_run(capsys, embedded_models["smollm2"])
+    assert env["VLLM_PLUGINS"] == f"other,{cli.PLUGIN_NAME}"
+    assert any("--vllm-port" in n for n in notes)
+    monkeypatch.delenv("VLLM_PLUGINS")
+    env, _, notes = dry_run(capsys, embedded_models["smollm2"], "--vllm-port", "8123")
+    assert "VLLM_PLUGINS" not in env and not any("--vllm-port" in n for n in notes)
+
+
 def test_opt_in_flags_select_vllms_gpu_defaults(capsys, embedded_models):
     env, argv, notes = dry_run(
         capsys, embedded_models["smollm2"], "--model-runner-v2", "--async-scheduling",

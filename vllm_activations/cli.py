@@ -341,11 +341,16 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
     set_env = vllm_environment(args)
     if args.dry_run:
         cmd = command()
-        for key, value in set_env.items():
+        # Everything vLLM's environment gets beyond this shell's: ours, and VLLM_PLUGINS
+        # when it restricts plugins without ours.
+        changed = {k: v for k, v in plugin_env().items() if os.environ.get(k) != v}
+        for key, value in {**changed, **set_env}.items():
             print(f"{key}={shlex.quote(value)}")
         print(shlex.join(cmd))
         for line in _configuration_lines(args, cmd):
             print(f"# {line}")
+        if not args.vllm_port:
+            print(f"# vLLM's loopback port {vllm_port} is picked free at each start (--vllm-port)")
         return 0
     try:
         import uvicorn
