@@ -124,9 +124,16 @@ def test_export_round_trips_through_hugging_face_datasets(tmp_path, monkeypatch)
     assert ds.features["topk_ids"].feature.feature.dtype == "int32"
     assert ds.features["topk_logprobs"].feature.feature.dtype == "float32"
     _assert_rows(list(ds), expected)
-    # The numpy view training code uses: one [T, K] array per record.
-    first = ds.with_format("numpy")[0]
-    assert first["topk_ids"].shape == expected["r0"]["teacher"].topk_ids.shape
+    # The README's loading lines, as written there: one [T, K] array per record, the tokens
+    # next_logprob scores, and the rows that predict response tokens.
+    ds = ds.with_format("numpy")
+    row = ds[0]
+    want = expected["r0"]
+    assert row["topk_ids"].shape == want["teacher"].topk_ids.shape
+    targets = row["input_ids"][row["positions"] + 1]
+    assert targets.tolist() == [want["input_ids"][p + 1] for p in want["positions"]]
+    response = row["positions"] >= row["response_start"] - 1
+    assert response.tolist() == [p + 1 >= want["response_start"] for p in want["positions"]]
 
 
 def test_cli_skips_shards_without_teacher_data_and_reports_them(tmp_path, capsys):
