@@ -167,6 +167,41 @@ def test_record_flag_asks_for_teacher_logprobs_by_default():
     assert record.capture_spec_from_flags().teacher_logprobs is None
 
 
+def test_record_with_a_k_the_server_refuses_writes_nothing(tmp_path):
+    """K above the server's --max-logprobs: the sidecar's 400 names the field and the limit,
+    record stops at the first answer (every record would get it) and leaves OUT as it was."""
+    import httpx
+
+    message = "capture.teacher_logprobs: from 1 to 20 (the server's --max-logprobs), got 21"
+
+    def sidecar(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200, json={"status": "ok", "vllm": "ready"})
+        if request.url.path == "/shards":
+            return httpx.Response(200, json={"shards": []})
+        if request.url.path == "/generate_with_activations":
+            error = {"field": "capture.teacher_logprobs", "message": message, "status": 400}
+            return httpx.Response(400, json={"error": error})
+        return httpx.Response(404)
+
+    chosen = build_dataset()[:2]
+    for r in chosen:
+        r.response = "Turn left at the fountain."
+    write_jsonl(chosen, tmp_path / "answers.jsonl")
+    options = record.RecordOptions(
+        mode="teacher-forced",
+        spec=record.capture_spec_from_flags(teacher_logprobs=21),
+        progress=False,
+    )
+    out = tmp_path / "run"
+    with pytest.raises(record.FatalError, match=r"capture\.teacher_logprobs: from 1 to 20"):
+        record.record(
+            [tmp_path / "answers.jsonl"], ["http://sidecar:8000"], out, options,
+            transport=httpx.MockTransport(sidecar),
+        )  # fmt: skip
+    assert not out.exists()
+
+
 @pytest.mark.integration
 def test_record_then_export_on_the_real_server(servers, tmp_path, capsys):
     """`actclient record --mode teacher-forced --teacher-logprobs 5` against the real CPU

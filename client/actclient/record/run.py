@@ -244,6 +244,8 @@ class Recorder:
             retries=2, limits=httpx.Limits(max_connections=2 * limit)
         )
         start = time.monotonic()
+        paths = self.paths
+        created = [p for p in (paths.out, paths.shards, paths.manifest) if not p.exists()]
         try:
             async with httpx.AsyncClient(
                 headers=auth_headers(self._api_key), timeout=timeouts, transport=transport
@@ -274,6 +276,8 @@ class Recorder:
                 manifest.close()
             self._bar = None
             self.summary.elapsed_s = time.monotonic() - start
+            if self._fatal is not None and not (self.summary.ok or self.summary.failed):
+                _remove_if_empty(created)  # refused at once (a bad spec): leave OUT as it was
         if self._fatal is not None:
             self.summary.fatal = str(self._fatal)
         return self.summary
@@ -322,6 +326,19 @@ class Recorder:
         self.summary.ok += 1
         self.summary.tokens += entry["tokens"]
         self.summary.bytes += entry["bytes"]
+
+
+def _remove_if_empty(paths: Sequence[Path]) -> None:
+    """Remove the files and folders in `paths` (this run created them) that are still empty,
+    innermost first."""
+    for path in reversed(paths):
+        try:
+            if path.is_dir():
+                path.rmdir()  # only when empty
+            elif path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+        except OSError:
+            pass
 
 
 def record(
