@@ -41,6 +41,7 @@ COMPUTE_DTYPE = np.float32  # per-token arithmetic; sums are float64 whatever th
 POWER_SUM_ROWS = 8  # fewer content tokens in a block: their channel sums are taken exactly
 POWER_SUM_CONDITION = 2.0  # mean^2 + var above this x var: a channel's sums are taken exactly
 REBASE_TOKENS = 64  # tokens after which blocks take the running mean as the moments' shift
+CACHE_CHUNK_BYTES = 512 << 10  # sites of one token whose per-site formulas run together
 TOP_EVENTS = 8  # largest massive activations kept per site
 
 
@@ -218,18 +219,27 @@ class TokenBlock:
         gram, rest = np.empty((t, num_sites, num_sites)), np.empty((t, num_sites))
         update = np.empty((t, max(num_sites - 1, 0)))
         self.kurtosis, abs_sum = np.empty((t, num_sites)), np.empty((t, num_sites))
-        # One token at a time: its site vectors (S x H) stay in cache across the formulas,
-        # where whole-block passes would each stream the block from memory again.
+        # One token at a time, and its per-site formulas a few sites at a time: those rows,
+        # their |x| and x^2 stay in the core's cache across the formulas, where whole-block
+        # passes would each stream the block from memory again. Then the token's Gram.
         diff = np.empty((1, *x.shape[1:]), x.dtype)
+        chunk = max(2, CACHE_CHUNK_BYTES // (hidden * x.dtype.itemsize))
         for i in range(t):
-            one, mag = x[i : i + 1], np.abs(x[i : i + 1], out=mag_buf[i : i + 1])
-            np.maximum.reduce(mag, axis=2, out=peak[i : i + 1])
-            self.sq[i] = formulas.squared_norms(one)[0]
+            for a in range(0, num_sites, chunk):
+                b = min(a + chunk, num_sites)
+                part, sq = x[i : i + 1, a:b], self.sq[i : i + 1, a:b]
+                mag = np.abs(part, out=mag_buf[i : i + 1, a:b])
+                np.maximum.reduce(mag, axis=2, out=peak[i : i + 1, a:b])
+                sq[...] = formulas.squared_norms(part)
+                self.kurtosis[i, a:b] = formulas.excess_kurtosis(part, sq, temp[i : i + 1, a:b])[0]
+                abs_sum[i, a:b] = formulas.channel_sums(mag)[0]
+                lo = max(a - 1, 0)  # the update into this chunk's first site, too
+                update[i, lo : b - 1] = formulas.update_norms(
+                    x[i : i + 1, lo:b], diff[:, : b - lo]
+                )[0]
+            one = x[i : i + 1]
             gram_one, rest_one = formulas.site_gram(one, self.sq[i : i + 1], peak[i : i + 1])
             gram[i], rest[i] = gram_one[0], rest_one[0]
-            update[i] = formulas.update_norms(one, diff)[0]
-            self.kurtosis[i] = formulas.excess_kurtosis(one, self.sq[i : i + 1], temp[i : i + 1])[0]
-            abs_sum[i] = formulas.channel_sums(mag)[0]
         self.norms = np.sqrt(self.sq)
         self.gram = formulas.gram_cosines(gram)
         del gram
