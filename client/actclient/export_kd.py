@@ -271,7 +271,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Exit status: 0 all exported, 1 some records skipped, 2 nothing exportable.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of `actclient record`")
-    p.add_argument("--out", required=True, help="output folder (train.parquet goes there)")
+    p.add_argument("-o", "--out", required=True, help="output folder (train.parquet goes there)")
     p.add_argument(
         "--batch-rows",
         type=int,

@@ -126,18 +126,19 @@ def _range_problem(code: str) -> str | None:
 
 
 def is_valid(code: str) -> bool:
-    """True when `code` is a syntactically valid full or short Plus Code (case-insensitive)."""
-    return _problem(code) is None
+    """True when `code` is a syntactically valid full or short Plus Code (case-insensitive);
+    the reference implementation's answer (`_problem` only explains a refusal)."""
+    return bool(olc.isValid(code))
 
 
 def is_short(code: str) -> bool:
     """True when `code` is valid and short (its '+' comes before position 8, e.g. '9G8F+6X')."""
-    return is_valid(code) and code.index(SEPARATOR) < SEPARATOR_POSITION
+    return bool(olc.isShort(code))
 
 
 def is_full(code: str) -> bool:
     """True when `code` is valid, not short, and its first two digits are within lat/lng range."""
-    return is_valid(code) and not is_short(code) and _range_problem(code) is None
+    return bool(olc.isFull(code))
 
 
 def validate(code: str, reference: tuple[float, float] | None = None) -> None:
@@ -145,9 +146,11 @@ def validate(code: str, reference: tuple[float, float] | None = None) -> None:
 
     A short code is usable only with a `reference` (lat, lng) to recover the full code from.
     """
-    problem = _problem(code)
-    if problem is None and code.index(SEPARATOR) == SEPARATOR_POSITION:
-        problem = _range_problem(code)
+    problem = None
+    if not is_valid(code):
+        problem = _problem(code) or "not valid"
+    elif not is_short(code) and not is_full(code):
+        problem = _range_problem(code) or "not a full code"
     if problem is None and is_short(code) and reference is None:
         problem = "short code needs a reference location (lat, lng) to recover the full code"
     if problem is not None:

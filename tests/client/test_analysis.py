@@ -484,12 +484,27 @@ def test_cli_analyze_and_plan(shards: Path, model_dir: Path, tmp_path: Path, cap
     args = parser.parse_args(
         ["plan", str(out), "--target-layers", "4", "--out", str(tmp_path / "plan.json")]
     )
+    capsys.readouterr()
     assert args.func(args) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["layers"]["drop"] == 2 and plan["widths"]["num_hidden_layers"] == 4
+    # The summary is a table: a row per strategy, widths before and after; no Python dicts.
+    err = capsys.readouterr().err
+    assert "{" not in err and "'" not in err, err
+    rows = {line.split()[0]: line.split()[1:] for line in err.splitlines()[1:]}
+    for name, entry in plan["layers"]["strategies"].items():
+        dropped = ", ".join(str(d["layer"]) for d in entry["dropped"])
+        assert " ".join(rows[name]) == dropped, err
+    assert rows["num_hidden_layers"] == ["6", "4"]
+    assert rows["num_key_value_heads"][1] == str(plan["widths"]["num_key_value_heads"])
     args = parser.parse_args(["plan", str(out), "--drop", "99"])
     assert args.func(args) == 2
     assert "cannot drop 99" in capsys.readouterr().err
+    # An output path that is a directory: one line naming it, exit status 2, no traceback.
+    (tmp_path / "taken").mkdir()
+    assert actclient(["plan", str(out), "--drop", "1", "-o", str(tmp_path / "taken")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "taken") in err and "Traceback" not in err
 
 
 def _config(model_dir: Path) -> dict:
@@ -584,5 +599,43 @@ def test_budget_refusals(shards: Path, model_dir: Path, tmp_path: Path, capsys) 
     )  # fmt: skip
     assert code == 0
     err = capsys.readouterr().err
-    assert "plan: budget 9,000 of" in err and "plan: joint:" in err
+    assert "plan: budget 9,000 of" in err and "{" not in err
+    table = [line.split() for line in err.splitlines()[1:] if line.startswith("  ")]
+    assert table[0][:3] == ["strategy", "params", "under"] and table[1][0] == "(source)"
+    assert len(table) > 2  # at least one shape fits the budget
+    plan = json.loads(out.read_text())["budget"]
+    for name, entry in plan["strategies"].items():
+        if "skipped" in entry:
+            assert f"plan: {name}: skipped: {entry['skipped']}" in err
+            continue
+        (row,) = [r for r in table if r[0] == name]
+        assert row[1] == f"{entry['params']:,}" and row[2] == f"{9000 - entry['params']:,}"
     assert json.loads(out.read_text())["budget"]["target_params"] == 9000
+
+
+def test_model_as_a_hub_id_from_the_local_cache(
+    shards: Path, model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`analyze --model Org/Name` and `plan --model Org/Name` read the cached snapshot, as
+    they read the folder itself."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--Org--Tiny" / "snapshots" / "abc123"
+    shutil.copytree(model_dir, snapshot)
+    (hub / "models--Org--Tiny" / "refs").mkdir()
+    (hub / "models--Org--Tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    by_id, by_dir = tmp_path / "by-id", tmp_path / "by-dir"
+    for out, model in ((by_id, "Org/Tiny"), (by_dir, str(model_dir))):
+        run = ["analyze", str(shards), "-o", str(out / "a"), "--model", model, "--no-pictures"]
+        assert actclient([*run, "--no-progress", "--jobs", "1"]) == 0
+        plan = ["plan", str(out / "a"), "--drop", "2", "--model", model, "-o", str(out / "p")]
+        assert actclient(plan) == 0
+    a, b = (json.loads((d / "a" / "analysis.json").read_text()) for d in (by_id, by_dir))
+    assert a["by_tokens"] == b["by_tokens"] and a["tokens"] == b["tokens"]
+    p, q = (json.loads((d / "p").read_text()) for d in (by_id, by_dir))
+    assert a["model_dir"] == str(snapshot) and a["special_token_ids"] == b["special_token_ids"]
+    assert p["neurons"] == q["neurons"] and p["model_dir"] == str(snapshot)
+    assert "Wanda" in p["neurons"]["mlp"]["score"]  # the weights were read, not skipped
+    assert actclient(["plan", str(by_id / "a"), "--drop", "2", "--model", "Org/Gone"]) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -111,6 +112,48 @@ def test_openai_commands_against_a_plain_http_server_fail_fast(
     assert list(tmp_path.glob("r.json")) == [] and not (tmp_path / "answered.jsonl").exists()
 
 
+class _VllmWithAnotherKey(SimpleHTTPRequestHandler):
+    """A server that looks like vLLM (/health 200) but wants a key the client does not have."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        ok = self.path == "/health"
+        body = b"" if ok else b'{"error": {"message": "Unauthorized"}}'
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        raise AssertionError("the probe must stop the command before any POST")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "phase1-generate"])
+def test_openai_commands_with_a_wrong_key_fail_fast_naming_the_key_settings(
+    command, records, tmp_path, capsys
+):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _VllmWithAnotherKey)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    if command == "evaluate":
+        argv = ["evaluate", "--server", url, "-o", str(tmp_path / "r.json")]
+    else:
+        argv = ["phase1", "generate", str(records), "--server", url]
+        argv += ["-o", str(tmp_path / "answered.jsonl")]
+    try:
+        code, err, seconds = _run([*argv, "--api-key", "not-the-key"], capsys)
+    finally:
+        server.shutdown()
+    assert code == 2 and seconds < 10
+    line = _one_line(err)
+    assert "refuses the key" in line and "HTTP 401" in line, line
+    assert "--api-key" in line and "VLLM_ACTIVATIONS_API_KEY" in line
+    assert "not-the-key" not in line
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "answered.jsonl").exists()
+
+
 def test_a_url_the_client_cannot_speak_fails_at_once(capsys):
     code, err, seconds = _run(["evaluate", "--server", "ftp://example.invalid"], capsys)
     assert code == 2 and seconds < 5
@@ -159,6 +202,18 @@ def test_record_of_a_missing_dataset_is_bad_input(tmp_path, capsys):
     code, err, _ = _run([*argv, str(tmp_path / "out")], capsys)
     assert code == 2 and "no such dataset file or folder" in _one_line(err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_analyze_without_shards_says_so(where, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    if where == "empty":
+        shards.mkdir()
+    out = tmp_path / "analysis"
+    code, err, _ = _run(["analyze", str(shards), "-o", str(out)], capsys)
+    line = _one_line(err)
+    assert code == 2 and f"{shards}: no *.h5 shards" in line, line
+    assert not out.exists()
 
 
 def test_plan_of_a_file_that_is_not_json_names_the_file(tmp_path, capsys):
@@ -232,20 +287,43 @@ def test_python_m_actclient_runs_the_same_command_line():
     assert result.returncode == 0 and "record" in result.stdout and "evaluate" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "command", [["record"], ["evaluate"], ["prune"], ["phase1", "build"], ["phase1", "generate"]]
-)
+def _commands() -> list[list[str]]:
+    """Every leaf command of `actclient` (e.g. ["phase1", "build"]), read from its parser, so
+    a command added later is checked too."""
+    import argparse
+
+    from actclient.cli import build_parser
+
+    def leaves(parser: argparse.ArgumentParser, prefix: list[str]) -> list[list[str]]:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return [prefix]
+        return [c for name, p in subs[0].choices.items() for c in leaves(p, [*prefix, name])]
+
+    return leaves(build_parser(), [])
+
+
+# What each command is for, when it runs long enough to want a progress bar.
+LONG_COMMANDS = {"phase1 generate", "record", "export-kd", "analyze", "prune", "evaluate"}
+
+
+def test_the_command_list_is_what_this_file_checks():
+    names = {" ".join(c) for c in _commands()}
+    assert names == LONG_COMMANDS | {"phase1 build", "plan"}
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
 def test_every_command_takes_o_for_out(command, capsys):
     with pytest.raises(SystemExit):
         actclient([*command, "--help"])
     text = capsys.readouterr().out
-    assert "-o OUT, --out OUT" in text or "-o DIR, --out DIR" in text or "-o PATH" in text
+    assert re.search(r"-o [A-Z]+, --out [A-Z]+", text), text
 
 
-@pytest.mark.parametrize("command", [["record"], ["evaluate"], ["prune"], ["phase1", "generate"]])
+@pytest.mark.parametrize("command", sorted(LONG_COMMANDS))
 def test_long_commands_take_no_progress(command, capsys):
     with pytest.raises(SystemExit):
-        actclient([*command, "--help"])
+        actclient([*command.split(), "--help"])
     assert "--no-progress" in capsys.readouterr().out
 
 

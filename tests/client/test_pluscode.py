@@ -198,3 +198,42 @@ def test_parse_trims_and_upper_cases() -> None:
     assert pc.parse("  8fw4v75v+8q\n") == "8FW4V75V+8Q"
     with pytest.raises(PlusCodeError, match="'V75V\\+8Q' .*short code needs a reference"):
         pc.parse("V75V+8Q")
+
+
+def _mutations(rng: random.Random, code: str) -> str:
+    """`code` with one to three random edits: a character replaced, inserted or removed."""
+    chars = pc.ALPHABET + pc.ALPHABET.lower() + "+0 1_"
+    out = list(code)
+    for _ in range(rng.randint(1, 3)):
+        i = rng.randrange(len(out) + 1)
+        edit = rng.choice(("replace", "insert", "delete"))
+        if edit == "insert" or not out:
+            out.insert(i, rng.choice(chars))
+        elif edit == "replace":
+            out[min(i, len(out) - 1)] = rng.choice(chars)
+        else:
+            del out[min(i, len(out) - 1)]
+    return "".join(out)
+
+
+def test_our_reasons_agree_with_the_reference_validity() -> None:
+    """Validity is the library's; our messages must explain exactly its refusals: a code gets a
+    reason iff the library calls it invalid (or valid but neither short nor full)."""
+    from openlocationcode import openlocationcode as olc
+
+    rng = random.Random(18)
+    seeds = [code for code, *_ in VALIDITY] + [code for code, *_ in LANDMARKS]
+    for length in (2, 4, 6, 8, 10, 11, 15):
+        seeds.append(pc.encode(rng.uniform(-90, 90), rng.uniform(-180, 180), length))
+    codes = seeds + [_mutations(rng, rng.choice(seeds)) for _ in range(20000)]
+    for code in codes:
+        usable = olc.isFull(code) or olc.isShort(code)
+        try:
+            pc.validate(code, reference=(0.0, 0.0))
+        except PlusCodeError as exc:
+            assert not usable, (code, str(exc))
+            # A rule of ours, not the fallbacks for a refusal we could not explain.
+            assert not str(exc).endswith((": not valid", ": not a full code")), (code, str(exc))
+        else:
+            assert usable, code
+    assert sum(olc.isValid(c) for c in codes) > 2000  # the edits keep many codes valid

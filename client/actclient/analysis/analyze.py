@@ -31,6 +31,7 @@ from actclient.analysis.embedding import (
     EmbeddingTable,
     ModelFilesError,
     load_config,
+    resolve_model_dir,
     special_token_ids,
 )
 from actclient.analysis.importance import minitron_summary
@@ -285,6 +286,10 @@ def analyze(
     paths = list(iter_shard_paths(shards_dir))
     if not paths:
         raise AnalysisError(f"{shards_dir}: no *.h5 shards; run `actclient record` first")
+    if model_dir is not None:
+        # A hub id becomes its cached snapshot here, once: the special tokens, the embedding
+        # and analysis.json's model_dir (which `plan` reads) all need the folder.
+        model_dir = resolve_model_dir(model_dir)
     if special_ids is None:
         special_ids = special_token_ids(model_dir) if model_dir is not None else set()
     if model_dir is not None:

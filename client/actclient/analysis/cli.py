@@ -143,36 +143,85 @@ def _plan(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
-        if budget:
-            _print_budget(plan["budget"])
-        else:
-            for name, entry in plan["layers"]["strategies"].items():
-                dropped = [d["layer"] for d in entry.get("dropped", [])]
-                print(f"plan: {name}: drop {dropped or entry.get('skipped')}", file=sys.stderr)
-            widths = ", ".join(f"{key} {value}" for key, value in plan["widths"].items())
-            print(f"plan: widths after pruning: {widths}", file=sys.stderr)
+        summary = _budget_summary(plan["budget"]) if budget else _layer_summary(plan)
+        print(summary, file=sys.stderr)
         print(f"plan: written to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
 
 
-def _print_budget(budget: dict) -> None:
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    """Columns padded to their widest cell, numbers right-aligned, two spaces between."""
+    cells = [header] + [[f"{c:,}" if isinstance(c, int) else str(c) for c in r] for r in rows]
+    numeric = [all(isinstance(r[i], int) for r in rows if r[i] != "") for i in range(len(header))]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if num else c.ljust(w) for c, w, num in zip(r, widths, numeric, strict=True)
+        ).rstrip()
+        for r in cells
+    ]
+    return "\n".join("  " + line for line in lines)
+
+
+def _layers(layers: list[int]) -> str:
+    return ", ".join(str(i) for i in layers) or "none"
+
+
+def _layer_summary(plan: dict) -> str:
+    layers = plan["layers"]
+    lines = [
+        f"plan: {layers['num_layers']} -> {layers['num_layers_after']} layers "
+        f"(drop {layers['drop']}; protected {_layers(layers['protected'])})",
+        _table(
+            ["strategy", "dropped layers"],
+            [
+                [
+                    name,
+                    _layers([d["layer"] for d in e["dropped"]])
+                    if "dropped" in e
+                    else f"skipped: {e.get('skipped')}",
+                ]
+                for name, e in layers["strategies"].items()
+            ],
+        ),  # fmt: skip
+    ]
+    neurons = plan.get("neurons", {})
+    before = {
+        "num_hidden_layers": layers["num_layers"],
+        "intermediate_size": neurons.get("mlp", {}).get("intermediate_size_before"),
+        "num_attention_heads": neurons.get("heads", {}).get("num_attention_heads_before"),
+        "num_key_value_heads": neurons.get("heads", {}).get("num_key_value_heads_before"),
+    }
+    rows = [[key, before.get(key, after), after] for key, after in plan["widths"].items()]
+    lines.append(_table(["width", "before", "after"], rows))
+    return "\n".join(lines)
+
+
+def _budget_summary(budget: dict) -> str:
     target, source = budget["target_params"], budget["source_params"]
-    print(f"plan: budget {target:,} of {source:,} parameters", file=sys.stderr)
-    for name, entry in budget["strategies"].items():
-        if "skipped" in entry:
-            print(f"plan: {name}: skipped: {entry['skipped']}", file=sys.stderr)
+    rows, skipped = [], []
+    for name, e in budget["strategies"].items():
+        if "skipped" in e:
+            skipped.append(f"plan: {name}: skipped: {e['skipped']}")
             continue
-        w = entry["widths"]
-        print(
-            f"plan: {name}: {entry['params']:,} params ({target - entry['params']:,} under, "
-            f"step {entry['granularity']:,}); layers {w['num_hidden_layers']} "
-            f"(drop {entry['dropped_layers']}), intermediate {w['intermediate_size']}, "
-            f"heads {w['num_attention_heads']}/{w['num_key_value_heads']} KV, "
-            f"hidden {w['hidden_size']}",
-            file=sys.stderr,
-        )
+        w = e["widths"]
+        rows.append(
+            [name, e["params"], target - e["params"], e["granularity"], w["num_hidden_layers"],
+             _layers(e["dropped_layers"]), w["intermediate_size"],
+             f"{w['num_attention_heads']}/{w['num_key_value_heads']}", w["hidden_size"]]
+        )  # fmt: skip
+    shape = budget["source_shape"]
+    rows.insert(
+        0,
+        ["(source)", source, "", "", shape["num_hidden_layers"], "", shape["intermediate_size"],
+         f"{shape['num_attention_heads']}/{shape['num_key_value_heads']}", shape["hidden_size"]],
+    )  # fmt: skip
+    header = ["strategy", "params", "under", "step", "layers", "dropped", "mlp", "heads/kv",
+              "hidden"]  # fmt: skip
+    lines = [f"plan: budget {target:,} of {source:,} parameters", _table(header, rows)]
+    return "\n".join(lines + skipped)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
