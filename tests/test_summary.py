@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from actclient.analysis import formulas
 from actclient.analysis.stats import MassiveRule, TokenBlock
 from vllm_activations import summary
 
@@ -48,6 +49,29 @@ def test_device_formulas_equal_the_analyzers():
     want = np.zeros_like(flags)
     want[rows_t, rows_s] = flagged
     assert flags.any() and np.array_equal(flags, want)
+
+
+@pytest.mark.parametrize("hidden", [96, 97])
+def test_massive_counting_shortcut_equals_the_median_rule(hidden):
+    """Outside graphs, massive flags decided by counting equal the rule with every median:
+    single and several candidates, candidates right at ratio x median, rows of ties."""
+    rng = np.random.default_rng(3)
+    mag = np.abs(rng.normal(size=(64, 9, hidden))).astype(np.float32)
+    mag[:, :, 5] = rng.uniform(50, 3000, size=(64, 9))  # one candidate, either side of 1000x
+    mag[:8, :, 11] = rng.uniform(100, 5000, size=(8, 9))  # a second candidate
+    mag[8:16, :, :] = 1.0  # ties: the median is exactly 1
+    mag[8:16, :, 3] = np.where(np.arange(8) % 2, 1000.0, 1000.5)[:, None]  # at / above 1000
+    mag[16:24] *= 20.0  # a large median: candidates near the cut both ways
+    t = torch.from_numpy(mag)
+    exact = torch.clamp(summary.MASSIVE_RATIO * summary._median(t), min=summary.MASSIVE_THRESHOLD)
+    want = (t > exact[:, :, None]).numpy()
+    got = (t > summary._massive_bounds(t)[:, :, None]).numpy()
+    assert want.any() and not want.all(axis=2).any()
+    assert np.array_equal(got, want)
+    rule = MassiveRule()
+    rows = mag.reshape(-1, hidden)
+    analyzer = formulas.massive_flags(rows, rule.threshold, rule.ratio)
+    assert np.array_equal(got.reshape(-1, hidden), analyzer)
 
 
 @pytest.mark.parametrize("path", ["segments", "graph"])

@@ -38,6 +38,7 @@ MODE_CODES = {"all": 0, "prompt": 1, "generated": 2, "last": 3, "every": 4}
 # Massive-activation rule (Sun et al. 2024), the analyzer's defaults.
 MASSIVE_THRESHOLD = 100.0
 MASSIVE_RATIO = 1000.0
+_COUNT_MARGIN = 1e-4  # relative margin of the massive rule's counting shortcut
 # Populations whose sums live on the device; `last` comes from the ring.
 SUMMED = ("all", "content")
 PAIR_SUMS = ("cos_sum", "cos_sq_sum", "ratio_sum")
@@ -88,9 +89,7 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
         norms > 0, mag.sum(2, dtype=torch.float64) / safe, torch.full_like(norms, root_h)
     )
     hoyer = (root_h - l1_ratio) / max(root_h - 1.0, 1e-12)
-    median = _massive_medians(mag)
-    bound = torch.clamp(MASSIVE_RATIO * median, min=MASSIVE_THRESHOLD)
-    flags = mag > bound[:, :, None]  # above the threshold and ratio x the median
+    flags = mag > _massive_bounds(mag)[:, :, None]  # above the threshold and ratio x the median
     return {
         "cos": cos, "angle": angle, "ratio": ratio, "sq": sq, "norms": norms,
         "kurtosis": kurtosis, "hoyer": hoyer, "x": x, "mag": mag, "flags": flags,
@@ -110,17 +109,37 @@ def _median(mag: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.kthvalue(mag, hidden // 2, dim=-1).values + upper)
 
 
-def _massive_medians(mag: torch.Tensor) -> torch.Tensor:
-    """The per-(token, site) median |x| where the massive rule needs it: rows whose max |x|
-    exceeds the threshold (other rows can flag nothing, their median stays 0). A CUDA graph
-    needs fixed shapes, so while one is recorded every row gets its median."""
+def _massive_bounds(mag: torch.Tensor) -> torch.Tensor:
+    """Per (token, site), a bound with `mag > bound` exactly the massive activations of Sun
+    et al.'s rule, |x| > max(threshold, ratio x median |x|) (the median as numpy's).
+
+    A CUDA graph needs fixed shapes, so while one is recorded every row gets its median.
+    Outside graphs only rows whose max |x| exceeds the threshold can flag anything, and most
+    of those are decided without a median by counting: a candidate e is flagged iff the
+    median is below e / ratio, and the median is below a cut c when more than half the row
+    (k + 1 values, k = H // 2) is below c, and at least c when fewer than k values are. So
+    when k + 1 values lie below the smallest candidate / ratio, every candidate is flagged;
+    when fewer than k lie below the largest / ratio, none is (a relative margin covers
+    float rounding). Only the remaining rows (about 1 in H for a single candidate) take the
+    exact median."""
     if capturing_graph():
-        return _median(mag)
-    median = torch.zeros(mag.shape[:2], dtype=mag.dtype, device=mag.device)
-    rows = torch.nonzero(mag.amax(2) > MASSIVE_THRESHOLD, as_tuple=True)
-    if rows[0].numel():
-        median[rows] = _median(mag[rows])
-    return median
+        return torch.clamp(MASSIVE_RATIO * _median(mag), min=MASSIVE_THRESHOLD)
+    peak = mag.amax(2)
+    candidate = peak > MASSIVE_THRESHOLD
+    if not bool(candidate.any()):
+        return torch.full_like(peak, MASSIVE_THRESHOLD)
+    k = mag.shape[2] // 2
+    least = torch.where(mag > MASSIVE_THRESHOLD, mag, peak[:, :, None]).amin(2)
+    every = (mag < (least / MASSIVE_RATIO * (1 - _COUNT_MARGIN))[:, :, None]).sum(2) > k
+    none = (mag < (peak / MASSIVE_RATIO * (1 + _COUNT_MARGIN))[:, :, None]).sum(2) < k
+    # rows without a candidate, or whose every candidate is flagged: the threshold; rows
+    # with none flagged: their own max (nothing is above it)
+    bound = torch.where(candidate & none, peak, torch.full_like(peak, MASSIVE_THRESHOLD))
+    exact = torch.nonzero(candidate & ~every & ~none, as_tuple=True)
+    if exact[0].numel():
+        median = _median(mag[exact])
+        bound[exact] = torch.clamp(MASSIVE_RATIO * median, min=MASSIVE_THRESHOLD)
+    return bound
 
 
 @dataclass
