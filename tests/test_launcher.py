@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from vllm_activations import cli
+from vllm_activations import cli, cpu_memory
 
 
 def dry_run(capsys, model, *args: str) -> tuple[dict[str, str], list[str], list[str]]:
@@ -67,12 +67,102 @@ def test_user_additional_config_is_kept_and_slots_are_keyed(capsys, embedded_mod
 
 
 def test_cpu_build_gets_a_memory_share_that_fits(capsys, embedded_models):
-    _, argv, notes = dry_run(capsys, embedded_models["smollm2"])
+    """This machine's memory as vLLM's worker counts it, SmolLM2's weights and KV cache: the
+    share asks for no more than is available, and covers the weights, the runtime and two
+    full-length requests; the line that says so is printed."""
+    model = embedded_models["smollm2"]
+    memory = cpu_memory.node_memory()
+    _, argv, notes = dry_run(capsys, model)
     share = float(argv[argv.index("--gpu-memory-utilization") + 1])
-    assert 0.05 <= share <= 0.9
-    _, argv, _ = dry_run(capsys, embedded_models["smollm2"], "--gpu-memory-utilization", "0.2")
+    assert "--max-model-len" not in argv  # 8192 tokens fit here
+    config = json.loads((model / "config.json").read_text())
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    kv = 2 * 30 * 3 * 64 * 2 * config["max_position_embeddings"]  # K, V x layers x kv x dim
+    assert weights + 2 * kv < share * memory.total <= memory.available
+    (line,) = [n for n in notes if "CPU build" in n]
+    assert f"--gpu-memory-utilization {share:.4f}" in line and "KV cache for 16,384 tokens" in line
+    # The user's own setting is kept, and nothing is added then.
+    _, argv, notes = dry_run(capsys, model, "--gpu-memory-utilization", "0.2")
     assert argv.count("--gpu-memory-utilization") == 1
     assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.2"
+    assert not any("CPU build" in n for n in notes)
+
+
+def _smollm2_plan(model, available_gib: float, **kw) -> cpu_memory.CpuMemoryPlan:
+    config = json.loads((model / "config.json").read_text())
+    memory = cpu_memory.Memory(total=64 * 2**30, available=int(available_gib * 2**30))
+    return cpu_memory.plan_cpu_memory(
+        config, model, width=2, capture_buffer=2**27, memory=memory, **kw
+    )
+
+
+def test_cpu_memory_plan_lowers_the_model_length_or_says_what_does_not_fit(embedded_models):
+    model = embedded_models["smollm2"]
+    per_token = 2 * 30 * 3 * 64 * 2
+    roomy = _smollm2_plan(model, 40.0)
+    assert (roomy.max_model_len, roomy.kv_tokens) == (None, 2 * 8192)
+    # 0.8 x 3 GiB leaves room for fewer than 8192 tokens after the weights and the runtime.
+    tight = _smollm2_plan(model, 3.0)
+    room = int(0.8 * 3 * 2**30) - tight.weights - tight.runtime
+    assert tight.max_model_len == room // per_token // 256 * 256 < 8192
+    assert tight.flags()[-2:] == ["--max-model-len", str(tight.max_model_len)]
+    assert tight.utilization * 64 * 2**30 <= 3 * 2**30
+    assert "--max-model-len" in tight.describe()
+    # The user's own --max-model-len is never lowered: it fits, or the start is refused.
+    with pytest.raises(cpu_memory.DoesNotFit, match=r"lower --max-model-len"):
+        _smollm2_plan(model, 3.0, max_model_len=8192)
+    with pytest.raises(cpu_memory.DoesNotFit, match=r"2\.0 of 64\.0 GiB are available"):
+        _smollm2_plan(model, 2.0)
+
+
+def test_cpu_memory_plan_estimates_weights_not_yet_downloaded():
+    """A hub id not in the cache: weights from the config (Qwen3-0.6B's shape: 0.6 B)."""
+    config = {
+        "hidden_size": 1024, "num_hidden_layers": 28, "intermediate_size": 3072,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "vocab_size": 151936, "tie_word_embeddings": True,
+    }  # fmt: skip
+    params = cpu_memory.weights_bytes(None, config, 2) / 2
+    assert 0.55e9 < params < 0.65e9
+
+
+@pytest.mark.integration
+def test_serve_with_no_flags_starts_on_this_cpu_machine(embedded_models, tmp_path):
+    """`vllm-activations serve MODEL` and nothing else, as the README's first command: the
+    sidecar turns ready, and the memory line is what the launcher printed."""
+    import subprocess
+    import time
+
+    import httpx
+
+    from vllm_activations.process import free_loopback_port
+
+    port = free_loopback_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_activations.cli", "serve",
+             str(embedded_models["tiny-qwen3-tied"]), "--port", str(port),
+             "--shard-dir", str(tmp_path / "shards")],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()["status"] == "ok":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(2)
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    text = log.read_text()
+    assert "vllm-activations: CPU build: --gpu-memory-utilization" in text
+    assert "less than desired" not in text
 
 
 def test_missing_server_extra_names_it(monkeypatch, embedded_models, tmp_path):

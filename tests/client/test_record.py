@@ -742,6 +742,20 @@ def test_client_installs_and_reads_shards_without_vllm_or_torch(
         cwd=tmp_path,
     )
     assert record_help.returncode == 0 and "--server" in record_help.stdout
+    # The laptop install has no server extra: `serve` says which extra, in one line.
+    serve = subprocess.run(
+        [str(bindir / "vllm-activations"), "serve", str(REPO / "no-such-model")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert serve.returncode != 0 and "Traceback" not in serve.stderr, serve.stderr
+    assert serve.stderr.strip().splitlines() == [
+        "vllm-activations serve: uvicorn is missing; install the server extra: "
+        "pip install 'vllm-activations[server]'"
+    ]
 
     script = (
         "import importlib.util, json, sys\n"
