@@ -156,3 +156,36 @@ def test_cli_jobs_force_and_skip_flags(shards: Path, tmp_path: Path, capsys) -> 
     args.shards_dir = str(mixed)
     assert args.func(args) == 0
     assert "skipped 2 bad shards" in capsys.readouterr().err
+
+
+def _in_a_terminal(argv: list[str]) -> tuple[int, str]:
+    """Run `python -m actclient ARGV` with a pseudo-terminal as its stdout and stderr."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "actclient", *argv], stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return proc.wait(120), b"".join(chunks).decode(errors="replace")
+
+
+def test_analyze_draws_a_bar_on_a_terminal_unless_no_progress(shards: Path, tmp_path: Path):  # noqa: F811
+    run = ["analyze", str(shards), "--no-pictures", "--jobs", "1"]
+    code, seen = _in_a_terminal([*run, "-o", str(tmp_path / "a")])
+    assert code == 0 and "analyze [" in seen and "5/5" in seen, seen
+    code, seen = _in_a_terminal([*run, "-o", str(tmp_path / "b"), "--no-progress"])
+    assert code == 0 and "analyze [" not in seen and "report at" in seen, seen
