@@ -414,8 +414,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         texts = load_texts(args.texts)
         reference = None
         if args.reference:
-            reference = json.loads(Path(args.reference).read_text())
-            if reference.get("schema") != RESULT_SCHEMA:
+            try:
+                reference = json.loads(Path(args.reference).read_text())
+            except json.JSONDecodeError as exc:
+                raise EvaluateError(
+                    f"{args.reference}: not an `actclient evaluate` result (not JSON: {exc})"
+                ) from None
+            if not isinstance(reference, dict) or reference.get("schema") != RESULT_SCHEMA:
                 raise EvaluateError(f"{args.reference}: not an `actclient evaluate` result")
         result = evaluate(
             args.server,

@@ -224,6 +224,17 @@ def test_plan_of_a_file_that_is_not_json_names_the_file(tmp_path, capsys):
     assert code == 2 and str(bad) in line and "not an `actclient analyze` result" in line
 
 
+@pytest.mark.parametrize("content", ["not json at all", "[1, 2]", '{"schema": "other"}'])
+def test_evaluate_reference_that_is_not_a_result_names_the_file(content, tmp_path, capsys):
+    bad = tmp_path / "dense.json"
+    bad.write_text(content)
+    url = f"http://127.0.0.1:{free_loopback_port()}"
+    code, err, seconds = _run(["evaluate", "--server", url, "--reference", str(bad)], capsys)
+    line = _one_line(err)
+    assert code == 2 and seconds < 5
+    assert f"{bad}: not an `actclient evaluate` result" in line, line
+
+
 @pytest.fixture
 def analysis_30_layers(tmp_path) -> Path:
     """Just enough of an analysis for the plan's size checks (a 30-layer model)."""
