@@ -95,3 +95,10 @@ def test_the_guide_takes_a_user_through_the_whole_job():
     # No claims the code does not back.
     assert "DESIGN.md" not in guide and "disk-bound" not in flat
     assert "CPU-bound" in flat
+
+
+def test_the_readme_names_the_plots_extra_the_pictures_need():
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install '.[plots]'" in readme
+    extras = (ROOT / "pyproject.toml").read_text()
+    assert re.search(r"^plots = \[.*matplotlib", extras, re.MULTILINE)
