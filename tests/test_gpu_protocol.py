@@ -612,6 +612,35 @@ def test_rows_of_requests_that_do_not_capture_are_ignored(protocol_env):
     check_shard(env, a, "plain-neighbour-a", 20, 2)
 
 
+def test_a_capture_id_stays_taken_until_its_shard_is_written(protocol_env):
+    """Between a request's end and its shard's publication (the worker writes at the next
+    step), a second request with the same capture id is refused instead of replacing the
+    shard; once the shard exists the id is still taken; once only an error file exists it
+    is free again."""
+    env, replay = protocol_env, Replay(protocol_env, "v1")
+    first = replay.add("reused-id", 12, {"positions": "all"})
+    replay.step({first: 12})
+    assert "capture_error" not in replay.finish(first, 1)
+    second = replay.add("reused-id", 6, {"positions": "all"})  # before the shard is written
+    _, refused = env.scheduler.request_finished(second.request, [])
+    assert refused == {"capture_error": "capture.capture_id: 'reused-id' is already in use"}
+    replay.idle_step()
+    shard = wait_for(env.shard_dir / "reused-id.h5")
+    check_shard(env, first, "reused-id", 12, 1)
+    third = replay.add("reused-id", 6, {"positions": "all"})
+    assert "capture_error" in env.scheduler.request_finished(third.request, [])[1]
+    shard.unlink()
+    shard.with_name("reused-id.error.json").write_text("{}")  # a failed capture's trace
+    fourth = replay.add("reused-id", 6, {"positions": "all"})
+    replay.step({fourth: 6})
+    assert "capture_error" not in replay.finish(fourth, 1)
+    replay.idle_step()
+    deadline = time.monotonic() + 30
+    while not shard.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check_shard(env, fourth, "reused-id", 6, 1)
+
+
 def test_rows_cross_bounded_staging_chunks(protocol_env, monkeypatch):
     """Staging smaller than a step: rows arrive over several gathers and still land right
     (a layer subset gathers fewer columns, so more rows fit per chunk)."""

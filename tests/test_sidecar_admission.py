@@ -314,6 +314,32 @@ def test_v1_capture_answers_shard_ids_and_urls_not_paths(server):
 
 
 @pytest.mark.integration
+def test_v1_capture_the_connector_refuses_is_400_like_generate(server):
+    """A capture id still in use by a running request: the connector refuses the second
+    request, and /v1 answers that as /generate_with_activations does (400 naming the field),
+    not as a 200 carrying the error; the refused request leaves no trace."""
+    capture_id = "v1-refused-twice"
+    params = {"capture": {"layers": [0], "dtype": "float32"}, "capture_id": capture_id}
+    url, opts = f"{server.url}/v1/completions", {"headers": server.headers, "timeout": 120}
+    with cf.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(
+            httpx.post,
+            url,
+            json=_v1_body(max_tokens=64, ignore_eos=True, kv_transfer_params=params),
+            **opts,
+        )
+        time.sleep(1.0)  # the first request is generating (64 tokens take longer)
+        second = httpx.post(url, json=_v1_body(max_tokens=2, kv_transfer_params=params), **opts)
+        assert first.result().status_code == 200, first.result().text
+    assert second.status_code == 400, second.text
+    error = second.json()["error"]
+    assert error["field"] == "kv_transfer_params.capture.capture_id", error
+    assert "already in use" in error["message"] and str(server.shard_dir) not in second.text
+    assert (server.shard_dir / f"{capture_id}.h5").is_file()
+    assert not (server.shard_dir / f"{capture_id}.error.json").exists()
+
+
+@pytest.mark.integration
 def test_v1_capture_has_the_same_limits_as_generate(server, embedded_models):
     n = len(tokenize(server, prompt="The harbour bridge"))
     spec = CaptureSpec(layers=(0, -1), dtype="float32")

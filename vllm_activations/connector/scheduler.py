@@ -4,6 +4,7 @@ each step's block tables and scheduled token ranges of capture requests to the w
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from vllm_activations.connector.protocol import (
     shard_path,
 )
 from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError, validate_capture_id
+
+# A finished capture's id stays taken until its shard or error file appears (the worker writes
+# it after the request has left the scheduler), at most this long.
+UNPUBLISHED_TTL_S = 600.0
 
 
 @dataclass
@@ -68,6 +73,7 @@ class CaptureScheduler:
         self._requests: dict[str, _SchedulerRequest] = {}
         self._errors: dict[str, str] = {}
         self._finished: dict[str, FinishedCapture] = {}
+        self._unpublished: dict[str, float] = {}  # capture id -> when its request finished
         self._stat_pool = _SlotPool(
             "channel_stats", "--channel-stats-slots", channel_stats_slots(vllm_config)
         )
@@ -84,9 +90,7 @@ class CaptureScheduler:
             capture_id = validate_capture_id(
                 params.get(CAPTURE_ID_KEY) or _sanitize(request.request_id)
             )
-            if shard_path(self.shard_dir, capture_id).exists() or any(
-                r.capture_id == capture_id for r in self._requests.values()
-            ):
+            if self._taken(capture_id):
                 raise CaptureSpecError("capture_id", f"{capture_id!r} is already in use")
             if not (spec.tensors or spec.summary or spec.channel_stats or spec.teacher_logprobs):
                 raise CaptureSpecError(
@@ -106,6 +110,23 @@ class CaptureScheduler:
             request.skip_reading_prefix_cache = True
         self._requests[request.request_id] = _SchedulerRequest(
             capture_id, spec, layers, stats_slot=stats_slot, summary_slot=summary_slot
+        )
+
+    def _taken(self, capture_id: str) -> bool:
+        """A shard of that id exists, or a running or finished-but-unwritten capture has it
+        (a second capture would replace the first one's shard)."""
+        now = time.monotonic()
+        for done, since in list(self._unpublished.items()):
+            if (
+                now - since > UNPUBLISHED_TTL_S
+                or shard_path(self.shard_dir, done).exists()
+                or error_path(self.shard_dir, done).exists()
+            ):
+                del self._unpublished[done]
+        return (
+            shard_path(self.shard_dir, capture_id).exists()
+            or capture_id in self._unpublished
+            or any(r.capture_id == capture_id for r in self._requests.values())
         )
 
     def build_connector_meta(self, scheduler_output) -> CaptureStepMetadata:
@@ -160,6 +181,7 @@ class CaptureScheduler:
         self._stat_pool.free(state.stats_slot)
         self._summary_pool.free(state.summary_slot)
         reason = request.get_finished_reason()
+        self._unpublished[state.capture_id] = time.monotonic()
         self._finished[req_id] = FinishedCapture(
             output_token_ids=list(request.output_token_ids),
             finish_reason=str(reason) if reason is not None else None,

@@ -22,9 +22,15 @@ from starlette.types import Receive, Scope, Send
 from vllm_activations import __version__
 from vllm_activations.announce import Announcements
 from vllm_activations.contract.spec import CAPTURE_ID_RE
+from vllm_activations.openai_capture import CaptureFailed
 from vllm_activations.sidecar import passthrough
 from vllm_activations.sidecar.errors import ApiError, install_error_handlers
-from vllm_activations.sidecar.generate import CaptureRunner, shard_disk_bytes, vllm_error
+from vllm_activations.sidecar.generate import (
+    CaptureRunner,
+    capture_failure,
+    shard_disk_bytes,
+    vllm_error,
+)
 from vllm_activations.sidecar.jobs import CaptureSlots, JobRegistry
 from vllm_activations.sidecar.schemas import (
     ErrorResponse,
@@ -311,6 +317,11 @@ def create_app(settings: Settings) -> FastAPI:
                 raise vllm_error(r)
             completion = r.json()
             params = completion.get(passthrough.PARAMS) or {}
+            if "capture_error" in params:  # refused by the connector: as on the generate route
+                error = capture_failure(CaptureFailed(params["capture_error"]), runner.store.root)
+                if error.field is not None:
+                    error.field = f"{passthrough.PARAMS}.{error.field}"
+                raise error
             if "shard_path" in params:
                 shard = await runner.wait_and_describe(params)
                 completion[passthrough.PARAMS] = passthrough.public_params(params, shard)
