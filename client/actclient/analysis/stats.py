@@ -250,7 +250,7 @@ class TokenBlock:
         self.update_ratio = update / safe[:, :-1]
         self.hoyer = formulas.hoyer_sparsity(abs_sum, self.norms, hidden)
         self._moments(x, masks, shift, temp)
-        self._peaks(masks)
+        self._peaks()
         rows_t, rows_s = np.nonzero(peak > rule.threshold)
         if len(rows_t):
             flagged = formulas.massive_flags(self.mag[rows_t, rows_s], rule.threshold, rule.ratio)
@@ -293,12 +293,13 @@ class TokenBlock:
             for name, (dev, dev_sq) in sums.items()
         }
 
-    def _peaks(self, masks: dict[str, np.ndarray]) -> None:
+    def _peaks(self) -> None:
         # column peaks of the non-empty token sets (add_block skips empty ones)
         self.peaks = {}
-        for name, mask in self.masks.items():
+        for name in RAW_PARTS:
+            mask = self.masks[name]
             rows = np.flatnonzero(mask)
-            if len(rows) and name in ("content", "other", "last"):
+            if len(rows):
                 runs = _runs(mask) if name == "content" else []
                 self.peaks[name] = _column_peak(self.mag, runs, rows)
         self._content_row: np.ndarray | None = None  # first content row at the peak, cached
@@ -786,7 +787,7 @@ class AnalysisAccumulator:
 
     def __post_init__(self) -> None:
         if self.layout is not None and not self.parts:
-            self._init_populations()
+            self._init_parts()
 
     def __getstate__(self) -> dict:
         # a worker sends sums, not its buffers or read-outs
@@ -819,7 +820,7 @@ class AnalysisAccumulator:
             held = self._buffers[key] = np.empty(size, dtype)
         return held[:size].reshape(shape)
 
-    def _init_populations(self) -> None:
+    def _init_parts(self) -> None:
         self.parts = {name: self._new_stats() for name in PARTS}
 
     def _new_stats(self) -> ResidualStats:
@@ -831,7 +832,7 @@ class AnalysisAccumulator:
     def _init_layout(self, reader: ShardReader) -> None:
         self.layout = layout_of(reader, self.embed is not None)
         self.hidden_size = reader.hidden_size
-        self._init_populations()
+        self._init_parts()
         self.attrs = shard_attrs(reader)
 
     def add_shard(self, path: str | Path) -> None:
@@ -930,8 +931,9 @@ class AnalysisAccumulator:
         self.bytes_read += reader.path.stat().st_size
 
     def _rebase(self) -> None:
-        # Early on, move the moments' shift to the running mean (content tokens, else all), so
-        # the float64 deviation sums stay well conditioned whatever the first block held.
+        # Early on, move the moments' shift to the running mean (content tokens, else the
+        # rest), so the float64 deviation sums stay well conditioned whatever the first block
+        # held.
         source = self.parts["content"]
         if not source.count:
             source = self.parts["rest"]
@@ -974,7 +976,7 @@ class AnalysisAccumulator:
             return
         if self.layout is None:
             self.layout, self.hidden_size = other.layout, other.hidden_size
-            self._init_populations()
+            self._init_parts()
         if not self.attrs:
             self.attrs = dict(other.attrs)
         if other.layout != self.layout or other.hidden_size != self.hidden_size:
