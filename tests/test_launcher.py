@@ -4,6 +4,7 @@ settings that shape compiled graphs in vLLM's compile-cache key (no engine start
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 
@@ -66,11 +67,17 @@ def test_user_additional_config_is_kept_and_slots_are_keyed(capsys, embedded_mod
     assert config["mine"] == 1 and config["vllm_activations"]["channel_stats_slots"] == 3
 
 
-def test_cpu_build_gets_a_memory_share_that_fits(capsys, embedded_models):
+def test_cpu_build_gets_a_memory_share_that_fits(capsys, embedded_models, monkeypatch):
     """This machine's memory as vLLM's worker counts it, SmolLM2's weights and KV cache: the
     share asks for no more than is available, and covers the weights, the runtime and two
-    full-length requests; the line that says so is printed."""
+    full-length requests; the line that says so is printed. A user's VLLM_CPU_KVCACHE_SPACE
+    (`make test` exports one for the test servers) is kept instead, and nothing is added."""
     model = embedded_models["smollm2"]
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    _, argv, notes = dry_run(capsys, model)
+    assert "--gpu-memory-utilization" not in argv
+    assert not any("CPU build" in n for n in notes)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     memory = cpu_memory.node_memory()
     _, argv, notes = dry_run(capsys, model)
     share = float(argv[argv.index("--gpu-memory-utilization") + 1])
@@ -139,12 +146,14 @@ def test_serve_with_no_flags_starts_on_this_cpu_machine(embedded_models, tmp_pat
 
     port = free_loopback_port()
     log = tmp_path / "serve.log"
+    # nothing set by the user: not even the KV cache size `make test` exports for its servers
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_activations.cli", "serve",
              str(embedded_models["tiny-qwen3-tied"]), "--port", str(port),
              "--shard-dir", str(tmp_path / "shards")],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 600
