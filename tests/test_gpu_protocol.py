@@ -383,7 +383,10 @@ class Replay:
             summ.accumulate(state.buffer[:padded], state.row_positions, state.row_slots)
         else:
             torch.ops.vllm_activations.summarize(
-                state.buffer, state.row_positions[:padded], state.row_slots, summ.sums["all"].count
+                state.buffer,
+                state.row_positions[:padded],
+                state.row_slots,
+                summ.sums["content"].count,
             )
         assert n <= padded
 

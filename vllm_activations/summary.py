@@ -39,8 +39,9 @@ MODE_CODES = {"all": 0, "prompt": 1, "generated": 2, "last": 3, "every": 4}
 MASSIVE_THRESHOLD = 100.0
 MASSIVE_RATIO = 1000.0
 _COUNT_MARGIN = 1e-4  # relative margin of the massive rule's counting shortcut
-# Populations whose sums live on the device; `last` comes from the ring.
-SUMMED = ("all", "content")
+# Disjoint populations summed on the device (each token adds to one): `content` tokens and
+# the `rest` (position 0, special tokens); `all` is their sum, `last` comes from the ring.
+SUMMED = ("content", "rest")
 PAIR_SUMS = ("cos_sum", "cos_sq_sum", "ratio_sum")
 SITE_SUMS = ("norm_sum", "norm_sq_sum", "kurtosis_sum", "hoyer_sum")
 
@@ -67,7 +68,6 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
     hidden = x.shape[2]
     x64 = x.double()  # the Gram in float64: angles near cos = 1 stay accurate
     gram = torch.matmul(x64, x64.transpose(1, 2))
-    del x64
     sq = torch.diagonal(gram, dim1=1, dim2=2).clone()
     norms = sq.sqrt()
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
@@ -92,7 +92,7 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
     flags = mag > _massive_bounds(mag)[:, :, None]  # above the threshold and ratio x the median
     return {
         "cos": cos, "angle": angle, "ratio": ratio, "sq": sq, "norms": norms,
-        "kurtosis": kurtosis, "hoyer": hoyer, "x": x, "mag": mag, "flags": flags,
+        "kurtosis": kurtosis, "hoyer": hoyer, "x": x, "x64": x64, "mag": mag, "flags": flags,
     }  # fmt: skip
 
 
@@ -179,23 +179,31 @@ class PopulationSums:
             self.x_sq_sum, self.absmax, self.massive_count, self.massive_tokens,
         ]  # fmt: skip
 
-    def add(self, owner: torch.Tensor, q: dict[str, torch.Tensor]) -> None:
-        """Add token quantities `q` into the slots `owner` [T] (the trash slot for others):
-        fixed shapes, no host sync (the path a CUDA graph records)."""
+    def add(self, owner: torch.Tensor, q: dict[str, torch.Tensor], sparse: bool = False) -> None:
+        """Add token quantities `q` (with `cos_sq`, `x_sq` and `flag_rows`, see `with_squares`)
+        into the slots `owner` [T] (the trash slot for others) with `index_add_`: fixed
+        shapes, no host sync (the path a CUDA graph records). `sparse` (outside graphs): the
+        massive flags, a few per row, are added where they are instead of as a dense [T, S, H]
+        count."""
         self.count.index_add_(0, owner, torch.ones_like(owner))
         self.pairs["cos_sum"].index_add_(0, owner, q["cos"])
-        self.pairs["cos_sq_sum"].index_add_(0, owner, q["cos"] * q["cos"])
+        self.pairs["cos_sq_sum"].index_add_(0, owner, q["cos_sq"])
         self.pairs["ratio_sum"].index_add_(0, owner, q["ratio"])
         self.angle_sum.index_add_(0, owner, q["angle"])
         self.sites["norm_sum"].index_add_(0, owner, q["norms"])
         self.sites["norm_sq_sum"].index_add_(0, owner, q["sq"])
         self.sites["kurtosis_sum"].index_add_(0, owner, q["kurtosis"])
         self.sites["hoyer_sum"].index_add_(0, owner, q["hoyer"])
-        self.x_sum.index_add_(0, owner, q["x"])
-        self.x_sq_sum.index_add_(0, owner, q["x"] * q["x"])
+        self.x_sum.index_add_(0, owner, q["x64"])
+        self.x_sq_sum.index_add_(0, owner, q["x_sq"])
         self.absmax.index_reduce_(0, owner, q["mag"].float(), "amax")
-        self.massive_count.index_add_(0, owner, q["flags"].int())
-        self.massive_tokens.index_add_(0, owner, q["flags"].any(2).long())
+        if sparse:
+            t, s, h = torch.nonzero(q["flags"], as_tuple=True)
+            ones = torch.ones_like(t, dtype=self.massive_count.dtype)
+            self.massive_count.index_put_((owner[t], s, h), ones, accumulate=True)
+        else:
+            self.massive_count.index_add_(0, owner, q["flags"].int())
+        self.massive_tokens.index_add_(0, owner, q["flag_rows"])
 
     def add_partials(self, slots: torch.Tensor, part: dict[str, torch.Tensor]) -> None:
         """Add per-slot partial sums (`partials`) into distinct `slots` [k]: gathers and
@@ -224,7 +232,7 @@ def partials(q: dict[str, torch.Tensor], segments: list[tuple[int, int]]) -> dic
     """Per-segment sums of token quantities `q` (rows [start, stop) per segment), in the
     accumulators' dtypes: one row per segment. A one-token segment is its own row."""
     if len(segments) == len(q["x"]):  # one token per segment: the rows are the partials
-        x, cos, flags = q["x"].double(), q["cos"], q["flags"]
+        x, cos, flags = q["x64"], q["cos"], q["flags"]
         return {
             "count": torch.ones(len(segments), dtype=torch.long, device=x.device),
             "cos": cos, "cos_sq": cos.square(), "ratio": q["ratio"], "angle": q["angle"],
@@ -249,7 +257,18 @@ def partials(q: dict[str, torch.Tensor], segments: list[tuple[int, int]]) -> dic
     return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
 
-RING_FIELDS = ("cos", "angle", "ratio", "sq", "norms", "kurtosis", "hoyer", "x", "mag", "flags")
+def with_squares(q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`q` with what `PopulationSums.add` sums besides it (computed once for both
+    populations): squared cosines, squared channel values, which rows flag anything."""
+    return {**q, "cos_sq": q["cos"].square(), "x_sq": q["x64"].square(),
+            "flag_rows": q["flags"].any(2).long()}  # fmt: skip
+
+
+def _segments_path(device: torch.device) -> bool:
+    """Outside graphs on a GPU, a slot's rows are summed first (`partials`): `index_add_`
+    there is one atomic add per row and element, and a prefill's rows all go to one slot.
+    On the CPU `index_add_` adds row by row in place, the cheapest way."""
+    return device.type == "cuda"
 
 
 @dataclass
@@ -257,8 +276,9 @@ class SummaryState:
     """Device state of summary capture for `slots` requests (+ the trash slot).
 
     Per slot: the keep rule (mode, prompt length, K), the sums of `all` and `content`, and a
-    ring of its two newest kept tokens (valid, position, content flag and every per-token
-    quantity). `block_owner` maps each KV block to its slot (set by the connector before each
+    ring of its two newest kept tokens (valid, position, content flag and the token's site
+    vectors in the model's dtype; its quantities are computed once, when it joins the sums or
+    is read out). `block_owner` maps each KV block to its slot (set by the connector before each
     forward); `special` marks special token ids; `embedding` and `tokens` are filled by the
     model (layer 0's input, the forward's token ids).
     """
@@ -268,7 +288,7 @@ class SummaryState:
     hidden: int
     block_tokens: int
     sums: dict[str, PopulationSums]
-    ring: dict[str, torch.Tensor]
+    ring_x: torch.Tensor
     ring_valid: torch.Tensor
     ring_position: torch.Tensor
     ring_content: torch.Tensor
@@ -290,33 +310,26 @@ class SummaryState:
         vocab_size: int, special_ids: list[int], device=None, block_bytes: int | None = None,
     ) -> SummaryState:  # fmt: skip
         s, b = num_sites(num_layers), num_layers + 1
+        on_cuda = torch.device(device or torch.get_default_device()).type == "cuda"
         if block_bytes is None:  # larger blocks on a GPU: fewer, bigger kernels per step
-            on_cuda = torch.device(device or torch.get_default_device()).type == "cuda"
             block_bytes = (1 << 30) if on_cuda else (256 << 20)
         per_token = s * hidden * 8 * 6 + s * s * 8 * 8  # x, |x|, sort, temporaries
+        block_tokens = max(1, block_bytes // per_token)
+        if not on_cuda:  # each float64 [T, S, H] under glibc's 32 MiB mmap threshold (cli.py)
+            block_tokens = max(1, min(block_tokens, (24 << 20) // (s * hidden * 8)))
         trash = slots + 1
         special = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         ids = [i for i in special_ids if 0 <= i < vocab_size]
         if ids:
             special[torch.as_tensor(ids, device=special.device)] = True
 
-        def ring_tensor(*shape, dtype=torch.float64):
-            return torch.zeros(trash * 2, *shape, dtype=dtype, device=special.device)
-
-        ring = {
-            "cos": ring_tensor(s, s), "angle": ring_tensor(b, b), "ratio": ring_tensor(s, s),
-            "sq": ring_tensor(s), "norms": ring_tensor(s), "kurtosis": ring_tensor(s),
-            "hoyer": ring_tensor(s), "x": ring_tensor(s, hidden, dtype=torch.float32),
-            "mag": ring_tensor(s, hidden, dtype=torch.float32),
-            "flags": ring_tensor(s, hidden, dtype=torch.bool),
-        }  # fmt: skip
         return cls(
             slots=slots,
             num_layers=num_layers,
             hidden=hidden,
-            block_tokens=max(1, block_bytes // per_token),
+            block_tokens=block_tokens,
             sums={p: PopulationSums.zeros(trash, s, b, hidden, special.device) for p in SUMMED},
-            ring=ring,
+            ring_x=torch.zeros(trash * 2, s, hidden, dtype=dtype, device=special.device),
             ring_valid=torch.zeros(trash * 2, dtype=torch.bool, device=special.device),
             ring_position=torch.full((trash * 2,), -1, dtype=torch.long, device=special.device),
             ring_content=torch.zeros(trash * 2, dtype=torch.bool, device=special.device),
@@ -331,7 +344,7 @@ class SummaryState:
         )
 
     def nbytes(self) -> int:
-        tensors = [t for p in self.sums.values() for t in p.tensors()] + list(self.ring.values())
+        tensors = [t for p in self.sums.values() for t in p.tensors()] + [self.ring_x]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def bind_blocks(self, num_blocks: int, block_size: int) -> None:
@@ -385,41 +398,70 @@ class SummaryState:
         slot_ids = torch.arange(trash + 1, device=pos.device).repeat_interleave(2)
         evict = (newest >= 0) & self.ring_valid & (self.mode[slot_ids] != MODE_CODES["last"])
         evict[2 * trash :] = False
-        self._add(torch.where(evict, slot_ids, trash), self.ring_content, dict(self.ring))
+        graph = capturing_graph()
+        if graph:  # fixed shapes: every entry, the others into the trash slot
+            entries = torch.arange(len(evict), device=pos.device)
+            entry_owner = torch.where(evict, slot_ids, trash)
+        else:
+            entries = torch.nonzero(evict).flatten()
+            entry_owner = slot_ids[entries]
+        for start in range(0, len(entries), self.block_tokens):
+            chunk = entries[start : start + self.block_tokens]
+            q = token_quantities(self.ring_x[chunk].float(), self.boundary)
+            self._add(entry_owner[start : start + len(chunk)], self.ring_content[chunk], q)
+        # This step's kept tokens: the newest of each slot's parity goes into the ring, the
+        # others join the sums now (never for `last` slots, whose only token is the final one).
         committed = keep & ~winner & (mode != MODE_CODES["last"])
         for start in range(0, n, self.block_tokens):
-            stop = min(n, start + self.block_tokens)
-            x = torch.cat([self.embedding[start:stop, None], buffer[start:stop]], dim=1).float()
-            q = token_quantities(x, self.boundary)
-            rows = slice(start, stop)
-            self._add(torch.where(committed[rows], owner[rows], trash), content[rows], q)
-            target = torch.where(winner[rows], key[rows], 2 * trash)
-            new = {"pos": pos[rows], "content": content[rows], "winner": winner[rows]}
-            if not capturing_graph():  # copy only the winners (others go to the trash entry)
+            rows = slice(start, min(n, start + self.block_tokens))
+            x = torch.cat([self.embedding[rows, None], buffer[rows]], dim=1)
+            if graph:
+                q = token_quantities(x.float(), self.boundary)
+                self._add(torch.where(committed[rows], owner[rows], trash), content[rows], q)
+                target = torch.where(winner[rows], key[rows], 2 * trash)
+                new = {"x": x, "pos": pos[rows], "content": content[rows], "valid": winner[rows]}
+            else:  # only the rows that need it: quantities of committed rows, winners' copies
+                done = torch.nonzero(committed[rows]).flatten()
+                if done.numel():
+                    q = token_quantities(x[done].float(), self.boundary)
+                    self._add(owner[rows][done], content[rows][done], q)
                 won = torch.nonzero(winner[rows]).flatten()
-                target, q = target[won], {name: value[won] for name, value in q.items()}
-                new = {name: value[won] for name, value in new.items()}
-            for name in RING_FIELDS:
-                self.ring[name].index_copy_(0, target, q[name].to(self.ring[name].dtype))
+                target = key[rows][won]
+                new = {"x": x[won], "pos": pos[rows][won], "content": content[rows][won]}
+                new["valid"] = torch.ones_like(new["content"])
+            self.ring_x.index_copy_(0, target, new["x"].to(self.ring_x.dtype))
             self.ring_position.index_copy_(0, target, new["pos"])
             self.ring_content.index_copy_(0, target, new["content"])
-            self.ring_valid.index_copy_(0, target, new["winner"])
+            self.ring_valid.index_copy_(0, target, new["valid"])
 
     def _add(self, owner: torch.Tensor, content: torch.Tensor, q: dict) -> None:
-        if capturing_graph():
-            q = {**q, "x": q["x"].double()}  # index_add_ wants the accumulator's dtype
-            self.sums["all"].add(owner, q)
-            self.sums["content"].add(torch.where(content, owner, self.slots), q)
+        """Add tokens' quantities into their slots (`owner`, the trash slot for none): content
+        tokens into `content`, the others into `rest`."""
+        trash = self.slots
+        graph = capturing_graph()
+        if not graph and _segments_path(owner.device):
+            for population, mask in (("content", content), ("rest", ~content)):
+                self._add_segments(self.sums[population], torch.where(mask, owner, trash), q)
             return
-        for population, who in (
-            ("all", owner),
-            ("content", torch.where(content, owner, self.slots)),
-        ):
-            self._add_segments(self.sums[population], who, q)
+        q = with_squares(q)
+        for population, mask in (("content", content), ("rest", ~content)):
+            if graph:
+                self.sums[population].add(torch.where(mask, owner, trash), q)
+                continue
+            picked = torch.nonzero(mask).flatten()
+            if picked.numel() == 0:
+                continue
+            if picked.numel() == len(mask):
+                self.sums[population].add(owner, q, sparse=True)
+            elif 2 * picked.numel() > len(mask):  # most rows: the others into the trash slot
+                self.sums[population].add(torch.where(mask, owner, trash), q, sparse=True)
+            else:  # a few rows (usually `rest`): just those
+                rows = {name: value[picked] for name, value in q.items()}
+                self.sums[population].add(owner[picked], rows, sparse=True)
 
     def _add_segments(self, sums: PopulationSums, owner: torch.Tensor, q: dict) -> None:
-        """Outside CUDA graphs: the rows of each slot summed first (vLLM keeps a request's
-        tokens together in the batch), then one gather-add-scatter per accumulator."""
+        """Outside CUDA graphs on a GPU: the rows of each slot summed first (vLLM keeps a
+        request's tokens together in the batch), then one gather-add-scatter per accumulator."""
         keep = torch.nonzero(owner != self.slots).flatten()
         if keep.numel() == 0:
             return
@@ -455,8 +497,9 @@ def _population_host(sums: PopulationSums, slot: int) -> dict[str, np.ndarray]:
 
 def _entry_host(state: SummaryState, index: int) -> dict[str, np.ndarray]:
     """One ring entry (one token) as population sums of count 1."""
-    q = {name: state.ring[name][index].cpu().numpy() for name in RING_FIELDS}
-    x = q["x"].astype(np.float64)
+    q = token_quantities(state.ring_x[index : index + 1].float(), state.boundary)
+    q = {name: value[0].cpu().numpy() for name, value in q.items()}
+    x = q["x64"]
     return {
         "count": np.int64(1), "cos_sum": q["cos"], "cos_sq_sum": q["cos"] * q["cos"],
         "ratio_sum": q["ratio"], "angle_sum": q["angle"], "norm_sum": q["norms"],
@@ -479,7 +522,8 @@ def read_slot(state: SummaryState, slot: int, last_position: int) -> dict[str, d
     """A finished request's sums per population (`all`, `content`, `last`) over its kept
     positions up to `last_position` (P+G-2): the device sums plus the ring's valid entries
     (a ring entry past `last_position` is async scheduling's extra forward: dropped)."""
-    out = {p: _population_host(state.sums[p], slot) for p in SUMMED}
+    content = _population_host(state.sums["content"], slot)
+    out = {"all": _plus(content, _population_host(state.sums["rest"], slot)), "content": content}
     last_mode = int(state.mode[slot]) == MODE_CODES["last"]
     entries = []
     for index in (2 * slot, 2 * slot + 1):
