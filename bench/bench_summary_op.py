@@ -1,12 +1,18 @@
-"""Summary accumulation, the two paths side by side on the same inputs, in one run.
+"""Summary accumulation, its three paths side by side on the same inputs, in one run.
 
-`SummaryState.accumulate` adds a step's tokens into their requests' slots either with
-fixed-shape `index_add_`/`index_reduce_` (the path a CUDA graph records; forced here) or, outside
-graphs, by summing each slot's rows first (`partials`) and adding them with one
-gather-add-scatter per accumulator. SmolLM2's shape (30 layers, 576 channels, 61 sites), 64
-slots; a decode-like step (one token for each of `--tokens` requests) and a prefill-like step
-(chunks of 64 tokens). Prints the median and range of wall time per step over `--repeats`,
-and the ratio, interleaving the two paths (each on its own state, warmed up once).
+`SummaryState.accumulate` adds a step's tokens into their requests' slots:
+- `graph`: what a CUDA graph records (forced here): fixed shapes, every row and ring entry
+  through `index_add_`/`index_reduce_`, a median for every row;
+- `segments`: outside graphs on a GPU (forced here): each slot's rows summed first
+  (`partials`), then one gather-add-scatter per accumulator (the CPU build's path until
+  2026-12-02, so the baseline of the ratio printed);
+- `cpu`: the CPU build's path: in-place `index_add_` of only the rows that join the sums.
+SmolLM2's shape (30 layers, 576 channels, 61 sites), 64 slots; a decode-like step (one token
+for each of `--tokens` requests) and a prefill-like step (chunks of 64 tokens). Prints the
+median and range of wall time per step over `--repeats`, interleaving the paths (each on its
+own state, warmed up once). Run it with the glibc malloc tunables `serve` sets on the CPU
+build (`vllm_activations.cli.GLIBC_MALLOC_ENV`; the script re-executes itself with them unless
+`--malloc-as-is`), as the engine runs.
 
     python bench/bench_summary_op.py [--tokens 64] [--prefill 512] [--repeats 5]
 """
@@ -14,6 +20,7 @@ and the ratio, interleaving the two paths (each on its own state, warmed up once
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -21,6 +28,7 @@ import time
 import torch
 
 from vllm_activations import summary
+from vllm_activations.cli import GLIBC_MALLOC_ENV
 
 LAYERS, HIDDEN, SLOTS, BLOCK = 30, 576, 64, 16
 
@@ -52,14 +60,15 @@ def step(tokens: int, per_request: int, seed: int):
 def timed(path: str, state: summary.SummaryState, inputs) -> float:
     buffer, embedding, pos, slots = inputs
     state.embedding[: len(pos)] = embedding
-    original = summary.capturing_graph
-    summary.capturing_graph = lambda: path == "index ops"
+    original = summary.capturing_graph, summary._segments_path
+    summary.capturing_graph = lambda: path == "graph"
+    summary._segments_path = lambda device: path == "segments"
     try:
         start = time.perf_counter()
         state.accumulate(buffer, pos, slots)
         return time.perf_counter() - start
     finally:
-        summary.capturing_graph = original
+        summary.capturing_graph, summary._segments_path = original
 
 
 def main() -> int:
@@ -67,14 +76,18 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64, help="decode step: one per request")
     parser.add_argument("--prefill", type=int, default=512, help="prefill step tokens")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--malloc-as-is", action="store_true", help="keep this shell's malloc")
     args = parser.parse_args()
+    tunables = {k: v for k, v in GLIBC_MALLOC_ENV.items() if os.environ.get(k) != v}
+    if tunables and not args.malloc_as_is:  # glibc reads them at start-up: run again with them
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **tunables})
     cases = {
         f"decode, {args.tokens} requests x 1 token": step(args.tokens, 1, 0),
         f"prefill, {args.prefill} tokens in chunks of 64": step(args.prefill, 64, 1),
     }
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, inputs in cases.items():
-        walls: dict[str, list[float]] = {"index ops": [], "per-slot partials": []}
+        walls: dict[str, list[float]] = {"graph": [], "segments": [], "cpu": []}
         # One state per path, touched once first: the timings leave out first-use page faults.
         states = {path: make_state() for path in walls}
         for path in walls:
@@ -86,7 +99,7 @@ def main() -> int:
         print(name)
         for path, w in walls.items():
             print(f"  {path:18s} {med[path] * 1e3:8.1f} ms ({min(w) * 1e3:.1f}-{max(w) * 1e3:.1f})")
-        print(f"  index ops / partials: {med['index ops'] / med['per-slot partials']:.2f}x")
+        print(f"  segments / cpu: {med['segments'] / med['cpu']:.2f}x")
     return 0
 
 

@@ -163,3 +163,41 @@ def test_layer_outputs_may_be_views_of_a_larger_store(tmp_path):
         dtype="float32",
     )
     assert np.array_equal(read_shard(path).layer_outputs["post_mlp"], store[:, :6])
+
+
+def test_summary_sums_round_trip_with_pair_sums_as_one_triangle(tmp_path):
+    """Cosine sums (symmetric) keep one triangle with the diagonal, angle sums (upper
+    triangle only) one without it; the reader gives back the full matrices."""
+    from vllm_activations.contract.shard import summary_datasets
+
+    rng = np.random.default_rng(4)
+    s, b, h = 7, 4, 5
+    cos = rng.normal(size=(s, s))
+    cos = cos + cos.T
+    x = rng.normal(size=(s, h))
+    sums = {
+        "count": np.int64(3), "cos_sum": cos, "cos_sq_sum": cos * cos,
+        "angle_sum": np.triu(rng.uniform(size=(b, b)), 1), "ratio_sum": None,
+        "update_ratio_sum": rng.uniform(size=s - 1), "norm_sum": rng.uniform(size=s),
+        "x_sum": 3 * x, "x_sq_sum": 3 * x * x + 1.0, "absmax": np.abs(x),
+        "massive_count": np.zeros((s, h), np.int32), "massive_tokens": np.zeros(s, np.int64),
+    }  # fmt: skip
+    del sums["ratio_sum"]
+    result = {"all": sums, "content": sums, "last": {**sums, "count": np.int64(1)}}
+    datasets, attrs = summary_datasets(result, "float32")
+    assert datasets["summary/all/cos_sum"].shape == (s * (s + 1) // 2,)
+    assert datasets["summary/all/angle_sum"].shape == (b * (b - 1) // 2,)
+    path = write_shard(
+        tmp_path / "s.h5", input_tokens=[1, 2], output_tokens=[3, 4], positions=range(3),
+        layers=[0, 1, 2], layer_outputs={}, dtype="float32", extra=datasets, extra_attrs=attrs,
+    )  # fmt: skip
+    with ShardReader(path) as reader:
+        back = reader.summary()
+    for population in result:
+        got = back[population]
+        np.testing.assert_allclose(got["cos_sum"], cos, rtol=1e-6)
+        np.testing.assert_allclose(got["cos_sq_sum"], cos * cos, rtol=1e-6)
+        np.testing.assert_allclose(got["angle_sum"], sums["angle_sum"], rtol=1e-6)
+        np.testing.assert_allclose(got["update_ratio_sum"], sums["update_ratio_sum"], rtol=1e-6)
+    np.testing.assert_allclose(back["all"]["channel_mean"], x, rtol=1e-6)
+    np.testing.assert_allclose(back["all"]["channel_m2"], np.ones((s, h)), rtol=1e-5)

@@ -41,7 +41,8 @@ from vllm_activations.contract.files import publish
 from vllm_activations.contract.spec import SITES
 
 # 2: optional `summary/` group (summary capture), `layer_outputs/` may be empty (tensors off).
-SCHEMA_VERSION = 2
+# 3: summary site-pair sums stored as one triangle (attribute `packed`).
+SCHEMA_VERSION = 3
 SHARD_SUFFIX = ".h5"
 _STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 _JSON_START = ("{", "[", '"')
@@ -361,7 +362,9 @@ class ShardReader:
             out[population] = {}
             for name, ds in group[population].items():
                 stored = _decode_attr(ds.attrs.get("dtype", ""))
-                out[population][name] = from_storage(ds[()], stored) if stored else ds[()]
+                value = from_storage(ds[()], stored) if stored else ds[()]
+                packed = _decode_attr(ds.attrs.get("packed", ""))
+                out[population][name] = _unpack(value, packed, name) if packed else value
         return out
 
     def teacher(self) -> TeacherData | None:
@@ -457,6 +460,22 @@ def _decode_attr(value: Any) -> Any:
     return value
 
 
+# Site-pair sums stored as one triangle: cosines (symmetric) with the diagonal, angles (held
+# in the upper triangle only) without it. Unpacked by ShardReader.summary.
+_PACKED = {"cos_sum": 0, "cos_sq_sum": 0, "angle_sum": 1}
+
+
+def _unpack(value: np.ndarray, packed: str, name: str) -> np.ndarray:
+    offset = int(packed.split(":")[1])
+    n = int(round((np.sqrt(8 * len(value) + 1) - 1) / 2)) + offset  # len = m(m+1)/2, m = n - offset
+    full = np.zeros((n, n), dtype=value.dtype)
+    rows, cols = np.triu_indices(n, offset)
+    full[rows, cols] = value
+    if name != "angle_sum":  # symmetric
+        full[cols, rows] = value
+    return full
+
+
 def summary_datasets(
     result: Mapping[str, Mapping[str, np.ndarray]], dtype: str
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, str]]]:
@@ -477,6 +496,10 @@ def summary_datasets(
                 continue
             if name in ("cos_sum", "cos_sq_sum", "angle_sum", "update_ratio_sum"):
                 value = np.asarray(value, dtype=np.float32)
+            if name in _PACKED:  # symmetric (cosines) or upper-only (angles): one triangle
+                offset = _PACKED[name]
+                value = value[np.triu_indices(len(value), offset)]
+                stored_as[prefix + name] = {"packed": f"triu:{offset}"}
             if name == "absmax":
                 value = to_storage(np.asarray(value, dtype=np.float32), dtype)
                 stored_as[prefix + name] = {"dtype": dtype}
