@@ -148,7 +148,9 @@ def main() -> int:
     parser.add_argument("--workdir", default=str(ROOT / "bench" / "work"))
     parser.add_argument("--out", default=str(RESULTS / "capture.json"))
     parser.add_argument(
-        "--only", default=None, help="comma-separated variant names to run beside the baselines"
+        "--only",
+        default=None,
+        help="comma-separated beginnings of capture variants' names, run beside the baselines",
     )
     args = parser.parse_args()
     # vLLM's CPU build picks its OpenMP cores from how many cores it reserves for API server
@@ -183,9 +185,11 @@ def main() -> int:
                 "spec": CaptureSpec(summary=True, tensors=False),
             },
         ]
-        if args.only:
-            keep = {s.strip() for s in args.only.split(",")}
-            variants = [v for v in variants if "spec" not in v or v["name"] in keep]
+        if args.only:  # names may hold commas: a variant stays when a part begins its name
+            keep = [s.strip() for s in args.only.split(",") if s.strip()]
+            variants = [
+                v for v in variants if "spec" not in v or any(v["name"].startswith(k) for k in keep)
+            ]
         # Warm-up at full size: the first batches at new shapes compile and allocate.
         for v in variants:
             if v["name"] in ("plain vLLM, /v1/completions", BASELINE, "all layers x both sites"):

@@ -167,37 +167,46 @@ def test_layer_outputs_may_be_views_of_a_larger_store(tmp_path):
 
 def test_summary_sums_round_trip_with_pair_sums_as_one_triangle(tmp_path):
     """Cosine sums (symmetric) keep one triangle with the diagonal, angle sums (upper
-    triangle only) one without it; the reader gives back the full matrices."""
+    triangle only) one without it; the reader gives back the full matrices, and `all` as the
+    merge of the stored `content` and `rest` (Chan's formula for the channel moments)."""
     from vllm_activations.contract.shard import summary_datasets
 
     rng = np.random.default_rng(4)
     s, b, h = 7, 4, 5
     cos = rng.normal(size=(s, s))
     cos = cos + cos.T
-    x = rng.normal(size=(s, h))
-    sums = {
-        "count": np.int64(3), "cos_sum": cos, "cos_sq_sum": cos * cos,
-        "angle_sum": np.triu(rng.uniform(size=(b, b)), 1), "ratio_sum": None,
-        "update_ratio_sum": rng.uniform(size=s - 1), "norm_sum": rng.uniform(size=s),
-        "x_sum": 3 * x, "x_sq_sum": 3 * x * x + 1.0, "absmax": np.abs(x),
-        "massive_count": np.zeros((s, h), np.int32), "massive_tokens": np.zeros(s, np.int64),
-    }  # fmt: skip
-    del sums["ratio_sum"]
-    result = {"all": sums, "content": sums, "last": {**sums, "count": np.int64(1)}}
+
+    def sums(x: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            "count": np.int64(len(x)), "cos_sum": cos * len(x), "cos_sq_sum": cos * cos,
+            "angle_sum": np.triu(np.full((b, b), 0.5 * len(x)), 1),
+            "update_ratio_sum": np.full(s - 1, 0.1), "norm_sum": np.ones(s),
+            "x_sum": x.sum(0), "x_sq_sum": (x * x).sum(0), "absmax": np.abs(x).max(0),
+            "massive_count": np.ones((s, h), np.int32), "massive_tokens": np.ones(s, np.int64),
+        }  # fmt: skip
+
+    xc = rng.normal(size=(3, s, h)) + 40.0  # a large mean: the merge must not cancel
+    xr = rng.normal(size=(2, s, h)) * 3.0
+    result = {"content": sums(xc), "rest": sums(xr), "last": sums(xr[1:])}
     datasets, attrs = summary_datasets(result, "float32")
-    assert datasets["summary/all/cos_sum"].shape == (s * (s + 1) // 2,)
-    assert datasets["summary/all/angle_sum"].shape == (b * (b - 1) // 2,)
+    assert datasets["summary/content/cos_sum"].shape == (s * (s + 1) // 2,)
+    assert datasets["summary/content/angle_sum"].shape == (b * (b - 1) // 2,)
     path = write_shard(
         tmp_path / "s.h5", input_tokens=[1, 2], output_tokens=[3, 4], positions=range(3),
         layers=[0, 1, 2], layer_outputs={}, dtype="float32", extra=datasets, extra_attrs=attrs,
     )  # fmt: skip
     with ShardReader(path) as reader:
         back = reader.summary()
-    for population in result:
+    assert set(back) == {"all", "content", "rest", "last"}
+    for population, want in result.items():
         got = back[population]
-        np.testing.assert_allclose(got["cos_sum"], cos, rtol=1e-6)
-        np.testing.assert_allclose(got["cos_sq_sum"], cos * cos, rtol=1e-6)
-        np.testing.assert_allclose(got["angle_sum"], sums["angle_sum"], rtol=1e-6)
-        np.testing.assert_allclose(got["update_ratio_sum"], sums["update_ratio_sum"], rtol=1e-6)
-    np.testing.assert_allclose(back["all"]["channel_mean"], x, rtol=1e-6)
-    np.testing.assert_allclose(back["all"]["channel_m2"], np.ones((s, h)), rtol=1e-5)
+        np.testing.assert_allclose(got["cos_sum"], want["cos_sum"], rtol=1e-6)
+        np.testing.assert_allclose(got["cos_sq_sum"], want["cos_sq_sum"], rtol=1e-6)
+        np.testing.assert_allclose(got["angle_sum"], want["angle_sum"], rtol=1e-6)
+    x = np.concatenate([xc, xr])
+    got = back["all"]
+    assert int(got["count"]) == 5 and (got["massive_count"] == 2).all()
+    np.testing.assert_allclose(got["cos_sum"], cos * 5, rtol=1e-6)
+    np.testing.assert_allclose(got["absmax"], np.abs(x).max(0), rtol=1e-6)
+    np.testing.assert_allclose(got["channel_mean"], x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(got["channel_m2"], ((x - x.mean(0)) ** 2).sum(0), rtol=1e-5)

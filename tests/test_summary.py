@@ -115,6 +115,7 @@ def test_ring_and_populations_equal_direct_sums(path, monkeypatch):
     # Request 0 ends at position 14 (position 15 was the extra forward); request 1 at 13.
     for slot, last_pos in ((0, 14), (1, 13)):
         result = summary.read_slot(state, slot, last_pos)
+        result["all"] = summary._plus(result["content"], result.pop("rest"))
         mode, every, _ = plan[slot]
         kept = [p for p in range(last_pos + 1) if p % max(every, 1) == 0]
         vecs = x[torch.as_tensor([(p + 20 * slot) % 40 for p in kept])].double()

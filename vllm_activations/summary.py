@@ -17,12 +17,14 @@ float64); `tests/test_summary.py` checks them against the analyzer's
 own on the same vectors, including massive channels and near-identical sites.
 
 Populations, as the analyzer reports them: `all` kept tokens, `content` (not position 0 and
-not a special token id), and `last` (the request's last kept position). The end of a request
-is known only after async scheduling may have forwarded one token past it, so each slot keeps
-its two newest kept tokens in a ring (index = kept-order parity) and adds a token to its sums
-only when a newer one evicts it; at the end the ring's valid entries are added and the newest
-is the `last` population. Every shape is fixed and nothing syncs with the host, so the op can
-be recorded into CUDA graphs; token blocks are bounded (`block_tokens`).
+not a special token id), and `last` (the request's last kept position). The device sums two
+disjoint parts, `content` and `rest` (each token added once); `all` is their sum. The end of a
+request is known only after async scheduling may have forwarded one token past it, so each
+slot keeps its two newest kept tokens' site vectors in a ring (index = kept-order parity) and
+adds a token to its sums only when a newer one evicts it (its quantities computed then); at
+the end the ring's valid entries are added and the newest is the `last` population. While a
+CUDA graph is recorded every shape is fixed and nothing syncs with the host; outside graphs
+only the rows that need work get it. Token blocks are bounded (`block_tokens`).
 """
 
 from __future__ import annotations
@@ -519,11 +521,11 @@ def _empty_like(template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def read_slot(state: SummaryState, slot: int, last_position: int) -> dict[str, dict]:
-    """A finished request's sums per population (`all`, `content`, `last`) over its kept
-    positions up to `last_position` (P+G-2): the device sums plus the ring's valid entries
-    (a ring entry past `last_position` is async scheduling's extra forward: dropped)."""
-    content = _population_host(state.sums["content"], slot)
-    out = {"all": _plus(content, _population_host(state.sums["rest"], slot)), "content": content}
+    """A finished request's sums per population (`content`, `rest`, `last`; `all` is content
+    plus rest) over its kept positions up to `last_position` (P+G-2): the device sums plus the
+    ring's valid entries (a ring entry past `last_position` is async scheduling's extra
+    forward: dropped)."""
+    out = {population: _population_host(state.sums[population], slot) for population in SUMMED}
     last_mode = int(state.mode[slot]) == MODE_CODES["last"]
     entries = []
     for index in (2 * slot, 2 * slot + 1):
@@ -533,11 +535,9 @@ def read_slot(state: SummaryState, slot: int, last_position: int) -> dict[str, d
             entries.append((position, index, bool(state.ring_content[index])))
     entries.sort()
     for _, index, content in entries:
-        entry = _entry_host(state, index)
-        out["all"] = _plus(out["all"], entry)
-        if content:
-            out["content"] = _plus(out["content"], entry)
-    out["last"] = _entry_host(state, entries[-1][1]) if entries else _empty_like(out["all"])
+        population = "content" if content else "rest"
+        out[population] = _plus(out[population], _entry_host(state, index))
+    out["last"] = _entry_host(state, entries[-1][1]) if entries else _empty_like(out["content"])
     return out
 
 

@@ -50,6 +50,8 @@ _REQUIRED = ("input_tokens", "output_tokens", "positions", "layers")
 TEACHER_GROUP = "teacher"
 SUMMARY_GROUP = "summary"
 _COMPRESS_BYTES = 64 << 10
+# Stored: `content`, `rest` (the other kept tokens) and `last`; `all` is content + rest.
+# Schema 2 stored `all`, `content` and `last`.
 SUMMARY_POPULATIONS = ("all", "content", "last")
 _STAGED_SUFFIX = ".teacher-pending"
 
@@ -184,7 +186,7 @@ def write_shard(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=("v110", "v110")) as f:  # compact metadata
             f.create_dataset("input_tokens", data=np.asarray(input_tokens, dtype=np.int32))
             f.create_dataset("output_tokens", data=np.asarray(output_tokens, dtype=np.int32))
             f.create_dataset("positions", data=positions)
@@ -351,20 +353,22 @@ class ShardReader:
         return SUMMARY_GROUP in self._file
 
     def summary(self) -> dict[str, dict[str, np.ndarray]]:
-        """Per population (`all`, `content`, `last`), the token sums of summary capture over
-        this shard's sites: `embedding` then each captured layer's sites (vllm_activations/
-        summary.py says what each sum is)."""
+        """Per population (`all`, `content`, `last`, and `rest` as stored since schema 3), the
+        token sums of summary capture over this shard's sites: `embedding` then each captured
+        layer's sites (vllm_activations/summary.py says what each sum is)."""
         if SUMMARY_GROUP not in self._file:
             raise ShardError(f"{self.path}: no summary (captured without `summary: true`)")
         group = self._file[SUMMARY_GROUP]
         out = {}
-        for population in SUMMARY_POPULATIONS:
+        for population in group:
             out[population] = {}
             for name, ds in group[population].items():
                 stored = _decode_attr(ds.attrs.get("dtype", ""))
                 value = from_storage(ds[()], stored) if stored else ds[()]
                 packed = _decode_attr(ds.attrs.get("packed", ""))
                 out[population][name] = _unpack(value, packed, name) if packed else value
+        if "all" not in out:
+            out["all"] = merged_summary(out["content"], out["rest"])
         return out
 
     def teacher(self) -> TeacherData | None:
@@ -474,6 +478,27 @@ def _unpack(value: np.ndarray, packed: str, name: str) -> np.ndarray:
     if name != "angle_sum":  # symmetric
         full[cols, rows] = value
     return full
+
+
+def merged_summary(
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The summary of two disjoint token sets: sums add, maxima take the larger, and the
+    per-channel mean and M2 combine by Chan et al.'s formula (float64)."""
+    na, nb = int(a["count"]), int(b["count"])
+    n = na + nb
+    out = {}
+    for name, value in a.items():
+        if name == "absmax":
+            out[name] = np.maximum(value, b[name])
+        elif name not in ("channel_mean", "channel_m2"):
+            out[name] = value + b[name]
+    mean_a = np.asarray(a["channel_mean"], np.float64)
+    delta = np.asarray(b["channel_mean"], np.float64) - mean_a
+    out["channel_mean"] = mean_a + delta * (nb / n) if n else mean_a
+    m2 = np.asarray(a["channel_m2"], np.float64) + np.asarray(b["channel_m2"], np.float64)
+    out["channel_m2"] = m2 + delta * delta * (na * nb / n) if n else m2
+    return out
 
 
 def summary_datasets(

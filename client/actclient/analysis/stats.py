@@ -33,6 +33,7 @@ POPULATIONS: tuple[str, ...] = ("all", "content", "last")
 # Where the accumulator adds each token set of a raw shard's blocks, and each population of a
 # summary shard (see AnalysisAccumulator).
 RAW_PARTS = {"content": "content", "other": "rest", "last": "last"}
+# A schema-2 summary's populations: its `all` is added to `rest` and its `content` kept apart.
 SUMMARY_PARTS = {"all": "rest", "content": "summary_content", "last": "last"}
 PARTS: tuple[str, ...] = ("content", "rest", "last")  # summary_content: made when needed
 EMBEDDING = "embedding"
@@ -922,7 +923,9 @@ class AnalysisAccumulator:
         # The summary always has the embedding site (and boundary 0); drop them without one.
         first = 0 if layout.has_embedding else 1
         data = reader.summary()
-        for name, part in SUMMARY_PARTS.items():
+        # Since schema 3 a summary holds disjoint `content` and `rest` parts, as here.
+        stored = {"content": "content", "rest": "rest", "last": "last"}
+        for name, part in (stored if "rest" in data else SUMMARY_PARTS).items():
             if part not in self.parts:
                 self.parts[part] = self._new_stats()
             stats = self.parts[part]
