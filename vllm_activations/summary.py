@@ -91,10 +91,20 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
         norms > 0, mag.sum(2, dtype=torch.float64) / safe, torch.full_like(norms, root_h)
     )
     hoyer = (root_h - l1_ratio) / max(root_h - 1.0, 1e-12)
-    flags = mag > _massive_bounds(mag)[:, :, None]  # above the threshold and ratio x the median
+    peak = mag.amax(2)
+    bound = _massive_bounds(mag, peak)  # above the threshold and ratio x the median
+    flag_rows = peak > bound  # the (token, site) rows with any massive activation
+    if capturing_graph():  # fixed shapes
+        flags = mag > bound[:, :, None]
+    else:  # a few rows at most: compared only there
+        flags = torch.zeros_like(mag, dtype=torch.bool)
+        at = torch.nonzero(flag_rows, as_tuple=True)
+        if at[0].numel():
+            flags[at] = mag[at] > bound[at][:, None]
     return {
         "cos": cos, "angle": angle, "ratio": ratio, "sq": sq, "norms": norms,
         "kurtosis": kurtosis, "hoyer": hoyer, "x": x, "x64": x64, "mag": mag, "flags": flags,
+        "flag_rows": flag_rows,
     }  # fmt: skip
 
 
@@ -111,7 +121,7 @@ def _median(mag: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.kthvalue(mag, hidden // 2, dim=-1).values + upper)
 
 
-def _massive_bounds(mag: torch.Tensor) -> torch.Tensor:
+def _massive_bounds(mag: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
     """Per (token, site), a bound with `mag > bound` exactly the massive activations of Sun
     et al.'s rule, |x| > max(threshold, ratio x median |x|) (the median as numpy's).
 
@@ -123,24 +133,30 @@ def _massive_bounds(mag: torch.Tensor) -> torch.Tensor:
     when k + 1 values lie below the smallest candidate / ratio, every candidate is flagged;
     when fewer than k lie below the largest / ratio, none is (a relative margin covers
     float rounding). Only the remaining rows (about 1 in H for a single candidate) take the
-    exact median."""
+    exact median. `peak`: mag's max over channels, when the caller has it."""
     if capturing_graph():
         return torch.clamp(MASSIVE_RATIO * _median(mag), min=MASSIVE_THRESHOLD)
-    peak = mag.amax(2)
-    candidate = peak > MASSIVE_THRESHOLD
-    if not bool(candidate.any()):
-        return torch.full_like(peak, MASSIVE_THRESHOLD)
+    peak = mag.amax(2) if peak is None else peak
+    bound = torch.full_like(peak, MASSIVE_THRESHOLD)
+    cand = torch.nonzero(peak > MASSIVE_THRESHOLD, as_tuple=True)
+    if cand[0].numel() == 0:
+        return bound
+    # Only the candidate rows are counted, and the usual verdict (nothing flagged: the row's
+    # own max as its bound) first; the rest are then checked for "every candidate flagged".
     k = mag.shape[2] // 2
-    least = torch.where(mag > MASSIVE_THRESHOLD, mag, peak[:, :, None]).amin(2)
-    every = (mag < (least / MASSIVE_RATIO * (1 - _COUNT_MARGIN))[:, :, None]).sum(2) > k
-    none = (mag < (peak / MASSIVE_RATIO * (1 + _COUNT_MARGIN))[:, :, None]).sum(2) < k
-    # rows without a candidate, or whose every candidate is flagged: the threshold; rows
-    # with none flagged: their own max (nothing is above it)
-    bound = torch.where(candidate & none, peak, torch.full_like(peak, MASSIVE_THRESHOLD))
-    exact = torch.nonzero(candidate & ~every & ~none, as_tuple=True)
-    if exact[0].numel():
-        median = _median(mag[exact])
-        bound[exact] = torch.clamp(MASSIVE_RATIO * median, min=MASSIVE_THRESHOLD)
+    rows, top = mag[cand], peak[cand]
+    none = (rows < (top / MASSIVE_RATIO * (1 + _COUNT_MARGIN))[:, None]).sum(1) < k
+    bound[cand] = torch.where(none, top, bound[cand])
+    open_ = torch.nonzero(~none).flatten()
+    if open_.numel() == 0:
+        return bound
+    rows, top = rows[open_], top[open_]
+    least = torch.where(rows > MASSIVE_THRESHOLD, rows, top[:, None]).amin(1)
+    every = (rows < (least / MASSIVE_RATIO * (1 - _COUNT_MARGIN))[:, None]).sum(1) > k
+    exact = open_[~every]  # among the candidates: neither verdict, so the exact median
+    if exact.numel():
+        at = (cand[0][exact], cand[1][exact])
+        bound[at] = torch.clamp(MASSIVE_RATIO * _median(mag[at]), min=MASSIVE_THRESHOLD)
     return bound
 
 
@@ -182,7 +198,7 @@ class PopulationSums:
         ]  # fmt: skip
 
     def add(self, owner: torch.Tensor, q: dict[str, torch.Tensor], sparse: bool = False) -> None:
-        """Add token quantities `q` (with `cos_sq`, `x_sq` and `flag_rows`, see `with_squares`)
+        """Add token quantities `q` (with `cos_sq` and `x_sq`, see `with_squares`)
         into the slots `owner` [T] (the trash slot for others) with `index_add_`: fixed
         shapes, no host sync (the path a CUDA graph records). `sparse` (outside graphs): the
         massive flags, a few per row, are added where they are instead of as a dense [T, S, H]
@@ -199,13 +215,15 @@ class PopulationSums:
         self.x_sum.index_add_(0, owner, q["x64"])
         self.x_sq_sum.index_add_(0, owner, q["x_sq"])
         self.absmax.index_reduce_(0, owner, q["mag"].float(), "amax")
-        if sparse:
-            t, s, h = torch.nonzero(q["flags"], as_tuple=True)
-            ones = torch.ones_like(t, dtype=self.massive_count.dtype)
-            self.massive_count.index_put_((owner[t], s, h), ones, accumulate=True)
+        if sparse:  # the flagged rows first (a [T, S] search), then their channels
+            t, s = torch.nonzero(q["flag_rows"], as_tuple=True)
+            if t.numel():
+                row, h = torch.nonzero(q["flags"][t, s], as_tuple=True)
+                ones = torch.ones_like(row, dtype=self.massive_count.dtype)
+                self.massive_count.index_put_((owner[t[row]], s[row], h), ones, accumulate=True)
         else:
             self.massive_count.index_add_(0, owner, q["flags"].int())
-        self.massive_tokens.index_add_(0, owner, q["flag_rows"])
+        self.massive_tokens.index_add_(0, owner, q["flag_rows"].long())
 
     def add_partials(self, slots: torch.Tensor, part: dict[str, torch.Tensor]) -> None:
         """Add per-slot partial sums (`partials`) into distinct `slots` [k]: gathers and
@@ -240,7 +258,7 @@ def partials(q: dict[str, torch.Tensor], segments: list[tuple[int, int]]) -> dic
             "cos": cos, "cos_sq": cos.square(), "ratio": q["ratio"], "angle": q["angle"],
             "norms": q["norms"], "sq": q["sq"], "kurtosis": q["kurtosis"], "hoyer": q["hoyer"],
             "x": x, "x_sq": x.square(), "mag": q["mag"].float(),
-            "flags": flags.int(), "flag_tokens": flags.any(2).long(),
+            "flags": flags.int(), "flag_tokens": q["flag_rows"].long(),
         }  # fmt: skip
     rows = []
     for start, stop in segments:
@@ -254,16 +272,16 @@ def partials(q: dict[str, torch.Tensor], segments: list[tuple[int, int]]) -> dic
             "kurtosis": q["kurtosis"][r].sum(0), "hoyer": q["hoyer"][r].sum(0),
             "x": x.sum(0, dtype=torch.float64), "x_sq": x.square().sum(0, dtype=torch.float64),
             "mag": q["mag"][r].amax(0).float(), "flags": q["flags"][r].sum(0, dtype=torch.int32),
-            "flag_tokens": q["flags"][r].any(2).sum(0),
+            "flag_tokens": q["flag_rows"][r].sum(0),
         })  # fmt: skip
     return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
 
 def with_squares(q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`q` with what `PopulationSums.add` sums besides it (computed once for both
-    populations): squared cosines, squared channel values, which rows flag anything."""
-    return {**q, "cos_sq": q["cos"].square(), "x_sq": q["x64"].square(),
-            "flag_rows": q["flags"].any(2).long()}  # fmt: skip
+    populations): squared cosines and squared channel values (a product: faster than
+    `square` on the CPU)."""
+    return {**q, "cos_sq": q["cos"] * q["cos"], "x_sq": q["x64"] * q["x64"]}
 
 
 def _segments_path(device: torch.device) -> bool:
