@@ -82,32 +82,37 @@ async def batch(variant: dict, prompts: list, token_ids: list, max_tokens: int) 
     """One batch of concurrent requests; wall time, tokens, shard bytes and shard ids."""
     url, headers, spec = variant["url"], variant["headers"], variant.get("spec")
 
-    async def one(client: httpx.AsyncClient, k: int) -> tuple[int, int, str | None]:
+    async def one(client: httpx.AsyncClient, k: int) -> tuple[int, int, str | None, dict]:
         sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
         if spec is None:
             body = {"model": "bench", "prompt": token_ids[k], **sampling}
             r = await client.post(f"{url}/v1/completions", json=body, headers=headers)
             r.raise_for_status()
-            return r.json()["usage"]["completion_tokens"], 0, None
+            return r.json()["usage"]["completion_tokens"], 0, None, {}
         body = {"messages": prompts[k], **sampling, "capture": spec.to_dict(), "wait": True}
         r = await client.post(f"{url}/generate_with_activations", json=body, headers=headers)
         if r.status_code != 200:
             raise RuntimeError(f"{variant['name']}: HTTP {r.status_code}: {r.text[:300]}")
         data = r.json()
-        return len(data["output_tokens"]), int(data["shard"]["bytes"]), data["shard"]["id"]
+        shard = data["shard"]
+        return len(data["output_tokens"]), int(shard["bytes"]), shard["id"], data["timings"]
 
     async with httpx.AsyncClient(timeout=1800) as client:
         start = time.perf_counter()
         results = await asyncio.gather(*(one(client, k) for k in range(len(prompts))))
         wall = time.perf_counter() - start
-        ids = [i for _, _, i in results if i]
+        ids = [i for _, _, i, _ in results if i]
         # Not timed: keep the disk from filling over the rounds.
         for i in ids:
             (await client.delete(f"{url}/shards/{i}", headers=headers)).raise_for_status()
+    timings = [t for _, _, _, t in results if t]  # the route's own per-request timings
     return {
         "wall_s": wall,
-        "completion_tokens": sum(n for n, _, _ in results),
-        "shard_bytes": sum(b for _, b, _ in results),
+        "completion_tokens": sum(n for n, _, _, _ in results),
+        "shard_bytes": sum(b for _, b, _, _ in results),
+        "timings_s": {k: statistics.median(t[k] for t in timings) for k in timings[0]}
+        if timings
+        else {},
     }
 
 
@@ -190,9 +195,13 @@ def main() -> int:
             variants = [
                 v for v in variants if "spec" not in v or any(v["name"].startswith(k) for k in keep)
             ]
-        # Warm-up at full size: the first batches at new shapes compile and allocate.
+        # Warm-up at full size: the first batches at new shapes compile and allocate (with
+        # --only, the chosen capture variants too: their first batch is not a round's).
+        warm = {"plain vLLM, /v1/completions", BASELINE, "all layers x both sites"}
+        if args.only:
+            warm |= {v["name"] for v in variants if "spec" in v}
         for v in variants:
-            if v["name"] in ("plain vLLM, /v1/completions", BASELINE, "all layers x both sites"):
+            if v["name"] in warm:
                 asyncio.run(batch(v, prompts, token_ids, args.max_tokens))
         runs: dict[str, list[dict]] = {v["name"]: [] for v in variants}
         for r in range(args.rounds):
@@ -218,6 +227,10 @@ def main() -> int:
             "completion_tokens": rs[0]["completion_tokens"],
             "gen_tok_per_s": rs[0]["completion_tokens"] / statistics.median(walls),
             "shard_bytes": rs[0]["shard_bytes"],
+            # per request, median over the batch, then over the rounds
+            "route_timings_s": {
+                k: statistics.median(run["timings_s"][k] for run in rs) for k in rs[0]["timings_s"]
+            },
         }
     print(
         f"\n{args.requests} requests x {args.max_tokens} generated tokens, SmolLM2-135M, "
@@ -236,6 +249,11 @@ def main() -> int:
             f"{rp['median']:8.3f}x ({rp['min']:.3f}-{rp['max']:.3f}) "
             f"{r['shard_bytes'] / 2**20:10.1f}"
         )
+    print("per request through /generate_with_activations (medians): seconds")
+    for name, r in results.items():
+        if r["route_timings_s"]:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in r["route_timings_s"].items())
+            print(f"  {name:28s} {parts}")
     write_results(
         Path(args.out),
         {
