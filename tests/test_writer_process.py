@@ -92,3 +92,51 @@ def test_the_child_writes_what_write_shard_writes_and_reports_errors(tmp_path, e
         assert child.start().pid != dead.pid
     finally:
         child.close()
+
+
+def test_writer_threads_write_side_by_side_each_with_its_own_process(tmp_path, embedded_models):
+    """`ShardWriterThread` with two writers: every submitted request's shard is written, by
+    two distinct child processes (shards of requests finishing together go side by side), and
+    close() ends them all; the writer count comes from $VLLM_ACTIVATIONS_SHARD_WRITERS."""
+    from types import SimpleNamespace
+
+    from vllm_activations.connector.protocol import FinishedCapture, NewCapture, shard_path
+    from vllm_activations.connector.writer import ShardWriterThread, WorkerRequest
+    from vllm_activations.contract.spec import CaptureSpec
+
+    model_config = SimpleNamespace(
+        tokenizer=str(embedded_models[MODEL]), tokenizer_revision=None, trust_remote_code=False
+    )
+    writer = ShardWriterThread(
+        SimpleNamespace(model_config=model_config), {"hidden_size": 8}, writers=2
+    )
+    spec = CaptureSpec(positions="generated")  # one generated token: no rows to keep
+    ids = [f"req{i}" for i in range(8)]
+    try:
+        for capture_id in ids:
+            new = NewCapture(capture_id, spec.to_dict(), [0, 1], [1, 2, 3], {"max_tokens": 1})
+            writer.submit(tmp_path, WorkerRequest(new, spec), FinishedCapture([4], "length"))
+        pids = set()
+        for child in writer._children:  # noqa: SLF001 - the pool's processes
+            pids.add(child.start().pid)
+    finally:
+        writer.close()
+    assert len(pids) == 2
+    for capture_id in ids:
+        shard = read_shard(shard_path(tmp_path, capture_id))
+        assert shard.input_tokens.tolist() == [1, 2, 3] and shard.layers.tolist() == [0, 1]
+
+
+def test_shard_writer_count_from_the_environment(monkeypatch):
+    from vllm_activations.connector.writer import shard_writers
+    from vllm_activations.plugin import DEFAULT_SHARD_WRITERS, SHARD_WRITERS_ENV
+
+    monkeypatch.delenv(SHARD_WRITERS_ENV, raising=False)
+    assert shard_writers() == DEFAULT_SHARD_WRITERS
+    monkeypatch.setenv(SHARD_WRITERS_ENV, "3")
+    assert shard_writers() == 3
+    monkeypatch.setenv(SHARD_WRITERS_ENV, "0")
+    assert shard_writers() == 1
+    monkeypatch.setenv(SHARD_WRITERS_ENV, "two")
+    with pytest.raises(ValueError, match=SHARD_WRITERS_ENV):
+        shard_writers()

@@ -35,8 +35,10 @@ from vllm_activations.plugin import (
     CONNECTOR_MODULE,
     CONNECTOR_NAME,
     DEFAULT_CHANNEL_STATS_SLOTS,
+    DEFAULT_SHARD_WRITERS,
     DEFAULT_SUMMARY_SLOTS,
     PLUGIN_CONFIG_KEY,
+    SHARD_WRITERS_ENV,
     SUMMARY_SLOTS_ENV,
 )
 from vllm_activations.process import free_loopback_port
@@ -194,6 +196,8 @@ def vllm_environment(args: argparse.Namespace) -> dict[str, str]:
         env[CHANNEL_STATS_SLOTS_ENV] = str(args.channel_stats_slots)
     if args.summary_slots is not None:
         env[SUMMARY_SLOTS_ENV] = str(args.summary_slots)
+    if args.shard_writers is not None:
+        env[SHARD_WRITERS_ENV] = str(args.shard_writers)
     return env
 
 
@@ -376,6 +380,8 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
     ):
         if value is not None and value < 0:
             raise SystemExit(f"vllm-activations: {flag} must be >= 0")
+    if args.shard_writers is not None and args.shard_writers < 1:
+        raise SystemExit("vllm-activations: --shard-writers must be >= 1")
     shard_dir = Path(args.shard_dir).resolve()
     vllm_port = args.vllm_port or free_loopback_port()
 
@@ -556,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may accumulate summaries at once (`summary: true`: the layer "
         "analysis' token sums on the device, per request; default "
         f"${SUMMARY_SLOTS_ENV} or {DEFAULT_SUMMARY_SLOTS}; 0 turns them off)",
+    )
+    serve.add_argument(
+        "--shard-writers",
+        type=int,
+        default=None,
+        help="shard writer processes (HDF5, compression and fsync of finished requests' "
+        f"shards, side by side; default ${SHARD_WRITERS_ENV} or {DEFAULT_SHARD_WRITERS})",
     )
     serve.add_argument("--shard-dir", default="shards", help="where shards are written")
     serve.add_argument("--revision", default=None)

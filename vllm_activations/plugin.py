@@ -22,6 +22,10 @@ DEFAULT_CHANNEL_STATS_SLOTS = 16
 # How many requests may accumulate summaries at once (vllm_activations/summary.py).
 SUMMARY_SLOTS_ENV = "VLLM_ACTIVATIONS_SUMMARY_SLOTS"
 DEFAULT_SUMMARY_SLOTS = 8
+# How many shard writer processes run at once (connector/writer.py): the shards of requests
+# that finish together are written, compressed and fsynced side by side.
+SHARD_WRITERS_ENV = "VLLM_ACTIVATIONS_SHARD_WRITERS"
+DEFAULT_SHARD_WRITERS = 2
 # The launcher's settings that shape compiled graphs go into vLLM's `additional_config` under
 # this key: vLLM hashes it into the compile-cache key, so changing them never reuses a graph
 # compiled for other shapes.

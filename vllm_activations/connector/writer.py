@@ -1,6 +1,8 @@
-"""Shard writer: a thread that checks a finished request's rows and statistics, off the step
-loop, and hands its shard to the writer process (`writer_process`), which writes it
-atomically; or writes `<capture_id>.error.json` saying what is missing."""
+"""Shard writer: threads that check a finished request's rows and statistics, off the step
+loop, and hand its shard to a writer process (`writer_process`; one per thread,
+$VLLM_ACTIVATIONS_SHARD_WRITERS of them, default 2), which writes it atomically; or write
+`<capture_id>.error.json` saying what is missing. Requests that finish in the same step are
+written side by side."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from vllm_activations.announce import announce
 from vllm_activations.connector.protocol import FinishedCapture, NewCapture, error_path, shard_path
 from vllm_activations.connector.row_store import NUMPY_STORAGE, RowStore
 from vllm_activations.contract.spec import CaptureSpec
+from vllm_activations.plugin import DEFAULT_SHARD_WRITERS, SHARD_WRITERS_ENV
 from vllm_activations.writer_process import encode_frame
 
 logger = logging.getLogger("vllm_activations.connector")
@@ -88,45 +91,70 @@ class WriterProcess:
                 self._proc.kill()
 
 
-class ShardWriterThread:
-    """Checks finished requests and hands their shards to the writer process, in submission
-    order, off the engine's step loop."""
+def shard_writers() -> int:
+    """How many writer processes to run ($VLLM_ACTIVATIONS_SHARD_WRITERS, at least 1)."""
+    raw = os.environ.get(SHARD_WRITERS_ENV, "")
+    try:
+        return max(1, int(raw)) if raw.strip() else DEFAULT_SHARD_WRITERS
+    except ValueError:
+        raise ValueError(f"${SHARD_WRITERS_ENV} must be a whole number, not {raw!r}") from None
 
-    def __init__(self, vllm_config, model_attrs: dict[str, Any]) -> None:
+
+class ShardWriterThread:
+    """Checks finished requests and hands their shards to the writer processes, off the
+    engine's step loop: `writers` threads take submitted requests in order, each with its own
+    process, so shards of requests that finish together are written side by side."""
+
+    def __init__(self, vllm_config, model_attrs: dict[str, Any], writers: int | None = None):
         self._queue: queue.Queue = queue.Queue()
         self._model_attrs = model_attrs
         model_config = vllm_config.model_config
-        self._child = WriterProcess(
-            model_config.tokenizer, model_config.tokenizer_revision, model_config.trust_remote_code
-        )
+        self._children = [
+            WriterProcess(
+                model_config.tokenizer,
+                model_config.tokenizer_revision,
+                model_config.trust_remote_code,
+            )
+            for _ in range(writers or shard_writers())
+        ]
         # Special token ids the summary's `content` population left out (recorded per shard).
         self.special_ids: list[int] = []
-        self._thread = threading.Thread(target=self._run, name="vllm-activations-writer")
-        self._thread.daemon = True
-        self._thread.start()
+        self._threads = [
+            threading.Thread(
+                target=self._run, args=(child,), name=f"vllm-activations-writer-{i}", daemon=True
+            )
+            for i, child in enumerate(self._children)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, shard_dir: Path, state: WorkerRequest, fin: FinishedCapture) -> None:
         self._queue.put((shard_dir, state, fin))
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=60)
-        self._child.close()
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=60)
+        for child in self._children:
+            child.close()
 
-    def _run(self) -> None:
-        self._child.start()
+    def _run(self, child: WriterProcess) -> None:
+        child.start()
         while True:
             item = self._queue.get()
             if item is None:
                 return
             shard_dir, state, fin = item
             try:
-                self._write(shard_dir, state, fin)
+                self._write(child, shard_dir, state, fin)
             except Exception as exc:  # noqa: BLE001 - reported to the client via the error file
                 logger.exception("vllm-activations: shard %s failed", state.new.capture_id)
                 _write_error(shard_dir, state.new.capture_id, f"shard write failed: {exc}")
 
-    def _write(self, shard_dir: Path, state: WorkerRequest, fin: FinishedCapture) -> None:
+    def _write(
+        self, child: WriterProcess, shard_dir: Path, state: WorkerRequest, fin: FinishedCapture
+    ) -> None:
         from vllm_activations.contract.shard import staged_shard_path
 
         new, spec = state.new, state.spec
@@ -161,7 +189,7 @@ class ShardWriterThread:
             shape = (len(new.layers), 0, self._model_attrs["hidden_size"])
             outputs = {site: np.zeros(shape, NUMPY_STORAGE[spec.dtype]) for site in spec.sites}
         extra = dict(state.channel_stats or {})
-        extra_attrs: dict[str, dict[str, str]] = {}
+        extra_attrs: dict[str, dict[str, Any]] = {}
         if state.summary is not None:
             from vllm_activations.contract.shard import summary_datasets
 
@@ -202,7 +230,7 @@ class ShardWriterThread:
                 extra_attrs=extra_attrs,
             ),
         }
-        self._child.call(job)
+        child.call(job)
 
 
 def _write_error(shard_dir: Path, capture_id: str, message: str) -> None:
