@@ -352,6 +352,40 @@ def test_messages_use_the_chat_template(server):
 
 
 @pytest.mark.integration
+def test_a_stop_string_ends_the_request_with_its_shard(server):
+    """vLLM's front end ends a request on a stop string itself, and its answer then carries no
+    connector params: both capture routes still answer with the shard of what the engine
+    computed (none of it lost, no 500)."""
+    body = {
+        "prompt": "The harbour bridge", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+        "capture": {"layers": [0], "dtype": "float32"},
+    }  # fmt: skip
+    free = post(server, body)
+    assert free.status_code == 200, free.text
+    text = free.json()["text"]
+    middle = len(text) // 2
+    stop = text[middle : middle + 2]
+    assert stop, text
+    r = post(server, {**body, "stop": [stop]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["finish_reason"] == "stop" and len(out["text"]) < len(text)
+    assert 1 <= len(out["output_tokens"]) <= 12
+    shard = get(server, out["shard"]["url"])
+    assert shard.status_code == 200 and len(shard.content) == out["shard"]["bytes"]
+    v1 = {
+        "model": "model", "prompt": "The harbour bridge", "max_tokens": 12, "temperature": 0,
+        "ignore_eos": True, "stop": [stop],
+        "kv_transfer_params": {"capture": {"layers": [0], "dtype": "float32"}},
+    }  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/completions", json=v1, headers=server.headers, timeout=300)
+    assert r.status_code == 200, r.text
+    params = r.json()["kv_transfer_params"]
+    assert r.json()["choices"][0]["finish_reason"] == "stop"
+    assert get(server, params["shard_url"]).status_code == 200
+
+
+@pytest.mark.integration
 def test_async_job_flow(server):
     body = {
         "prompt": "Once upon a time",

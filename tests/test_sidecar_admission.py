@@ -325,10 +325,10 @@ def test_v1_capture_the_connector_refuses_is_400_like_generate(server):
         first = pool.submit(
             httpx.post,
             url,
-            json=_v1_body(max_tokens=400, ignore_eos=True, kv_transfer_params=params),
+            json=_v1_body(max_tokens=1600, ignore_eos=True, kv_transfer_params=params),
             **opts,
         )
-        time.sleep(0.5)  # the first request is generating (400 tokens take seconds)
+        time.sleep(0.5)  # the first request is generating (1600 tokens take seconds)
         second = httpx.post(url, json=_v1_body(max_tokens=2, kv_transfer_params=params), **opts)
         assert first.result().status_code == 200, first.result().text
     assert second.status_code == 400, second.text

@@ -29,6 +29,7 @@ from vllm_activations.sidecar.generate import (
     CaptureRunner,
     capture_failure,
     shard_disk_bytes,
+    stop_string_params,
     vllm_error,
 )
 from vllm_activations.sidecar.jobs import CaptureSlots, JobRegistry
@@ -316,7 +317,7 @@ def create_app(settings: Settings) -> FastAPI:
             if r.status_code != 200:
                 raise vllm_error(r)
             completion = r.json()
-            params = completion.get(passthrough.PARAMS) or {}
+            params = stop_string_params(completion, admitted.capture_id, runner.store)
             if "capture_error" in params:  # refused by the connector: as on the generate route
                 error = capture_failure(CaptureFailed(params["capture_error"]), runner.store.root)
                 if error.field is not None:

@@ -102,6 +102,26 @@ def capture_failure(exc: CaptureFailed, shard_dir: Path) -> ApiError:
     return ApiError(500, f"capture failed: {message}")
 
 
+def stop_string_params(completion: dict[str, Any], capture_id: str, store: ShardStore) -> dict:
+    """The connector's params for a completion that ended on a stop string, else
+    `completion`'s own. vLLM's front end finds stop strings itself: it finishes the request
+    there and aborts it in the engine, so that answer carries no `kv_transfer_params`
+    (vllm/v1/engine/output_processor.py). The engine's scheduler still finishes the request
+    through the connector, which writes the shard (of every token the engine computed, the
+    stop string's included) under the capture id the sidecar sent."""
+    params = completion.get("kv_transfer_params") or {}
+    choice = (completion.get("choices") or [{}])[0]
+    if params or choice.get("finish_reason") != "stop":
+        return params
+    if not isinstance(choice.get("stop_reason"), str):
+        return params
+    return {
+        "capture_id": capture_id,
+        "shard_path": str(store.path_for(capture_id)),
+        "error_path": str(store.error_path_for(capture_id)),
+    }
+
+
 class CaptureRunner:
     def __init__(self, settings: Settings, client: httpx.AsyncClient, store: ShardStore) -> None:
         self.settings = settings
@@ -317,8 +337,11 @@ class CaptureRunner:
             raise vllm_error(r)
         completion = r.json()
         t1 = time.perf_counter()
+        shard_id = prepared.capture_id
         try:
-            params = capture_params(completion)
+            params = capture_params(
+                {"kv_transfer_params": stop_string_params(completion, shard_id, self.store)}
+            )
             if prepared.spec.teacher_logprobs:
                 await self.publish_teacher(params, completion, prepared.spec.teacher_logprobs)
             path = await wait_for_shard_async(
@@ -330,7 +353,6 @@ class CaptureRunner:
         sha256, meta = await asyncio.to_thread(self._hash_and_read, path)
         t3 = time.perf_counter()
         choice = completion["choices"][0]
-        shard_id = prepared.capture_id
         return GenerateResponse(
             id=shard_id,
             mode=req.mode,
