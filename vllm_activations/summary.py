@@ -146,7 +146,7 @@ def _massive_bounds(mag: torch.Tensor, peak: torch.Tensor | None = None) -> torc
     k = mag.shape[2] // 2
     rows, top = mag[cand], peak[cand]
     none = (rows < (top / MASSIVE_RATIO * (1 + _COUNT_MARGIN))[:, None]).sum(1) < k
-    bound[cand] = torch.where(none, top, bound[cand])
+    bound[cand] = torch.where(none, top, MASSIVE_THRESHOLD)
     open_ = torch.nonzero(~none).flatten()
     if open_.numel() == 0:
         return bound
@@ -526,7 +526,7 @@ def _entry_host(state: SummaryState, index: int) -> dict[str, np.ndarray]:
         "norm_sq_sum": q["sq"], "kurtosis_sum": q["kurtosis"], "hoyer_sum": q["hoyer"],
         "x_sum": x, "x_sq_sum": x * x, "absmax": q["mag"],
         "massive_count": q["flags"].astype(np.int32),
-        "massive_tokens": q["flags"].any(1).astype(np.int64),
+        "massive_tokens": q["flag_rows"].astype(np.int64),
     }  # fmt: skip
 
 
