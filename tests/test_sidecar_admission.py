@@ -328,7 +328,7 @@ def test_v1_capture_the_connector_refuses_is_400_like_generate(server):
             json=_v1_body(max_tokens=1600, ignore_eos=True, kv_transfer_params=params),
             **opts,
         )
-        time.sleep(0.5)  # the first request is generating (1600 tokens take seconds)
+        wait_until_the_engine_runs(server, first)  # 1600 tokens take seconds
         second = httpx.post(url, json=_v1_body(max_tokens=2, kv_transfer_params=params), **opts)
         assert first.result().status_code == 200, first.result().text
     assert second.status_code == 400, second.text
@@ -337,6 +337,24 @@ def test_v1_capture_the_connector_refuses_is_400_like_generate(server):
     assert "already in use" in error["message"] and str(server.shard_dir) not in second.text
     assert (server.shard_dir / f"{capture_id}.h5").is_file()
     assert not (server.shard_dir / f"{capture_id}.error.json").exists()
+
+
+def wait_until_the_engine_runs(server, request: cf.Future, timeout: float = 120.0) -> None:
+    """Until vLLM's own gauge shows a running request (a fixed sleep let a slow machine send
+    the second request first, which then took the shard id)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert not request.done(), request.result().text
+        metrics = httpx.get(f"{server.vllm_url}/metrics", timeout=30).text
+        running = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("vllm:num_requests_running")
+        )
+        if running >= 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no request started running within {timeout:.0f} s")
 
 
 @pytest.mark.integration
