@@ -79,17 +79,18 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
     angle = torch.triu(angle, diagonal=1)
     d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * gram).clamp_(min=0.0)
     ratio = d2.sqrt() / safe[:, :, None]
+    # Sums of squares as squared norms: a reduction, no [T, S, H] product written first.
     centred = x - x.mean(2, keepdim=True)
-    m2 = torch.linalg.vecdot(centred, centred) / hidden
+    m2 = torch.linalg.vector_norm(centred, dim=2).square_() / hidden
     c2 = centred.mul_(centred)  # in place: the centred values are not needed again
-    m4 = torch.linalg.vecdot(c2, c2) / hidden
+    m4 = torch.linalg.vector_norm(c2, dim=2).square_() / hidden
     safe_m2 = torch.where(m2 > 0, m2, torch.ones_like(m2))
     kurtosis = torch.where(m2 > 0, m4 / (safe_m2 * safe_m2) - 3.0, torch.zeros_like(m2)).double()
     mag = x.abs()
     root_h = math.sqrt(hidden)
-    l1_ratio = torch.where(
-        norms > 0, mag.sum(2, dtype=torch.float64) / safe, torch.full_like(norms, root_h)
-    )
+    # |x|_1 summed in x's dtype (a float64 accumulation is 9x slower on the CPU; 576 to 5120
+    # positive terms lose about 1e-7 relative), the ratio in float64.
+    l1_ratio = torch.where(norms > 0, mag.sum(2).double() / safe, torch.full_like(norms, root_h))
     hoyer = (root_h - l1_ratio) / max(root_h - 1.0, 1e-12)
     peak = mag.amax(2)
     bound = _massive_bounds(mag, peak)  # above the threshold and ratio x the median
