@@ -27,8 +27,14 @@ from server import CaptureServer, free_port
 
 from vllm_activations.cli import main as cli_main
 from vllm_activations.cli import model_dimensions
-from vllm_activations.contract.shard import read_shard
+from vllm_activations.contract.shard import ShardReader, read_shard
 from vllm_activations.contract.spec import CaptureSpec
+from vllm_activations.openai_capture import (
+    CaptureFailed,
+    capture_params,
+    ended_on_stop_string,
+    wait_for_shard,
+)
 from vllm_activations.sidecar import Limits, Settings, create_app
 from vllm_activations.sidecar.errors import ApiError
 from vllm_activations.sidecar.settings import (
@@ -383,6 +389,20 @@ def test_a_stop_string_ends_the_request_with_its_shard(server):
     params = r.json()["kv_transfer_params"]
     assert r.json()["choices"][0]["finish_reason"] == "stop"
     assert get(server, params["shard_url"]).status_code == 200
+    # Straight to vLLM's own port: the answer names nothing; the capture id the request sent
+    # and the shard directory do.
+    direct = {**v1, "kv_transfer_params": {**v1["kv_transfer_params"], "capture_id": "stop-direct"}}
+    r = httpx.post(f"{server.vllm_url}/v1/completions", json=direct, headers=server.headers,
+                   timeout=300)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert ended_on_stop_string(r.json()), r.json()
+    with pytest.raises(CaptureFailed, match="ended on a stop string.*capture_id"):
+        capture_params(r.json())
+    path = wait_for_shard(capture_params(r.json(), "stop-direct", server.shard_dir))
+    with ShardReader(path) as shard:  # greedy: the same tokens, as many as the engine ran
+        tokens = shard.output_tokens.tolist()
+    n = min(len(tokens), len(out["output_tokens"]))
+    assert n >= 1 and tokens[:n] == out["output_tokens"][:n], (tokens, out["output_tokens"])
 
 
 @pytest.mark.integration

@@ -51,11 +51,51 @@ def completion_body(
     return body
 
 
-def capture_params(response: dict[str, Any]) -> dict[str, Any]:
-    """The connector's answer in a completion response; raises if it rejected the spec."""
+def ended_on_stop_string(response: dict[str, Any]) -> bool:
+    """Whether a completion without connector params ended on a stop string. vLLM's front
+    end finds stop strings itself: it finishes the request there and aborts it in the engine,
+    so that answer carries no `kv_transfer_params` (vllm/v1/engine/output_processor.py). The
+    engine's scheduler still finishes the request through the connector, which writes the
+    shard (of every token the engine computed, the stop string's included) under the
+    request's capture id."""
+    if response.get("kv_transfer_params"):
+        return False
+    choice = (response.get("choices") or [{}])[0]
+    return choice.get("finish_reason") == "stop" and isinstance(choice.get("stop_reason"), str)
+
+
+def shard_params(capture_id: str, shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The params the connector would have answered for `capture_id` in `shard_dir`."""
+    root = Path(shard_dir)
+    return {
+        "capture_id": capture_id,
+        "shard_path": str(root / f"{capture_id}{SHARD_SUFFIX}"),
+        "error_path": str(root / f"{capture_id}.error.json"),
+    }
+
+
+def capture_params(
+    response: dict[str, Any],
+    capture_id: str | None = None,
+    shard_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """The connector's answer in a completion response; raises if it rejected the spec.
+
+    A completion that ended on a stop string carries no answer (`ended_on_stop_string`):
+    given the `capture_id` the request sent and the server's `shard_dir` (on its machine),
+    the shard's paths are those; without them that is a clear error, not a missing shard."""
     params = response.get("kv_transfer_params") or {}
     if "capture_error" in params:
         raise CaptureFailed(params["capture_error"])
+    if not params and ended_on_stop_string(response):
+        if capture_id is None or shard_dir is None:
+            raise CaptureFailed(
+                "the completion ended on a stop string, and vLLM then returns no "
+                "kv_transfer_params: send a capture_id and pass it with shard_dir (the "
+                "server's --shard-dir) to capture_params, or capture through the sidecar's "
+                "/v1, which answers with the shard"
+            )
+        return shard_params(capture_id, shard_dir)
     if "shard_path" not in params and "shard_id" not in params:
         raise CaptureFailed(
             "the server did not capture this request: is it running `vllm-activations serve` "

@@ -30,6 +30,7 @@ from vllm_activations.sidecar.generate import (
     capture_failure,
     shard_disk_bytes,
     stop_string_params,
+    unreachable,
     vllm_error,
 )
 from vllm_activations.sidecar.jobs import CaptureSlots, JobRegistry
@@ -113,7 +114,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(settings.request_timeout_s, connect=10.0)
+        # vLLM is on loopback: a refused connection fails at once, and a slow accept means its
+        # API server is busy (64 concurrent captures on 2 cores took over 10 s), not gone.
+        timeout = httpx.Timeout(settings.request_timeout_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             app.state.client = client
@@ -288,7 +291,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             response = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
-            raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
+            raise unreachable(exc) from exc
         return _UpstreamResponse(
             response.aclose,
             response.aiter_raw(),
@@ -313,7 +316,7 @@ def create_app(settings: Settings) -> FastAPI:
                     f"{settings.vllm_url}/v1/{path}", json=admitted.body
                 )
             except httpx.HTTPError as exc:
-                raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
+                raise unreachable(exc) from exc
             if r.status_code != 200:
                 raise vllm_error(r)
             completion = r.json()

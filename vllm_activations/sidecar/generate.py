@@ -27,6 +27,7 @@ from vllm_activations.openai_capture import (
     CaptureFailed,
     capture_params,
     completion_body,
+    ended_on_stop_string,
     wait_for_shard_async,
 )
 from vllm_activations.sidecar.errors import ApiError
@@ -78,6 +79,11 @@ def vllm_error(response: httpx.Response) -> ApiError:
     return ApiError(status, f"vLLM: {message}")
 
 
+def unreachable(exc: httpx.HTTPError) -> ApiError:
+    """A failed call to vLLM as a 502 that names what failed (httpx's timeouts have no text)."""
+    return ApiError(502, f"vLLM is unreachable: {type(exc).__name__}: {exc}".rstrip(": "))
+
+
 def shard_disk_bytes(spec: CaptureSpec, activation_bytes: int, settings: Settings) -> int:
     """Disk bytes to promise a shard: its activations, plus the HDF5 metadata and token
     arrays, plus channel statistics (three float64 vectors per layer of the MLP and attention
@@ -103,18 +109,10 @@ def capture_failure(exc: CaptureFailed, shard_dir: Path) -> ApiError:
 
 
 def stop_string_params(completion: dict[str, Any], capture_id: str, store: ShardStore) -> dict:
-    """The connector's params for a completion that ended on a stop string, else
-    `completion`'s own. vLLM's front end finds stop strings itself: it finishes the request
-    there and aborts it in the engine, so that answer carries no `kv_transfer_params`
-    (vllm/v1/engine/output_processor.py). The engine's scheduler still finishes the request
-    through the connector, which writes the shard (of every token the engine computed, the
-    stop string's included) under the capture id the sidecar sent."""
-    params = completion.get("kv_transfer_params") or {}
-    choice = (completion.get("choices") or [{}])[0]
-    if params or choice.get("finish_reason") != "stop":
-        return params
-    if not isinstance(choice.get("stop_reason"), str):
-        return params
+    """The connector's params for a completion that ended on a stop string (answered without
+    any: `ended_on_stop_string`), else `completion`'s own."""
+    if not ended_on_stop_string(completion):
+        return completion.get("kv_transfer_params") or {}
     return {
         "capture_id": capture_id,
         "shard_path": str(store.path_for(capture_id)),
@@ -161,7 +159,7 @@ class CaptureRunner:
         try:
             r = await self.client.post(f"{self.settings.vllm_url}/tokenize", json=payload)
         except httpx.HTTPError as exc:
-            raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
+            raise unreachable(exc) from exc
         if r.status_code != 200:
             error = vllm_error(r)
             error.field = field
@@ -332,7 +330,7 @@ class CaptureRunner:
         try:
             r = await self.client.post(f"{self.settings.vllm_url}/v1/completions", json=body)
         except httpx.HTTPError as exc:
-            raise ApiError(502, f"vLLM is unreachable: {exc}") from exc
+            raise unreachable(exc) from exc
         if r.status_code != 200:
             raise vllm_error(r)
         completion = r.json()
