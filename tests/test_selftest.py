@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import shutil
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from server import CaptureServer
 from test_capture import assert_matches_hf, capture, cosine, token_ids
 
+from actclient.analysis.crosscheck import summary_deviations, summary_faults
 from vllm_activations import cli
 from vllm_activations.contract.shard import ShardReader, read_shard, write_shard
 from vllm_activations.selftest import (
     CheckpointWeights,
     chain_errors,
     compare,
+    overhead_variants,
     row_cosines,
 )
 
@@ -70,13 +74,27 @@ def test_selftest_passes_and_its_checks_catch_faults(embedded_models, tmp_path, 
     assert set(checks) >= {
         "engine", "batch == solo", "position modes", "stop token, last + channel_stats",
         "shared 64-token prefix (all + generated)", "full 64-token step",
-        "compiled == eager (incl. a 600-token prompt)",
+        "compiled == eager (incl. a 600-token prompt)", "summary == its rows",
+        "stop string (summary + rows)",
     }, sorted(checks)  # fmt: skip
     assert "model runner v1" in checks["engine"]["detail"]
     assert "async scheduling False" in checks["engine"]["detail"]
     assert f"selftest: PASS ({len(checks)}/{len(checks)} checks)" in out
     for line in ("config", "position modes", "full 64-token step"):
         assert line in out  # the table
+    # The overhead measurement: every variant timed in both rounds, ratios to the same
+    # round's no-capture batch, and its table printed.
+    overhead = report["overhead"]["default"]
+    assert (overhead["requests"], overhead["max_tokens"], overhead["rounds"]) == (4, 12, 2)
+    variants = overhead["variants"]
+    assert list(variants) == [name for name, _ in overhead_variants(4)]
+    assert variants["no capture"]["ratio_median"] == 1.0
+    for name, v in variants.items():
+        assert len(v["wall_s"]) == 2 and min(v["wall_s"]) > 0, (name, v)
+        lo, hi = v["ratio_range"]
+        assert 0 < lo <= v["ratio_median"] <= hi, (name, v)
+    assert "capture overhead [default]: 4 concurrent requests x 12 tokens" in out
+    assert "summary only, all layers" in out
 
     shards = sorted((work / "default" / "compiled" / "shards").glob("*.h5"))
 
@@ -111,6 +129,36 @@ def test_selftest_passes_and_its_checks_catch_faults(embedded_models, tmp_path, 
     assert row_cosines(read_shard(good), read_shard(good)).min() > 0.99999
     result = compare("shifted", [(shifted, good)], (0.999, 0.99, 5e-2))
     assert not result.passed, result.detail
+
+    # The summary cross-check: the device's sums equal the analysis of the shard's own rows,
+    # and a summary off by 0.1% or by one token is caught.
+    summarised = [p for p in shards if _has_summary_and_rows(p)]
+    assert len(summarised) >= 4  # three concurrent + the stop-string one (+ its full run)
+    deviations = summary_deviations(summarised[0])
+    assert deviations["all/count"] == 0 and deviations["all/similarity"] < 1e-5, deviations
+    for path in summarised:
+        assert summary_faults(path) == [], path
+    scaled = _edit_summary(summarised[0], tmp_path / "scaled.h5", "content/cos_sum", 1.001)
+    faults = summary_faults(scaled)
+    assert any(f.startswith("content/similarity:") for f in faults), faults
+    assert not any(f.startswith("last/") for f in faults), faults
+    counted = _edit_summary(summarised[0], tmp_path / "counted.h5", "rest/count", 1, add=True)
+    assert any(f.startswith("all/count:") for f in summary_faults(counted))
+
+
+def _has_summary_and_rows(path: Path) -> bool:
+    with ShardReader(path) as reader:
+        return reader.has_summary and reader.has_tensors
+
+
+def _edit_summary(src: Path, dst: Path, name: str, value, add: bool = False) -> Path:
+    """A copy of shard `src` with one summary dataset scaled by (or, `add`, increased by)
+    `value`."""
+    shutil.copyfile(src, dst)
+    with h5py.File(dst, "r+") as f:
+        ds = f[f"summary/{name}"]
+        ds[()] = ds[()] + value if add else ds[()] * value
+    return dst
 
 
 def test_fp8_block_scaled_weights_are_dequantized(tmp_path):

@@ -31,6 +31,19 @@ Checks per configuration:
    Inductor fusions replay the capture op, so a copy recorded at the wrong point of a graph
    (e.g. after the next layer's in-place add+RMSNorm overwrote its input) shows up here; and
    each opt-in configuration's shards equal the default's.
+9. summary == its rows: concurrent `summary: true` captures (`all`, `every:3` on the 600-token
+   prompt, `generated`) that keep their float32 rows: the sums accumulated on the device (the
+   fixed-shape path CUDA graphs record) equal the analyzer's on the same rows, every
+   population, within 1e-4 (`actclient crosscheck`, client/actclient/analysis/crosscheck.py).
+10. stop string: a request the front end ends on a stop string (and aborts in the engine)
+   still gets its shard, with rows equal to a full capture's and a summary equal to its rows.
+
+After the checks, on each configuration's compiled server, the capture overhead on this
+machine is measured (not checked): batches of `--overhead-requests` concurrent tour prompts x
+`--overhead-tokens` tokens through the sidecar's /v1/completions, without capture and with
+last-token, quarter-of-the-layers, all-layers and summary-only capture (each waited for until
+its shard is durable), in rounds rotated like bench/bench_capture.py's; the table gives each
+variant's median ratio to the same round's no-capture batch and its range.
 
 Greedy generations may diverge between modes in low precision; shards are compared only on the
 positions whose input tokens agree. Exit status 1 if any check fails.
@@ -42,6 +55,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +110,18 @@ def _capture(
     spec: CaptureSpec | None = None,
     **sampling,
 ) -> Path:
+    return _complete(server, prompt, max_tokens, dtype, spec, **sampling)[1]
+
+
+def _complete(
+    server: ServerProcess,
+    prompt: str | list[int],
+    max_tokens: int,
+    dtype: str,
+    spec: CaptureSpec | None = None,
+    **sampling,
+) -> tuple[dict, Path]:
+    """The completion (through the sidecar's /v1) and the path of its shard."""
     body = completion_body(
         model="model",
         prompt=prompt,
@@ -107,7 +133,8 @@ def _capture(
     r = httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=900)
     if r.status_code != 200:
         raise RuntimeError(f"capture failed: HTTP {r.status_code} {r.text[:500]}")
-    return wait_for_shard(capture_params(r.json()), timeout=600, shard_dir=server.shard_dir)
+    answer = r.json()
+    return answer, wait_for_shard(capture_params(answer), timeout=600, shard_dir=server.shard_dir)
 
 
 def capture_prompts(
@@ -448,9 +475,178 @@ def check_full_step(s: Session, ids: list[int]) -> CheckResult:
     )
 
 
+def _summary_faults(paths: list[Path]) -> list[str]:
+    """The summary cross-check of each shard (`actclient crosscheck`, the analyzer's: the
+    server never imports the client): the device's sums against the analysis of the same
+    shard's own rows. One line per quantity over its tolerance."""
+    cmd = [sys.executable, "-m", "actclient", "crosscheck", "--json", *map(str, paths)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode not in (0, 1) or not done.stdout.strip():
+        raise RuntimeError(
+            f"`actclient crosscheck` failed ({done.returncode}): "
+            f"{(done.stderr.strip() or done.stdout.strip())[-400:]}"
+        )
+    faults = json.loads(done.stdout)
+    return [f"{Path(path).name}: {fault}" for path, found in faults.items() for fault in found]
+
+
+def check_summary(s: Session, prompts: list) -> CheckResult:
+    """Summary capture on the device path (CUDA graphs, batching, chunked prefill): concurrent
+    `summary: true` captures that keep their rows, each with another positions rule; each
+    shard's device sums must equal the analysis of its own rows (within 1e-4; float32 rows,
+    so both see the same values)."""
+    modes = ("all", "every:3", "generated", "all")
+    jobs = [
+        (prompt, CaptureSpec(positions=mode, dtype="float32", summary=True))
+        for prompt, mode in zip(prompts[:3], modes, strict=False)
+    ]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        paths = list(
+            pool.map(lambda j: _capture(s.server, j[0], s.max_tokens, s.dtype, spec=j[1]), jobs)
+        )
+    problems = _summary_faults(paths)
+    tokens = 0
+    for path in paths:
+        with ShardReader(path) as reader:
+            tokens += len(reader.positions)
+    names = ", ".join(spec.positions for _, spec in jobs)
+    return CheckResult(
+        "summary == its rows",
+        not problems,
+        "; ".join(problems[:4])
+        or f"{len(paths)} concurrent requests ({names}), {tokens} tokens: every population's "
+        "similarity, angles, norms, moments and massive counts within 1e-4",
+    )
+
+
+def check_stop_string(s: Session, prompt: str) -> CheckResult:
+    """A request that ends on a stop string: vLLM's front end finds it after detokenising and
+    aborts the request in the engine (which, with async scheduling, may have run further).
+    The shard must still arrive, hold the rows of what the engine computed (equal to a full
+    capture's), and its summary must equal those rows' analysis."""
+    spec = CaptureSpec(dtype="float32", summary=True)
+    full_answer, full_path = _complete(s.server, prompt, s.max_tokens, s.dtype, spec=spec)
+    text = full_answer["choices"][0]["text"]
+    middle = len(text) // 2
+    stop = text[middle : middle + 2]
+    if len(stop.strip()) < 1:
+        return CheckResult("stop string", False, f"no usable stop string in {text!r}")
+    answer, path = _complete(s.server, prompt, s.max_tokens, s.dtype, spec=spec, stop=[stop])
+    choice = answer["choices"][0]
+    full, shard = read_shard(full_path), read_shard(path)
+    problems = []
+    if choice.get("finish_reason") != "stop" or len(choice["text"]) >= len(text):
+        problems.append(f"finish {choice.get('finish_reason')!r}, text {choice['text']!r}")
+    same = _common_positions(full, shard)
+    kept = [p for p in shard.positions.tolist() if p < same]
+    if len(kept) < len(shard.input_tokens):
+        problems.append(f"only {len(kept)} rows comparable with the full capture")
+    ok, cos = _rows_agree(shard, full, kept, s.tolerance)
+    if not ok:
+        problems.append(f"worst cosine {cos:.6f} against the full capture")
+    problems += _summary_faults([path])
+    return CheckResult(
+        "stop string (summary + rows)",
+        not problems,
+        "; ".join(problems[:4])
+        or f"stopped on {stop!r} after {len(shard.output_tokens)} of {s.max_tokens} tokens; "
+        f"rows agree with the full capture (worst cosine {cos:.6f}), summary == its rows",
+    )
+
+
 def long_prompt(ids: list[int], n: int = 600) -> list[int]:
     """A prompt above 512 tokens (compiled graphs and kernels switch paths past 512)."""
     return (ids * (n // max(len(ids), 1) + 1))[:n]
+
+
+# ------------------------------------------------------------------ capture overhead
+
+
+def overhead_variants(num_layers: int) -> list[tuple[str, CaptureSpec | None]]:
+    """What `measure_overhead` times: no capture (the baseline), then the capture variants of
+    bench/bench_capture.py."""
+    return [
+        ("no capture", None),
+        ("last token only", CaptureSpec(positions="last")),
+        ("a quarter of the layers", CaptureSpec(layers=tuple(range(0, num_layers, 4)))),
+        ("all layers x both sites", CaptureSpec()),
+        ("summary only, all layers", CaptureSpec(summary=True, tensors=False)),
+    ]
+
+
+def _timed_batch(server: ServerProcess, prompts: list, max_tokens: int, spec) -> float:
+    """Wall seconds of `prompts` sent at once through the sidecar's /v1/completions, each
+    capture waited for until its shard is durable (as a recording client does); the shards
+    are deleted afterwards, untimed."""
+
+    def one(prompt) -> Path | None:  # noqa: ANN001 - text or token ids
+        body = {
+            "model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True,
+        }  # fmt: skip
+        if spec is not None:
+            body = completion_body(spec=spec, **body)
+        r = httpx.post(
+            f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=900
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code} {r.text[:300]}")
+        if spec is None:
+            return None
+        return wait_for_shard(capture_params(r.json()), timeout=600, shard_dir=server.shard_dir)
+
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(prompts)) as pool:
+        paths = list(pool.map(one, prompts))
+    seconds = time.perf_counter() - start
+    for path in paths:
+        if path is not None:
+            path.unlink(missing_ok=True)
+    return seconds
+
+
+def measure_overhead(
+    server: ServerProcess, model_dir: Path, requests: int, max_tokens: int, rounds: int
+) -> dict:
+    """Capture overhead on this machine, on the running server: `requests` concurrent tour
+    prompts x `max_tokens` tokens (EOS ignored, so every variant computes the same tokens)
+    per batch, every variant once per round in an order rotated each round, after one
+    warm-up batch each. Per variant: the median and range of the wall times and of the
+    ratio to the same round's no-capture batch."""
+    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    variants = overhead_variants(num_layers)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
+    for _, spec in variants:  # warm-up: new shapes compile, buffers are allocated
+        _timed_batch(server, prompts, max_tokens, spec)
+    walls: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for r in range(rounds):
+        for name, spec in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            walls[name].append(_timed_batch(server, prompts, max_tokens, spec))
+    base = walls["no capture"]
+    result = {}
+    for name, w in walls.items():
+        ratios = [x / b for x, b in zip(w, base, strict=True)]
+        result[name] = {
+            "wall_s": [round(x, 3) for x in w],
+            "ratio_median": round(float(np.median(ratios)), 4),
+            "ratio_range": [round(min(ratios), 4), round(max(ratios), 4)],
+        }
+    return {"requests": requests, "max_tokens": max_tokens, "rounds": rounds, "variants": result}
+
+
+def print_overhead(overhead: dict[str, dict]) -> None:
+    for label, m in overhead.items():
+        print(
+            f"\ncapture overhead [{label}]: {m['requests']} concurrent requests x "
+            f"{m['max_tokens']} tokens, {m['rounds']} rounds, ratio to the same round's "
+            "no-capture batch (a measurement, not a check)"
+        )
+        for name, v in m["variants"].items():
+            lo, hi = v["ratio_range"]
+            print(
+                f"  {name:26s} {float(np.median(v['wall_s'])):8.2f} s   "
+                f"{v['ratio_median']:.3f}x ({lo:.3f}-{hi:.3f})"
+            )
 
 
 # ------------------------------------------------------------------ driver
@@ -518,8 +714,10 @@ def run_configuration(
     serve_args: list[str],
     workdir: Path,
     results: list[tuple[str, CheckResult]],
+    overhead: dict[str, dict],
 ) -> dict[str, list[Path]]:
-    """Start the configuration's server(s), run every check, return the solo shards."""
+    """Start the configuration's server(s), run every check (and, on the compiled server,
+    the overhead measurement into `overhead`), return the solo shards."""
     prompts: list = list(PROMPTS[: args.prompts])
     shards: dict[str, list[Path]] = {}
     modes = [("compiled", [])] + ([("eager", ["--enforce-eager"])] if label == "default" else [])
@@ -548,6 +746,15 @@ def run_configuration(
             )  # fmt: skip
             for result in compiled_checks(session, prompts, shards["compiled"], ids, model_dir):
                 results.append((label, result))
+            if args.overhead_rounds > 0:
+                print(f"selftest [{label}]: measuring the capture overhead ...", flush=True)
+                try:
+                    overhead[label] = measure_overhead(
+                        server, model_dir, args.overhead_requests, args.overhead_tokens,
+                        args.overhead_rounds,
+                    )  # fmt: skip
+                except Exception as exc:  # noqa: BLE001 - a measurement, not a check
+                    print(f"selftest [{label}]: overhead not measured: {exc}", flush=True)
         finally:
             server.stop()
     if "eager" in shards:
@@ -580,6 +787,8 @@ def compiled_checks(
         ("stop token, last + channel_stats", lambda: check_stop(s, PROMPTS[0])),
         ("shared 64-token prefix (all + generated)", lambda: check_shared_prefix(s, ids)),
         ("full step", lambda: check_full_step(s, ids)),
+        ("summary == its rows", lambda: check_summary(s, prompts)),
+        ("stop string (summary + rows)", lambda: check_stop_string(s, PROMPTS[2])),
         ("layer chaining", lambda: chain_check(solo, model_dir, s.tolerance)),
     ]
     results = []
@@ -604,6 +813,9 @@ def print_table(results: list[tuple[str, CheckResult]]) -> None:
 def run(args: argparse.Namespace, extra: list[str]) -> int:
     if args.quick:
         args.prompts, args.max_tokens = min(args.prompts, 2), min(args.max_tokens, 12)
+        args.overhead_requests = min(args.overhead_requests, 4)
+        args.overhead_tokens = min(args.overhead_tokens, 12)
+        args.overhead_rounds = min(args.overhead_rounds, 2)
     if args.model is None:
         from vllm_activations import embedded
 
@@ -622,10 +834,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     results: list[tuple[str, CheckResult]] = []
     started = time.perf_counter()
     solo: dict[str, list[Path]] = {}
+    overhead: dict[str, dict] = {}
     for label, flags, expect in configurations(args):
         try:
             solo[label] = run_configuration(
-                label, flags, expect, args, model_dir, serve_args, workdir, results
+                label, flags, expect, args, model_dir, serve_args, workdir, results, overhead
             ).get("compiled", [])
         except Exception as exc:  # noqa: BLE001 - a selftest reports, it does not crash
             results.append((label, CheckResult("server and captures", False, str(exc))))
@@ -642,6 +855,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                 )
             )
     print_table(results)
+    print_overhead(overhead)
     failed = [r for _, r in results if not r.passed]
     verdict = "FAIL" if failed else "PASS"
     report = Path(args.report) if args.report else workdir / "selftest-report.json"
@@ -657,6 +871,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
                     {"config": c, "check": r.name, "passed": r.passed, "detail": r.detail}
                     for c, r in results
                 ],
+                "overhead": overhead,
             },
             indent=2,
         )
@@ -682,9 +897,10 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers typ
     p = sub.add_parser(
         "selftest",
         help="the acceptance run for a new machine: capture and check compiled == eager, "
-        "layer chaining, batch == solo, every position mode, a stop token, a shared prefix "
-        "and a full step, in the tested configuration and (on GPUs) with Model Runner V2 + "
-        "async scheduling; unknown arguments go to the servers",
+        "layer chaining, batch == solo, every position mode, a stop token, a stop string, a "
+        "shared prefix, a full step and summary capture, in the tested configuration and (on "
+        "GPUs) with Model Runner V2 + async scheduling, then measure the capture overhead; "
+        "unknown arguments go to the servers",
         description=__doc__.split("\n\n")[0],
     )
     p.add_argument(
@@ -698,11 +914,34 @@ def add_parser(sub) -> None:  # noqa: ANN001 - argparse's private subparsers typ
     p.add_argument("--prompts", type=int, default=4, help=f"1-{len(PROMPTS)} (default 4)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt")
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--quick", action="store_true", help="2 prompts, 12 tokens (CPU test mode)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 prompts, 12 tokens, overhead batches of 4 requests x 12 tokens in 2 rounds "
+        "(CPU test mode)",
+    )
     p.add_argument(
         "--no-opt-in",
         action="store_true",
         help="skip the pass with Model Runner V2 + async scheduling (run on GPUs only)",
+    )
+    p.add_argument(
+        "--overhead-requests",
+        type=int,
+        default=16,
+        help="concurrent requests per batch of the overhead measurement (default 16)",
+    )
+    p.add_argument(
+        "--overhead-tokens",
+        type=int,
+        default=64,
+        help="tokens generated per request of the overhead measurement (default 64)",
+    )
+    p.add_argument(
+        "--overhead-rounds",
+        type=int,
+        default=3,
+        help="rounds of the overhead measurement, each variant once per round (0: skip it)",
     )
     p.add_argument("--report", default=None, help="JSON report path (default: in the workdir)")
     p.add_argument("--workdir", default=None, help="keep shards and logs here")

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "actclient.record",
     "actclient.export_kd",
     "actclient.analysis.cli",
+    "actclient.analysis.crosscheck",
     "actclient.prune",
     "actclient.evaluate",
 )

@@ -836,8 +836,10 @@ class AnalysisAccumulator:
         self._init_parts()
         self.attrs = shard_attrs(reader)
 
-    def add_shard(self, path: str | Path) -> None:
-        """Stream one shard into the accumulators, one token block at a time."""
+    def add_shard(self, path: str | Path, use_summary: bool = True) -> None:
+        """Stream one shard into the accumulators, one token block at a time. A shard with
+        a device summary adds that (no token pass) unless `use_summary` is false; then its
+        raw layer outputs are read (the summary's cross-check, `crosscheck.py`)."""
         with ShardReader(path) as reader:
             if self.layout is None:
                 self._init_layout(reader)
@@ -856,9 +858,11 @@ class AnalysisAccumulator:
                     f"({list(layout.layers)}, {list(layout.sites)}, {self.hidden_size}); "
                     "analyze shards of one model and capture spec together"
                 )
+            if not use_summary and not reader.has_tensors:
+                raise ShardError(f"{reader.path}: no layer outputs stored (tensors: false)")
             self.channels.add_shard(reader)
             self._merged = None
-            if reader.has_summary:  # summed on the device already: no token pass
+            if reader.has_summary and use_summary:  # summed on the device: no token pass
                 self._add_summary(reader)
                 return
             positions = reader.positions
