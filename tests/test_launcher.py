@@ -83,6 +83,20 @@ def test_user_additional_config_is_kept_and_slots_are_keyed(capsys, embedded_mod
     assert config["mine"] == 1 and config["vllm_activations"]["channel_stats_slots"] == 3
 
 
+def test_the_sidecar_counts_the_slots_vllm_is_given(embedded_models, tmp_path):
+    """The sidecar admits as many summary and statistics captures at once as the engine has
+    slots (beyond them: 429 before vLLM is asked), from the same flags."""
+    args, extra = cli.build_parser().parse_known_args(
+        ["serve", str(embedded_models["smollm2"]), "--summary-slots", "3"]
+    )
+    settings = cli._sidecar_settings(args, tmp_path, "http://127.0.0.1:1", extra)
+    plugin = cli.plugin_settings(args)
+    assert settings.device_slots == {
+        "summary": 3, "channel_stats": plugin["channel_stats_slots"]
+    }  # fmt: skip
+    assert plugin["summary_slots"] == 3
+
+
 def test_cpu_build_gets_a_memory_share_that_fits(capsys, embedded_models, monkeypatch):
     """This machine's memory as vLLM's worker counts it, SmolLM2's weights and KV cache: the
     share asks for no more than is available, and covers the weights, the runtime and two

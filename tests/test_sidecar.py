@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -539,7 +540,9 @@ def test_v1_passthrough_streams(server):
 class InProcessSidecar:
     """A second sidecar app with its own limits, in front of a session server's vLLM."""
 
-    def __init__(self, server: CaptureServer, model_dir: Path, limits: Limits) -> None:
+    def __init__(
+        self, server: CaptureServer, model_dir: Path, limits: Limits, **settings: Any
+    ) -> None:
         num_layers, hidden_size = model_dimensions(str(model_dir))
         self.key = "in-process-key"
         self.headers = {"Authorization": f"Bearer {self.key}"}
@@ -551,6 +554,7 @@ class InProcessSidecar:
                 hidden_size=hidden_size,
                 api_keys=(self.key,),
                 limits=limits,
+                **settings,
             )
         )
         port = free_port()

@@ -24,8 +24,9 @@ from server import free_port
 from test_sidecar import MODEL, InProcessSidecar, shard_files, tokenize
 
 from vllm_activations.cli import model_dimensions
+from vllm_activations.connector.scheduler import _SlotPool
 from vllm_activations.contract.shard import ShardReader
-from vllm_activations.contract.spec import CaptureSpec
+from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError
 from vllm_activations.openai_capture import CaptureFailed
 from vllm_activations.sidecar import Limits, Settings, create_app
 from vllm_activations.sidecar.errors import ApiError
@@ -118,13 +119,32 @@ def test_full_disk_answers_507_naming_the_directory(small_disk):
         assert "--min-free-disk-bytes" in info.value.message
         assert runner.disk.in_flight == 0
     failure = capture_failure(
-        CaptureFailed("shard write failed: [Errno 28] No space left on device"), root
+        CaptureFailed("shard write failed: [Errno 28] No space left on device"), root, 2
     )
     assert failure.status == 507 and str(root) in failure.message
-    other = capture_failure(CaptureFailed("shard x not written after 3 s"), root)
+    other = capture_failure(CaptureFailed("shard x not written after 3 s"), root, 2)
     assert other.status == 500
-    refused = capture_failure(CaptureFailed("capture.tensors: false keeps nothing"), root)
+    refused = capture_failure(CaptureFailed("capture.tensors: false keeps nothing"), root, 2)
     assert (refused.status, refused.field) == (400, "capture.tensors")
+
+
+def test_busy_device_slots_are_429_not_bad_input(tmp_path):
+    """The connector's own refusal when every summary slot is taken (a request that reached
+    vLLM past the sidecar's count) is a retryable 429, while a server without such slots is
+    a 400: the connector's messages, as its slot pool writes them."""
+    pool = _SlotPool("summary", "--summary-slots", 1)
+    pool.take()
+    with pytest.raises(CaptureSpecError) as busy:
+        pool.take()
+    answer = capture_failure(CaptureFailed(str(busy.value)), tmp_path, 7)
+    assert (answer.status, answer.field, answer.headers) == (
+        429, "capture.summary", {"Retry-After": "7"},
+    )  # fmt: skip
+    with pytest.raises(CaptureSpecError) as none:
+        _SlotPool("summary", "--summary-slots", 0).take()
+    answer = capture_failure(CaptureFailed(str(none.value)), tmp_path, 7)
+    assert (answer.status, answer.field) == (400, "capture.summary")
+    assert "--summary-slots 0" in answer.message
 
 
 # ---------------------------------------------------------------- unit: the schema
@@ -355,6 +375,52 @@ def wait_until_the_engine_runs(server, request: cf.Future, timeout: float = 120.
             return
         time.sleep(0.05)
     raise AssertionError(f"no request started running within {timeout:.0f} s")
+
+
+@pytest.mark.integration
+def test_summaries_beyond_the_device_slots_get_429_at_once(server, embedded_models):
+    """A sidecar that knows the engine keeps one summary slot admits one summary capture at a
+    time: a second, on either route, is 429 with Retry-After before vLLM is asked (so no
+    generation the connector would refuse), and leaves nothing; a server without summary
+    slots answers 400 naming the field."""
+    model_dir = embedded_models[MODEL]
+    long = {
+        "prompt": "The harbour bridge", "max_tokens": 1200, "ignore_eos": True,
+        "capture": {"layers": [0], "summary": True, "tensors": False},
+    }  # fmt: skip
+    with InProcessSidecar(server, model_dir, Limits(), device_slots={"summary": 1}) as sidecar:
+        with cf.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(sidecar.post, long)
+            deadline = time.monotonic() + 60
+            while sidecar.app.state.slots.kind_in_use["summary"] < 1:
+                assert time.monotonic() < deadline and not first.done()
+                time.sleep(0.02)
+            before = shard_files(server)
+            start = time.monotonic()
+            second = sidecar.post({**long, "max_tokens": 2})
+            v1 = httpx.post(
+                f"{sidecar.url}/v1/completions",
+                json=_v1_body(kv_transfer_params={"capture": long["capture"]}),
+                headers=sidecar.headers,
+                timeout=60,
+            )
+            seconds, first_running = time.monotonic() - start, not first.done()
+            plain = sidecar.post({**long, "max_tokens": 2, "capture": {"layers": [0]}})
+            assert first.result().status_code == 200, first.result().text
+        assert first_running and seconds < 10, seconds  # refused at once, not after generating
+        for r, field in ((second, "capture.summary"), (v1, "kv_transfer_params.capture.summary")):
+            assert r.status_code == 429 and r.headers["retry-after"] == "2", r.text
+            error = r.json()["error"]
+            assert error["field"] == field and "--summary-slots" in error["message"], error
+        assert plain.status_code == 200, plain.text  # a capture without a summary still runs
+        assert sidecar.app.state.slots.kind_in_use == {"summary": 0}
+        assert sidecar.app.state.slots.in_use == 0
+    kept = (plain.json()["shard"]["id"], first.result().json()["shard"]["id"])
+    assert [n for n in shard_files(server) - before if not n.startswith(kept)] == []
+    with InProcessSidecar(server, model_dir, Limits(), device_slots={"summary": 0}) as sidecar:
+        r = sidecar.post({**long, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["field"] == "capture.summary", r.text
+        assert "--summary-slots 0" in r.json()["error"]["message"]
 
 
 @pytest.mark.integration

@@ -325,6 +325,7 @@ def _sidecar_settings(
     except (OSError, ValueError) as exc:
         raise SystemExit(f"vllm-activations: {exc}") from exc
     num_layers, hidden_size = model_dimensions(args.model, args.revision)
+    plugin = plugin_settings(args)
     return Settings(
         vllm_url=vllm_url,
         shard_dir=shard_dir,
@@ -333,6 +334,11 @@ def _sidecar_settings(
         api_keys=keys,
         limits=limits,
         max_logprobs=vllm_max_logprobs(extra or []),
+        # the engine's slot counts, as vLLM gets them: the sidecar admits no more at once
+        device_slots={
+            "summary": plugin["summary_slots"],
+            "channel_stats": plugin["channel_stats_slots"],
+        },
     )
 
 

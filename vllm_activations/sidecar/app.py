@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from vllm_activations import __version__
 from vllm_activations.announce import Announcements
-from vllm_activations.contract.spec import CAPTURE_ID_RE
+from vllm_activations.contract.spec import CAPTURE_ID_RE, CaptureSpec
 from vllm_activations.openai_capture import CaptureFailed
 from vllm_activations.sidecar import passthrough
 from vllm_activations.sidecar.errors import ApiError, install_error_handlers
@@ -44,7 +44,7 @@ from vllm_activations.sidecar.schemas import (
     ShardList,
     ShardListItem,
 )
-from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings, key_matches
+from vllm_activations.sidecar.settings import LIMIT_FLAGS, SLOT_FLAGS, Settings, key_matches
 from vllm_activations.sidecar.store import ShardStore, validate_shard_id
 
 # Hop-by-hop headers and ones httpx/uvicorn set themselves are not forwarded.
@@ -96,20 +96,55 @@ async def require_key(
         )
 
 
-def _retry_later(settings: Settings) -> ApiError:
+def _retry_later(settings: Settings, full: str, field_prefix: str) -> ApiError:
+    """429 for a full server: every capture slot, or every device slot of kind `full`."""
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    if full == "captures":
+        return ApiError(
+            429,
+            f"the server is running its maximum of {settings.limits.max_concurrent_captures} "
+            f"concurrent captures; retry later (raise it with `vllm-activations serve "
+            f"{LIMIT_FLAGS['max_concurrent_captures']}`)",
+            headers=retry,
+        )
+    count = settings.device_slots[full]
     return ApiError(
         429,
-        f"the server is running its maximum of {settings.limits.max_concurrent_captures} "
-        f"concurrent captures; retry later (raise it with `vllm-activations serve "
-        f"{LIMIT_FLAGS['max_concurrent_captures']}`)",
-        headers={"Retry-After": str(settings.retry_after_s)},
+        f"{field_prefix}{full}: all {count} {full} slots are in use by running captures; "
+        f"retry later (raise it with `vllm-activations serve {SLOT_FLAGS[full]}`; each slot "
+        "holds device memory)",
+        f"{field_prefix}{full}",
+        headers=retry,
     )
+
+
+def slot_kinds(spec: CaptureSpec) -> list[str]:
+    """The device slots a capture needs (one of each kind named in SLOT_FLAGS it asks for)."""
+    return [kind for kind in SLOT_FLAGS if getattr(spec, kind)]
+
+
+def _take_slots(
+    slots: CaptureSlots, settings: Settings, kinds: list[str], field_prefix: str
+) -> None:
+    """A capture slot and its device slots, or the error: 400 for a kind this server keeps
+    no slots of (the connector would refuse it after generating), 429 when all are busy."""
+    for kind in kinds:
+        if settings.device_slots.get(kind) == 0:
+            raise ApiError(
+                400,
+                f"{field_prefix}{kind}: this server keeps no {kind} slots (started with "
+                f"{SLOT_FLAGS[kind]} 0)",
+                f"{field_prefix}{kind}",
+            )
+    full = slots.try_acquire(kinds)
+    if full is not None:
+        raise _retry_later(settings, full, field_prefix)
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The sidecar app for one vLLM server and its shard directory."""
     store = ShardStore(settings.shard_dir)
-    slots = CaptureSlots(settings.limits.max_concurrent_captures)
+    slots = CaptureSlots(settings.limits.max_concurrent_captures, settings.device_slots)
     jobs = JobRegistry(settings.max_finished_jobs)
 
     @asynccontextmanager
@@ -171,15 +206,18 @@ def create_app(settings: Settings) -> FastAPI:
         runner: CaptureRunner = request.app.state.runner
         prepared = await runner.prepare(body)
         promised = runner.reserve_disk(prepared)
-        if not slots.try_acquire():
+        kinds = slot_kinds(prepared.spec)
+        try:
+            _take_slots(slots, settings, kinds, "capture.")
+        except ApiError:
             runner.disk.release(promised)
-            raise _retry_later(settings)
+            raise
 
         async def work() -> GenerateResponse:
             try:
                 return await runner.execute(prepared)
             finally:
-                slots.release()
+                slots.release(kinds)
                 runner.disk.release(promised)
 
         if body.wait:
@@ -307,9 +345,12 @@ def create_app(settings: Settings) -> FastAPI:
         promised = runner.reserve_disk_bytes(
             shard_disk_bytes(admitted.spec, admitted.estimated_bytes, settings)
         )
-        if not slots.try_acquire():
+        kinds = slot_kinds(admitted.spec)
+        try:
+            _take_slots(slots, settings, kinds, f"{passthrough.PARAMS}.capture.")
+        except ApiError:
             runner.disk.release(promised)
-            raise _retry_later(settings)
+            raise
         try:
             try:
                 r = await request.app.state.client.post(
@@ -322,7 +363,11 @@ def create_app(settings: Settings) -> FastAPI:
             completion = r.json()
             params = stop_string_params(completion, admitted.capture_id, runner.store)
             if "capture_error" in params:  # refused by the connector: as on the generate route
-                error = capture_failure(CaptureFailed(params["capture_error"]), runner.store.root)
+                error = capture_failure(
+                    CaptureFailed(params["capture_error"]),
+                    runner.store.root,
+                    settings.retry_after_s,
+                )
                 if error.field is not None:
                     error.field = f"{passthrough.PARAMS}.{error.field}"
                 raise error
@@ -331,7 +376,7 @@ def create_app(settings: Settings) -> FastAPI:
                 completion[passthrough.PARAMS] = passthrough.public_params(params, shard)
             return JSONResponse(completion)
         finally:
-            slots.release()
+            slots.release(kinds)
             runner.disk.release(promised)
 
     for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):

@@ -93,8 +93,9 @@ def shard_disk_bytes(spec: CaptureSpec, activation_bytes: int, settings: Setting
     return activation_bytes + stats + SHARD_OVERHEAD_BYTES
 
 
-def capture_failure(exc: CaptureFailed, shard_dir: Path) -> ApiError:
-    """The connector's failure as an answer: a full disk is 507 naming the directory."""
+def capture_failure(exc: CaptureFailed, shard_dir: Path, retry_after_s: int) -> ApiError:
+    """The connector's failure as an answer: a full disk is 507 naming the directory, busy
+    device slots (a request that reached vLLM past the sidecar's own count) 429."""
     message = str(exc)
     if "Errno 28" in message or "No space left" in message:
         return ApiError(
@@ -103,6 +104,9 @@ def capture_failure(exc: CaptureFailed, shard_dir: Path) -> ApiError:
             f"(nothing partial was kept; free space and retry): {message}",
         )
     refused = re.match(r"capture\.(\w+): ", message)
+    if refused and "slots are in use" in message:  # busy, not bad input
+        headers = {"Retry-After": str(retry_after_s)}
+        return ApiError(429, message, f"capture.{refused.group(1)}", headers)
     if refused:  # the connector refused the spec (kv_transfer_params.capture_error): bad input
         return ApiError(400, message, f"capture.{refused.group(1)}")
     return ApiError(500, f"capture failed: {message}")
@@ -346,7 +350,7 @@ class CaptureRunner:
                 params, self.settings.shard_timeout_s, announcements=self.announcements
             )
         except CaptureFailed as exc:
-            raise capture_failure(exc, self.store.root) from exc
+            raise capture_failure(exc, self.store.root, self.settings.retry_after_s) from exc
         t2 = time.perf_counter()
         sha256, meta = await asyncio.to_thread(self._hash_and_read, path)
         t3 = time.perf_counter()
@@ -409,7 +413,7 @@ class CaptureRunner:
                 params, self.settings.shard_timeout_s, announcements=self.announcements
             )
         except CaptureFailed as exc:
-            raise capture_failure(exc, self.store.root) from exc
+            raise capture_failure(exc, self.store.root, self.settings.retry_after_s) from exc
         sha256 = await asyncio.to_thread(self.store.sha256, path)
         shard_id = str(params["capture_id"])
         return {

@@ -1,13 +1,14 @@
 """Capture admission and background jobs, in memory on the sidecar's event loop.
 
-`CaptureSlots` bounds concurrent captures (a full server answers 429 at once rather than
-queueing work the client may abandon). `DiskBudget` admits a capture only if the free space
-left after every admitted, not yet written shard and this one still keeps the reserve:
-checking free space alone would admit each of N concurrent requests against space the others
-are about to fill. `JobRegistry` keeps `wait: false` requests: a job is
-created only after a request passed every check and got a slot, so a rejected request leaves
-no job behind. Finished jobs beyond `max_finished` are forgotten oldest first (their shards
-stay on disk).
+`CaptureSlots` bounds concurrent captures, and those that need one of the engine's device
+slots (summaries, channel statistics) to its slot count (a full server answers 429 at once
+rather than queueing work the client may abandon, or that the connector would refuse).
+`DiskBudget` admits a capture only if the free space left after every admitted, not yet
+written shard and this one still keeps the reserve: checking free space alone would admit
+each of N concurrent requests against space the others are about to fill. `JobRegistry`
+keeps `wait: false` requests: a job is created only after a request passed every check and
+got a slot, so a rejected request leaves no job behind. Finished jobs beyond `max_finished`
+are forgotten oldest first (their shards stay on disk).
 """
 
 from __future__ import annotations
@@ -15,27 +16,41 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 
 class CaptureSlots:
-    """A non-blocking counter of running captures (single event loop: no lock needed)."""
+    """Non-blocking counters of running captures, overall and per kind of device slot
+    (single event loop: no lock needed). `kinds`: slot kind -> how many exist."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, kinds: Mapping[str, int] | None = None) -> None:
         self.limit = limit
         self.in_use = 0
+        self.kinds = dict(kinds or {})
+        self.kind_in_use = dict.fromkeys(self.kinds, 0)
 
-    def try_acquire(self) -> bool:
+    def try_acquire(self, needs: Iterable[str] = ()) -> str | None:
+        """Take a capture slot and one slot of each bounded kind in `needs`: None if taken,
+        else what is full ("captures", or the kind)."""
         if self.in_use >= self.limit:
-            return False
+            return "captures"
+        bounded = [kind for kind in needs if kind in self.kinds]
+        for kind in bounded:
+            if self.kind_in_use[kind] >= self.kinds[kind]:
+                return kind
         self.in_use += 1
-        return True
+        for kind in bounded:
+            self.kind_in_use[kind] += 1
+        return None
 
-    def release(self) -> None:
+    def release(self, needs: Iterable[str] = ()) -> None:
         self.in_use -= 1
+        for kind in needs:
+            if kind in self.kinds:
+                self.kind_in_use[kind] -= 1
 
 
 class DiskFull(Exception):
