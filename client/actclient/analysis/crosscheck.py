@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from actclient.analysis.stats import POPULATIONS, AnalysisAccumulator, MassiveRule, ResidualStats
+from actclient.progress import Progress
 from vllm_activations.contract.shard import ShardError, ShardReader
 
 TOLERANCE = 1e-4
@@ -104,10 +105,14 @@ def summary_deviations(path: str | Path, rule: MassiveRule | None = None) -> dic
 
 def summary_faults(path: str | Path, tolerance: float = TOLERANCE) -> list[str]:
     """`population/quantity: deviation > limit` for every quantity over its limit."""
+    return _over(summary_deviations(path), tolerance)
+
+
+def _over(deviations: dict[str, float], tolerance: float) -> list[str]:
     bounds = limits(tolerance)
     return [
         f"{key}: {value:.3g} > {bounds[key.split('/')[1]]:.3g}"
-        for key, value in summary_deviations(path).items()
+        for key, value in deviations.items()
         if not value <= bounds[key.split("/")[1]]
     ]
 
@@ -124,11 +129,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("shards", nargs="+", metavar="SHARD", help="*.h5 shards")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, help="default %(default)s")
     p.add_argument("--json", action="store_true", help="print {shard: [faults]} as JSON")
+    p.add_argument(
+        "-o", "--out", metavar="FILE", help="also write {shard: {quantity: deviation}} as JSON"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar, even on a TTY")
     p.set_defaults(func=_crosscheck)
 
 
 def _crosscheck(args: argparse.Namespace) -> int:
-    faults = {path: summary_faults(path, args.tolerance) for path in args.shards}
+    faults, deviations = {}, {}
+    with Progress(
+        len(args.shards),
+        desc="crosscheck",
+        unit="shard",
+        enabled=False if args.no_progress else None,
+    ) as bar:
+        for path in args.shards:
+            deviations[path] = summary_deviations(path)
+            faults[path] = _over(deviations[path], args.tolerance)
+            bar.update(1, faults=sum(map(len, faults.values())))
+    if args.out:
+        Path(args.out).write_text(json.dumps(deviations, indent=1))
     if args.json:
         print(json.dumps(faults))
     else:
