@@ -130,11 +130,21 @@ def _complete(
         temperature=0.0,
         **{"ignore_eos": True, **sampling},
     )
+    answer = _post_completion(server, body)
+    return answer, _shard_of(server, answer)
+
+
+def _post_completion(server: ServerProcess, body: dict) -> dict:
+    """POST a completion body to the sidecar's /v1/completions; its JSON answer."""
     r = httpx.post(f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=900)
     if r.status_code != 200:
         raise RuntimeError(f"capture failed: HTTP {r.status_code} {r.text[:500]}")
-    answer = r.json()
-    return answer, wait_for_shard(capture_params(answer), timeout=600, shard_dir=server.shard_dir)
+    return r.json()
+
+
+def _shard_of(server: ServerProcess, answer: dict) -> Path:
+    """The shard a capture completion names, once it is complete."""
+    return wait_for_shard(capture_params(answer), timeout=600, shard_dir=server.shard_dir)
 
 
 def capture_prompts(
@@ -584,16 +594,10 @@ def _timed_batch(server: ServerProcess, prompts: list, max_tokens: int, spec) ->
             "model": "model", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True,
         }  # fmt: skip
-        if spec is not None:
-            body = completion_body(spec=spec, **body)
-        r = httpx.post(
-            f"{server.url}/v1/completions", json=body, headers=server.headers, timeout=900
-        )
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code} {r.text[:300]}")
         if spec is None:
+            _post_completion(server, body)
             return None
-        return wait_for_shard(capture_params(r.json()), timeout=600, shard_dir=server.shard_dir)
+        return _shard_of(server, _post_completion(server, completion_body(spec=spec, **body)))
 
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
@@ -613,8 +617,9 @@ def measure_overhead(
     per batch, every variant once per round in an order rotated each round, after one
     warm-up batch each. Per variant: the median and range of the wall times and of the
     ratio to the same round's no-capture batch."""
-    num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    variants = overhead_variants(num_layers)
+    from vllm_activations.cli import model_dimensions  # the launcher's reading of config.json
+
+    variants = overhead_variants(model_dimensions(str(model_dir))[0])
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(requests)]
     for _, spec in variants:  # warm-up: new shapes compile, buffers are allocated
         _timed_batch(server, prompts, max_tokens, spec)
