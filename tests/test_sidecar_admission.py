@@ -9,6 +9,7 @@ is bounded (a fixed seed and example count) and excludes /v1, which is vLLM's ow
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -145,6 +146,41 @@ def test_busy_device_slots_are_429_not_bad_input(tmp_path):
     answer = capture_failure(CaptureFailed(str(none.value)), tmp_path, 7)
     assert (answer.status, answer.field) == (400, "capture.summary")
     assert "--summary-slots 0" in answer.message
+
+
+def test_a_full_server_refuses_before_asking_vllm(tmp_path):
+    """Busy slots are refused before the prompt is tokenized: a sidecar with no vLLM behind it
+    answers 429 (not 503 for the vLLM it cannot reach) on both routes while its one summary slot, or
+    its one capture slot, is held, and frees nothing it did not take."""
+    settings = dataclasses.replace(
+        offline_settings(tmp_path, Limits(max_concurrent_captures=2)), device_slots={"summary": 1}
+    )
+    summary = {"layers": [0], "summary": True, "tensors": False}
+    with TestClient(create_app(settings)) as client:
+        slots = client.app.state.slots
+        for held, capture, full in (
+            ([["summary"]], summary, "capture.summary"),  # the one device slot
+            ([[], []], {"layers": [0]}, None),  # both capture slots
+        ):
+            for needs in held:
+                assert slots.try_acquire(needs) is None
+            for route, body, field in (
+                ("/generate_with_activations", {"prompt": "x", "capture": capture}, full),
+                (
+                    "/v1/completions",
+                    {"prompt": "x", "kv_transfer_params": {"capture": capture}},
+                    full and f"kv_transfer_params.{full}",
+                ),
+            ):
+                r = client.post(route, json=body, headers=KEY)
+                assert r.status_code == 429 and r.headers["retry-after"] == "2", (route, r.text)
+                assert r.json()["error"].get("field") == field, r.text
+            assert (slots.in_use, slots.kind_in_use) == (len(held), {"summary": len(held) % 2})
+            for needs in held:
+                slots.release(needs)
+        r = client.post("/generate_with_activations", json={"prompt": "x"}, headers=KEY)
+        assert r.status_code == 503 and "not ready" in r.text, r.text  # free slots: asks vLLM
+        assert (slots.in_use, slots.kind_in_use) == (0, {"summary": 0})
 
 
 # ---------------------------------------------------------------- unit: the schema
@@ -567,7 +603,7 @@ def test_what_the_fuzzer_found_is_answered_in_the_documented_shape(tmp_path, mon
             for alt in stop_schema["anyOf"]
         ]
 
-        async def broken(_request):
+        async def broken(_request, _spec):
             raise RuntimeError("a bug")
 
         monkeypatch.setattr(client.app.state.runner, "prepare", broken)

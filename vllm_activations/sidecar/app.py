@@ -204,13 +204,14 @@ def create_app(settings: Settings) -> FastAPI:
         """Generate (or teacher-force) with capture; answers when the shard is complete and
         hashed, or at once with 202 and a job URL when `wait` is false."""
         runner: CaptureRunner = request.app.state.runner
-        prepared = await runner.prepare(body)
-        promised = runner.reserve_disk(prepared)
-        kinds = slot_kinds(prepared.spec)
+        spec = runner.parse(body)
+        kinds = slot_kinds(spec)
+        _take_slots(slots, settings, kinds, "capture.")  # before vLLM is asked anything
         try:
-            _take_slots(slots, settings, kinds, "capture.")
-        except ApiError:
-            runner.disk.release(promised)
+            prepared = await runner.prepare(body, spec)
+            promised = runner.reserve_disk(prepared)
+        except BaseException:
+            slots.release(kinds)
             raise
 
         async def work() -> GenerateResponse:
@@ -341,15 +342,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def openai_capture(request: Request, path: str, body: dict[str, Any]) -> Response:
         runner: CaptureRunner = request.app.state.runner
-        admitted = await passthrough.admit(runner, request.method, path, body)
-        promised = runner.reserve_disk_bytes(
-            shard_disk_bytes(admitted.spec, admitted.estimated_bytes, settings)
-        )
-        kinds = slot_kinds(admitted.spec)
+        spec, capture_id = passthrough.parse(runner, request.method, path, body)
+        kinds = slot_kinds(spec)
+        _take_slots(slots, settings, kinds, f"{passthrough.PARAMS}.capture.")
         try:
-            _take_slots(slots, settings, kinds, f"{passthrough.PARAMS}.capture.")
-        except ApiError:
-            runner.disk.release(promised)
+            admitted = await passthrough.admit(runner, path, body, spec, capture_id)
+            promised = runner.reserve_disk_bytes(
+                shard_disk_bytes(admitted.spec, admitted.estimated_bytes, settings)
+            )
+        except BaseException:
+            slots.release(kinds)
             raise
         try:
             try:

@@ -171,8 +171,9 @@ class CaptureRunner:
         data = r.json()
         return list(data["tokens"]), int(data["max_model_len"])
 
-    async def prepare(self, req: GenerateRequest) -> PreparedCapture:
-        """Validate and tokenize; raises ApiError (400/413/...) with nothing left behind."""
+    def parse(self, req: GenerateRequest) -> CaptureSpec:
+        """The checks that need no round trip to vLLM (so the caller can refuse a busy server
+        before tokenizing); raises ApiError (400/413) with nothing left behind."""
         settings = self.settings
         check_inputs(req)
         limit = settings.limits.max_tokens
@@ -189,6 +190,11 @@ class CaptureRunner:
             spec.resolve_layers(settings.num_layers)
         except CaptureSpecError as exc:
             raise ApiError(400, str(exc), f"capture.{exc.field}") from exc
+        return spec
+
+    async def prepare(self, req: GenerateRequest, spec: CaptureSpec) -> PreparedCapture:
+        """Tokenize and check the limits of a request `parse` accepted; raises ApiError
+        (400/413/...) with nothing left behind."""
         start = time.perf_counter()
         if req.messages is not None:
             messages = [m.model_dump() for m in req.messages]

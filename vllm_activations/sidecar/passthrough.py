@@ -49,10 +49,12 @@ def capture_body(content: bytes) -> dict[str, Any] | None:
     return body if isinstance(params, dict) and "capture" in params else None
 
 
-async def admit(
+def parse(
     runner: CaptureRunner, method: str, path: str, body: dict[str, Any]
-) -> OpenAICapture:
-    """Validate and tokenize a passthrough capture; ApiError (400/409/413) leaves nothing."""
+) -> tuple[CaptureSpec, str]:
+    """The spec and shard id of a passthrough capture, from the checks that need no round trip
+    to vLLM (so a busy server is refused before tokenizing); ApiError (400/409) leaves
+    nothing."""
     field = f"{PARAMS}.capture"
     if method != "POST" or path not in CAPTURE_PATHS:
         raise ApiError(
@@ -95,7 +97,14 @@ async def admit(
         validate_shard_id(capture_id, f"{PARAMS}.capture_id")
         if runner.store.path_for(capture_id).exists():
             raise ApiError(409, f"a shard with id {capture_id!r} exists", f"{PARAMS}.capture_id")
+    return spec, capture_id
 
+
+async def admit(
+    runner: CaptureRunner, path: str, body: dict[str, Any], spec: CaptureSpec, capture_id: str
+) -> OpenAICapture:
+    """Tokenize a capture `parse` accepted and check its limits; ApiError (400/413) leaves
+    nothing."""
     if path == "completions":
         prompt = body.get("prompt")
         if isinstance(prompt, str):
@@ -128,7 +137,7 @@ async def admit(
     estimate = runner.check_limits(
         spec, len(ids), max_tokens, max_model_len, prompt_field, tokens_field
     )
-    forwarded = {**body, PARAMS: {**params, "capture_id": capture_id}}
+    forwarded = {**body, PARAMS: {**body[PARAMS], "capture_id": capture_id}}
     return OpenAICapture(capture_id, spec, forwarded, estimate)
 
 
