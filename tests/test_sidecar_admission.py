@@ -133,7 +133,7 @@ def test_busy_device_slots_are_429_not_bad_input(tmp_path):
     """The connector's own refusal when every summary slot is taken (a request that reached
     vLLM past the sidecar's count) is a retryable 429, while a server without such slots is
     a 400: the connector's messages, as its slot pool writes them."""
-    pool = _SlotPool("summary", "--summary-slots", 1)
+    pool = _SlotPool("summary", 1)
     pool.take()
     with pytest.raises(CaptureSpecError) as busy:
         pool.take()
@@ -142,7 +142,7 @@ def test_busy_device_slots_are_429_not_bad_input(tmp_path):
         429, "capture.summary", {"Retry-After": "7"},
     )  # fmt: skip
     with pytest.raises(CaptureSpecError) as none:
-        _SlotPool("summary", "--summary-slots", 0).take()
+        _SlotPool("summary", 0).take()
     answer = capture_failure(CaptureFailed(str(none.value)), tmp_path, 7)
     assert (answer.status, answer.field) == (400, "capture.summary")
     assert "--summary-slots 0" in answer.message

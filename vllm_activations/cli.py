@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_activations import __version__
+from vllm_activations.contract.spec import SLOT_FLAGS
 from vllm_activations.cpu_memory import CpuMemoryPlan, local_model_dir, plan_cpu_memory
 from vllm_activations.plugin import (
     CAPTURE_ARCHITECTURES,
@@ -335,10 +336,7 @@ def _sidecar_settings(
         limits=limits,
         max_logprobs=vllm_max_logprobs(extra or []),
         # the engine's slot counts, as vLLM gets them: the sidecar admits no more at once
-        device_slots={
-            "summary": plugin["summary_slots"],
-            "channel_stats": plugin["channel_stats_slots"],
-        },
+        device_slots={kind: plugin[f"{kind}_slots"] for kind in SLOT_FLAGS},
     )
 
 
@@ -380,10 +378,8 @@ def _configuration_lines(
 
 
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
-    for flag, value in (
-        ("--channel-stats-slots", args.channel_stats_slots),
-        ("--summary-slots", args.summary_slots),
-    ):
+    for kind, flag in SLOT_FLAGS.items():
+        value = getattr(args, f"{kind}_slots")
         if value is not None and value < 0:
             raise SystemExit(f"vllm-activations: {flag} must be >= 0")
     if args.shard_writers is not None and args.shard_writers < 1:

@@ -18,7 +18,13 @@ from vllm_activations.connector.protocol import (
     error_path,
     shard_path,
 )
-from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError, validate_capture_id
+from vllm_activations.contract.spec import (
+    CaptureSpec,
+    CaptureSpecError,
+    busy_slots_message,
+    no_slots_message,
+    validate_capture_id,
+)
 
 # A finished capture's id stays taken until its shard or error file appears (the worker writes
 # it after the request has left the scheduler), at most this long.
@@ -39,22 +45,15 @@ class _SchedulerRequest:
 class _SlotPool:
     """Device slots of one kind (channel statistics, summaries) handed to running requests."""
 
-    def __init__(self, field_name: str, flag: str, count: int) -> None:
-        self.field_name, self.flag, self.count = field_name, flag, count
+    def __init__(self, kind: str, count: int) -> None:
+        self.kind, self.count = kind, count
         self._free = list(range(count))[::-1]
 
     def take(self) -> int:
         if not self.count:
-            raise CaptureSpecError(
-                self.field_name,
-                f"this server keeps no {self.field_name} slots (started with {self.flag} 0)",
-            )
+            raise CaptureSpecError(self.kind, no_slots_message(self.kind))
         if not self._free:
-            raise CaptureSpecError(
-                self.field_name,
-                f"all {self.count} {self.field_name} slots are in use by running requests "
-                f"(the server's {self.flag}); retry when one finishes",
-            )
+            raise CaptureSpecError(self.kind, busy_slots_message(self.kind, self.count))
         return self._free.pop()
 
     def free(self, slot: int | None) -> None:
@@ -74,10 +73,8 @@ class CaptureScheduler:
         self._errors: dict[str, str] = {}
         self._finished: dict[str, FinishedCapture] = {}
         self._unpublished: dict[str, float] = {}  # capture id -> when its request finished
-        self._stat_pool = _SlotPool(
-            "channel_stats", "--channel-stats-slots", channel_stats_slots(vllm_config)
-        )
-        self._summary_pool = _SlotPool("summary", "--summary-slots", summary_slots(vllm_config))
+        self._stat_pool = _SlotPool("channel_stats", channel_stats_slots(vllm_config))
+        self._summary_pool = _SlotPool("summary", summary_slots(vllm_config))
 
     def on_new_request(self, request) -> None:
         """Validate the capture spec and turn off prefix-cache reads for capture requests."""

@@ -41,6 +41,28 @@ TEACHER_BYTES_PER_POSITION = 4
 # the inputs of gate_up_proj and qkv_proj (Minitron hidden-size importance).
 CHANNEL_KINDS: tuple[str, ...] = ("mlp_intermediate", "attn_heads", "mlp_norm", "attn_norm")
 
+# Capture-spec field -> the `vllm-activations serve` flag that sizes its pool of device slots
+# (allocated with the model). The connector hands the slots out; the sidecar counts them too,
+# so a request beyond them is refused before it runs, in the same words.
+SLOT_FLAGS: dict[str, str] = {
+    "summary": "--summary-slots",
+    "channel_stats": "--channel-stats-slots",
+}
+SLOTS_BUSY = "slots are in use"  # what marks the busy message as retryable (429)
+
+
+def no_slots_message(kind: str) -> str:
+    """Why a capture asking for `kind` cannot run on this server at all (400)."""
+    return f"this server keeps no {kind} slots (started with {SLOT_FLAGS[kind]} 0)"
+
+
+def busy_slots_message(kind: str, count: int) -> str:
+    """Why a capture asking for `kind` cannot run now (429: all `count` slots are taken)."""
+    return (
+        f"all {count} {kind} {SLOTS_BUSY} by running captures; retry later (raise it with "
+        f"`vllm-activations serve {SLOT_FLAGS[kind]}`; each slot holds device memory)"
+    )
+
 
 class CaptureSpecError(ValueError):
     """A capture spec that cannot be honoured; `field` names the offending field."""

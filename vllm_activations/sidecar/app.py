@@ -21,7 +21,13 @@ from starlette.types import Receive, Scope, Send
 
 from vllm_activations import __version__
 from vllm_activations.announce import Announcements
-from vllm_activations.contract.spec import CAPTURE_ID_RE, CaptureSpec
+from vllm_activations.contract.spec import (
+    CAPTURE_ID_RE,
+    SLOT_FLAGS,
+    CaptureSpec,
+    busy_slots_message,
+    no_slots_message,
+)
 from vllm_activations.openai_capture import CaptureFailed
 from vllm_activations.sidecar import passthrough
 from vllm_activations.sidecar.errors import ApiError, install_error_handlers
@@ -44,7 +50,7 @@ from vllm_activations.sidecar.schemas import (
     ShardList,
     ShardListItem,
 )
-from vllm_activations.sidecar.settings import LIMIT_FLAGS, SLOT_FLAGS, Settings, key_matches
+from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings, key_matches
 from vllm_activations.sidecar.store import ShardStore, validate_shard_id
 
 # Hop-by-hop headers and ones httpx/uvicorn set themselves are not forwarded.
@@ -107,15 +113,9 @@ def _retry_later(settings: Settings, full: str, field_prefix: str) -> ApiError:
             f"{LIMIT_FLAGS['max_concurrent_captures']}`)",
             headers=retry,
         )
-    count = settings.device_slots[full]
-    return ApiError(
-        429,
-        f"{field_prefix}{full}: all {count} {full} slots are in use by running captures; "
-        f"retry later (raise it with `vllm-activations serve {SLOT_FLAGS[full]}`; each slot "
-        "holds device memory)",
-        f"{field_prefix}{full}",
-        headers=retry,
-    )
+    field = f"{field_prefix}{full}"
+    message = busy_slots_message(full, settings.device_slots[full])
+    return ApiError(429, f"{field}: {message}", field, headers=retry)
 
 
 def slot_kinds(spec: CaptureSpec) -> list[str]:
@@ -130,12 +130,8 @@ def _take_slots(
     no slots of (the connector would refuse it after generating), 429 when all are busy."""
     for kind in kinds:
         if settings.device_slots.get(kind) == 0:
-            raise ApiError(
-                400,
-                f"{field_prefix}{kind}: this server keeps no {kind} slots (started with "
-                f"{SLOT_FLAGS[kind]} 0)",
-                f"{field_prefix}{kind}",
-            )
+            field = f"{field_prefix}{kind}"
+            raise ApiError(400, f"{field}: {no_slots_message(kind)}", field)
     full = slots.try_acquire(kinds)
     if full is not None:
         raise _retry_later(settings, full, field_prefix)

@@ -22,7 +22,12 @@ import httpx
 
 from vllm_activations.announce import Announcements
 from vllm_activations.contract.shard import ShardError, ShardReader, staged_shard_path
-from vllm_activations.contract.spec import CaptureSpec, CaptureSpecError, check_teacher_logprobs
+from vllm_activations.contract.spec import (
+    SLOTS_BUSY,
+    CaptureSpec,
+    CaptureSpecError,
+    check_teacher_logprobs,
+)
 from vllm_activations.openai_capture import (
     CaptureFailed,
     capture_params,
@@ -104,7 +109,7 @@ def capture_failure(exc: CaptureFailed, shard_dir: Path, retry_after_s: int) -> 
             f"(nothing partial was kept; free space and retry): {message}",
         )
     refused = re.match(r"capture\.(\w+): ", message)
-    if refused and "slots are in use" in message:  # busy, not bad input
+    if refused and SLOTS_BUSY in message:  # busy, not bad input
         headers = {"Retry-After": str(retry_after_s)}
         return ApiError(429, message, f"capture.{refused.group(1)}", headers)
     if refused:  # the connector refused the spec (kv_transfer_params.capture_error): bad input

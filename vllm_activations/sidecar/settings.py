@@ -18,13 +18,6 @@ from vllm_activations.contract.spec import DEFAULT_MAX_LOGPROBS
 
 API_KEY_ENV = "VLLM_ACTIVATIONS_API_KEY"
 
-# Capture-spec field -> the `vllm-activations serve` flag that sets how many requests the
-# engine lets use it at once (device slots, allocated with the model).
-SLOT_FLAGS: dict[str, str] = {
-    "summary": "--summary-slots",
-    "channel_stats": "--channel-stats-slots",
-}
-
 # Limit name -> the `vllm-activations serve` flag that sets it.
 LIMIT_FLAGS: dict[str, str] = {
     "max_prompt_tokens": "--max-prompt-tokens",
@@ -63,9 +56,9 @@ class Settings:
     launcher allows that only on loopback or with --insecure-no-auth). model_name None means
     "ask vLLM's /v1/models". max_logprobs: vLLM's --max-logprobs (-1: no limit), the largest
     capture.teacher_logprobs a request may ask. device_slots: per capture-spec field of
-    SLOT_FLAGS, the engine's slot count (the sidecar admits no more such captures at once,
-    answering 429 instead of a generation the connector would refuse at its end); a field not
-    named is not bounded here.
+    `contract.spec.SLOT_FLAGS`, the engine's slot count (the sidecar admits no more such
+    captures at once, answering 429 instead of a generation the connector would refuse at its
+    end); a field not named is not bounded here.
     """
 
     vllm_url: str
