@@ -33,6 +33,11 @@ from vllm_activations.sidecar import Limits, Settings, create_app
 from vllm_activations.sidecar.errors import ApiError
 from vllm_activations.sidecar.generate import capture_failure
 from vllm_activations.sidecar.jobs import DiskBudget, DiskFull
+from vllm_activations.sidecar.settings import (
+    SIDECAR_KEEP_ALIVE_S,
+    VLLM_KEEP_ALIVE_ENV,
+    vllm_keepalive_expiry,
+)
 
 KEY = {"Authorization": "Bearer right-key"}
 
@@ -181,6 +186,19 @@ def test_a_full_server_refuses_before_asking_vllm(tmp_path):
         r = client.post("/generate_with_activations", json={"prompt": "x"}, headers=KEY)
         assert r.status_code == 503 and "not ready" in r.text, r.text  # free slots: asks vLLM
         assert (slots.in_use, slots.kind_in_use) == (0, {"summary": 0})
+
+
+def test_idle_connections_to_vllm_are_dropped_before_vllm_drops_them(tmp_path):
+    """vLLM's uvicorn closes an idle connection after VLLM_HTTP_TIMEOUT_KEEP_ALIVE s (5), and
+    httpx would reuse one for 5 s: the sidecar reused one vLLM was closing and answered 502
+    (ReadError) mid-benchmark. Its client now keeps them half vLLM's time, set or not."""
+    assert vllm_keepalive_expiry({}) == 2.5
+    assert vllm_keepalive_expiry({VLLM_KEEP_ALIVE_ENV: "1"}) == 0.5
+    assert vllm_keepalive_expiry({VLLM_KEEP_ALIVE_ENV: "soon"}) == 2.5
+    assert SIDECAR_KEEP_ALIVE_S > 5  # longer than any httpx client keeps one (its default)
+    with TestClient(create_app(offline_settings(tmp_path))) as client:
+        pool = client.app.state.client._transport._pool
+        assert pool._keepalive_expiry == vllm_keepalive_expiry() < 5
 
 
 # ---------------------------------------------------------------- unit: the schema

@@ -417,6 +417,7 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
         import uvicorn
 
         from vllm_activations.sidecar import create_app
+        from vllm_activations.sidecar.settings import SIDECAR_KEEP_ALIVE_S
     except ModuleNotFoundError as exc:
         raise SystemExit(
             f"vllm-activations serve: {exc.name} is missing; install the server extra: "
@@ -449,6 +450,7 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
             port=args.port,
             log_level="info",
             timeout_graceful_shutdown=10,
+            timeout_keep_alive=SIDECAR_KEEP_ALIVE_S,
         )
     )
 

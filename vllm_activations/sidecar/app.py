@@ -50,7 +50,12 @@ from vllm_activations.sidecar.schemas import (
     ShardList,
     ShardListItem,
 )
-from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings, key_matches
+from vllm_activations.sidecar.settings import (
+    LIMIT_FLAGS,
+    Settings,
+    key_matches,
+    vllm_keepalive_expiry,
+)
 from vllm_activations.sidecar.store import ShardStore, validate_shard_id
 
 # Hop-by-hop headers and ones httpx/uvicorn set themselves are not forwarded.
@@ -148,7 +153,11 @@ def create_app(settings: Settings) -> FastAPI:
         # vLLM is on loopback: a refused connection fails at once, and a slow accept means its
         # API server is busy (64 concurrent captures on 2 cores took over 10 s), not gone.
         timeout = httpx.Timeout(settings.request_timeout_s)
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        limits = httpx.Limits(
+            max_connections=None,
+            max_keepalive_connections=64,
+            keepalive_expiry=vllm_keepalive_expiry(),  # closed before vLLM closes them
+        )
         async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             app.state.client = client
             app.state.runner = CaptureRunner(settings, client, store)

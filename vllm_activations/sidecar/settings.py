@@ -10,13 +10,32 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_activations.contract.spec import DEFAULT_MAX_LOGPROBS
 
 API_KEY_ENV = "VLLM_ACTIVATIONS_API_KEY"
+
+# Idle keep-alive connections. vLLM's API server (uvicorn) closes one after
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE seconds (default 5), and httpx reuses one for 5 s by default: a
+# request sent on a connection the server is closing at that moment fails (`ReadError`, which
+# the sidecar answered as 502 "vLLM is unreachable" in a benchmark run), so the sidecar keeps
+# its connections to vLLM half as long. The sidecar's own server keeps idle connections 65 s,
+# well past any client's default (httpx 5 s), for the same race on its clients' side.
+VLLM_KEEP_ALIVE_ENV = "VLLM_HTTP_TIMEOUT_KEEP_ALIVE"
+SIDECAR_KEEP_ALIVE_S = 65
+
+
+def vllm_keepalive_expiry(environ: Mapping[str, str] = os.environ) -> float:
+    """Seconds the sidecar reuses an idle connection to vLLM: half vLLM's keep-alive."""
+    try:
+        server_s = float(environ.get(VLLM_KEEP_ALIVE_ENV, "5"))
+    except ValueError:
+        server_s = 5.0
+    return max(server_s, 0.0) / 2
+
 
 # Limit name -> the `vllm-activations serve` flag that sets it.
 LIMIT_FLAGS: dict[str, str] = {
