@@ -155,8 +155,8 @@ def test_busy_device_slots_are_429_not_bad_input(tmp_path):
 
 def test_a_full_server_refuses_before_asking_vllm(tmp_path):
     """Busy slots are refused before the prompt is tokenized: a sidecar with no vLLM behind it
-    answers 429 (not 503 for the vLLM it cannot reach) on both routes while its one summary slot, or
-    its one capture slot, is held, and frees nothing it did not take."""
+    answers 429 (not 503 for the vLLM it cannot reach) on both routes while its one summary
+    slot, or all its capture slots, are held, and frees nothing it did not take."""
     settings = dataclasses.replace(
         offline_settings(tmp_path, Limits(max_concurrent_captures=2)), device_slots={"summary": 1}
     )

@@ -123,16 +123,13 @@ def _retry_later(settings: Settings, full: str, field_prefix: str) -> ApiError:
     return ApiError(429, f"{field}: {message}", field, headers=retry)
 
 
-def slot_kinds(spec: CaptureSpec) -> list[str]:
-    """The device slots a capture needs (one of each kind named in SLOT_FLAGS it asks for)."""
-    return [kind for kind in SLOT_FLAGS if getattr(spec, kind)]
-
-
 def _take_slots(
-    slots: CaptureSlots, settings: Settings, kinds: list[str], field_prefix: str
-) -> None:
-    """A capture slot and its device slots, or the error: 400 for a kind this server keeps
+    slots: CaptureSlots, settings: Settings, spec: CaptureSpec, field_prefix: str
+) -> list[str]:
+    """A capture slot and the device slots `spec` needs (one of each kind in SLOT_FLAGS it
+    asks for; returned, for `slots.release`), or the error: 400 for a kind this server keeps
     no slots of (the connector would refuse it after generating), 429 when all are busy."""
+    kinds = [kind for kind in SLOT_FLAGS if getattr(spec, kind)]
     for kind in kinds:
         if settings.device_slots.get(kind) == 0:
             field = f"{field_prefix}{kind}"
@@ -140,6 +137,7 @@ def _take_slots(
     full = slots.try_acquire(kinds)
     if full is not None:
         raise _retry_later(settings, full, field_prefix)
+    return kinds
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -210,8 +208,7 @@ def create_app(settings: Settings) -> FastAPI:
         hashed, or at once with 202 and a job URL when `wait` is false."""
         runner: CaptureRunner = request.app.state.runner
         spec = runner.parse(body)
-        kinds = slot_kinds(spec)
-        _take_slots(slots, settings, kinds, "capture.")  # before vLLM is asked anything
+        kinds = _take_slots(slots, settings, spec, "capture.")  # before vLLM is asked anything
         try:
             prepared = await runner.prepare(body, spec)
             promised = runner.reserve_disk(prepared)
@@ -348,8 +345,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def openai_capture(request: Request, path: str, body: dict[str, Any]) -> Response:
         runner: CaptureRunner = request.app.state.runner
         spec, capture_id = passthrough.parse(runner, request.method, path, body)
-        kinds = slot_kinds(spec)
-        _take_slots(slots, settings, kinds, f"{passthrough.PARAMS}.capture.")
+        kinds = _take_slots(slots, settings, spec, f"{passthrough.PARAMS}.capture.")
         try:
             admitted = await passthrough.admit(runner, path, body, spec, capture_id)
             promised = runner.reserve_disk_bytes(
