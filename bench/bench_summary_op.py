@@ -1,10 +1,11 @@
-"""Summary accumulation, its two paths side by side on the same inputs, in one run.
+"""Summary accumulation, its three paths side by side on the same inputs, in one run.
 
-`SummaryState.accumulate` adds a step's tokens into their requests' slots, after the forward
-(the connector's `wait_for_save`, outside CUDA graphs):
-- `segments`: the GPU's path (forced here): each slot's rows summed first (`partials`), then
-  one gather-add-scatter per accumulator (the CPU build's path until 2026-12-02, so the
-  baseline of the ratio printed);
+`SummaryState.accumulate` adds a step's tokens into their requests' slots:
+- `graph`: what a CUDA graph records (forced here): fixed shapes, every row and ring entry
+  through `index_add_`/`index_reduce_`, a median for every row;
+- `segments`: outside graphs on a GPU (forced here): each slot's rows summed first
+  (`partials`), then one gather-add-scatter per accumulator (the CPU build's path until
+  2026-12-02, so the baseline of the ratio printed);
 - `cpu`: the CPU build's path: in-place `index_add_` of only the rows that join the sums.
 SmolLM2's shape (30 layers, 576 channels, 61 sites), 64 slots; a decode-like step (one token
 for each of `--tokens` requests) and a prefill-like step (chunks of 64 tokens). Prints the
@@ -61,14 +62,15 @@ def step(tokens: int, per_request: int, seed: int, candidates: float = 1.0):
 def timed(path: str, state: summary.SummaryState, inputs) -> float:
     buffer, embedding, pos, slots = inputs
     state.embedding[: len(pos)] = embedding
-    original = summary._segments_path
+    original = summary.capturing_graph, summary._segments_path
+    summary.capturing_graph = lambda: path == "graph"
     summary._segments_path = lambda device: path == "segments"
     try:
         start = time.perf_counter()
         state.accumulate(buffer, pos, slots)
         return time.perf_counter() - start
     finally:
-        summary._segments_path = original
+        summary.capturing_graph, summary._segments_path = original
 
 
 def main() -> int:
@@ -95,7 +97,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"massive-rule candidates in {args.candidates:.0%} of rows")  # fmt: skip
     for name, inputs in cases.items():
-        walls: dict[str, list[float]] = {"segments": [], "cpu": []}
+        walls: dict[str, list[float]] = {"graph": [], "segments": [], "cpu": []}
         # One state per path, touched once first: the timings leave out first-use page faults.
         states = {path: make_state() for path in walls}
         for path in walls:

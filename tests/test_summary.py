@@ -53,7 +53,7 @@ def test_device_formulas_equal_the_analyzers():
 
 @pytest.mark.parametrize("hidden", [96, 97])
 def test_massive_counting_shortcut_equals_the_median_rule(hidden):
-    """Massive flags decided by counting equal the rule with every median:
+    """Outside graphs, massive flags decided by counting equal the rule with every median:
     single and several candidates, candidates right at ratio x median, rows of ties."""
     rng = np.random.default_rng(3)
     mag = np.abs(rng.normal(size=(64, 9, hidden))).astype(np.float32)
@@ -74,10 +74,12 @@ def test_massive_counting_shortcut_equals_the_median_rule(hidden):
     assert np.array_equal(got.reshape(-1, hidden), analyzer)
 
 
-@pytest.mark.parametrize("path", ["direct", "segments"])
+@pytest.mark.parametrize("path", ["direct", "segments", "graph"])
 def test_ring_and_populations_equal_direct_sums(path, monkeypatch):
-    # "segments": the per-slot partial sums used on a GPU; "direct": the CPU's in-place
-    # index_add_ of the rows that need it.
+    # "graph": the fixed-shape index_add_ path a CUDA graph records, forced here on the CPU;
+    # "segments": the per-slot partial sums used outside graphs on a GPU; "direct": the CPU's
+    # in-place index_add_ of the rows that need it.
+    monkeypatch.setattr(summary, "capturing_graph", lambda: path == "graph")
     monkeypatch.setattr(summary, "_segments_path", lambda device: path == "segments")
     """Chunked steps, two requests with different keep rules, an async-style extra forward:
     the device sums (committed + valid ring) equal summing each kept token's quantities."""

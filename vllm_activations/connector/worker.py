@@ -211,34 +211,16 @@ class CaptureWorker:
         self._num_tokens = int(num_tokens) if num_tokens is not None else None
 
     def wait_for_save(self, meta: CaptureStepMetadata) -> None:
-        """After the forward (inside a forward context on V1, outside on V2): add this step's
-        summary rows, copy its capture rows out, then hand finished requests to the writer."""
+        """After the forward (inside a forward context on V1, outside on V2): copy this step's
+        capture rows out, then hand finished requests to the writer."""
         for req_id, new in meta.new.items():
             self._active[req_id] = WorkerRequest(new=new, spec=CaptureSpec.from_dict(new.spec))
-        if self._summarizes(meta):
-            self._accumulate_summaries()
         if meta.scheduled:
             self._collect_rows(meta)
         for req_id, fin in meta.finished.items():
             state = self._active.pop(req_id, None)
             if state is not None:
                 self._writer.submit(self.shard_dir, state, fin)
-
-    def _summarizes(self, meta: CaptureStepMetadata) -> bool:
-        """Whether this step forwarded tokens of a request with a summary slot (an idle step's
-        `wait_for_save` follows no forward: the buffer still holds the last one's rows)."""
-        return self._summary is not None and any(
-            count > 0 and req_id in self._summary_slots
-            for req_id, (_, count) in meta.scheduled.items()
-        )
-
-    def _accumulate_summaries(self) -> None:
-        """The summary arithmetic, after the forward and outside any CUDA graph: eager, on the
-        rows of this step's summary requests only (the forward recorded every row's sites,
-        positions and KV slots into persistent buffers; rows past it own nothing)."""
-        capture, rows = self._capture, self._num_tokens
-        buffer = capture.buffer if rows is None else capture.buffer[:rows]
-        self._summary.accumulate(buffer, capture.row_positions, capture.row_slots)
 
     def _row_owners(
         self, meta: CaptureStepMetadata
