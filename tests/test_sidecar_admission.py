@@ -389,9 +389,10 @@ def test_v1_capture_answers_shard_ids_and_urls_not_paths(server):
 
 @pytest.mark.integration
 def test_v1_capture_the_connector_refuses_is_400_like_generate(server):
-    """A capture id still in use by a running request: the connector refuses the second
-    request, and /v1 answers that as /generate_with_activations does (400 naming the field),
-    not as a 200 carrying the error; the refused request leaves no trace."""
+    """A capture id another request holds (still running, or finished with its shard on
+    disk): the connector refuses the second request, and /v1 answers that as
+    /generate_with_activations does (400 naming the field), not as a 200 carrying the error;
+    the refused request leaves no trace."""
     capture_id = "v1-refused-twice"
     params = {"capture": {"layers": [0], "dtype": "float32"}, "capture_id": capture_id}
     url, opts = f"{server.url}/v1/completions", {"headers": server.headers, "timeout": 120}
@@ -402,7 +403,7 @@ def test_v1_capture_the_connector_refuses_is_400_like_generate(server):
             json=_v1_body(max_tokens=1600, ignore_eos=True, kv_transfer_params=params),
             **opts,
         )
-        wait_until_the_engine_runs(server, first)  # 1600 tokens take seconds
+        wait_until_the_engine_has(server, first)  # 1600 tokens take seconds
         second = httpx.post(url, json=_v1_body(max_tokens=2, kv_transfer_params=params), **opts)
         assert first.result().status_code == 200, first.result().text
     assert second.status_code == 400, second.text
@@ -413,12 +414,16 @@ def test_v1_capture_the_connector_refuses_is_400_like_generate(server):
     assert not (server.shard_dir / f"{capture_id}.error.json").exists()
 
 
-def wait_until_the_engine_runs(server, request: cf.Future, timeout: float = 120.0) -> None:
-    """Until vLLM's own gauge shows a running request (a fixed sleep let a slow machine send
-    the second request first, which then took the shard id)."""
+def wait_until_the_engine_has(server, request: cf.Future, timeout: float = 120.0) -> None:
+    """Until vLLM's own gauge shows a running request, or `request` has its answer (a fixed
+    sleep let a slow machine send the second request first, which then took the shard id;
+    CI once saw the first finish before a poll of the gauge saw it running)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert not request.done(), request.result().text
+        if request.done():
+            answer = request.result()
+            assert answer.status_code == 200, f"{answer.status_code} {answer.text[:300]}"
+            return
         metrics = httpx.get(f"{server.vllm_url}/metrics", timeout=30).text
         running = sum(
             float(line.rsplit(" ", 1)[1])

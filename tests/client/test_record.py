@@ -383,6 +383,27 @@ def test_fake_resumes_a_finished_capture_of_a_killed_run(tmp_path: Path, fast: N
     assert _manifest(tmp_path / "out")[0]["remote_id"] == shard_id
 
 
+def test_fake_rerun_tidies_the_job_file_of_a_record_killed_after_its_manifest_line(
+    tmp_path: Path, fast: None
+) -> None:
+    """Killed between the manifest line and the job file's removal: the rerun skips the
+    record and removes its leftover job and part files (CI's kill test once left one)."""
+    fake = FakeSidecar(tmp_path)
+    records = _records(2)
+    assert _fake_run(tmp_path, fake, records).ok == 2
+    shards = tmp_path / "out" / "shards"
+    name = record.shard_name(records[0].id)
+    (shards / f".{name}.job.json").write_text('{"server": "http://fake:8000", "result": {}}')
+    (shards / f".{name}.part").write_bytes(b"stale")
+    posts = fake.count("POST", "/generate_with_activations")
+    again = _fake_run(tmp_path, fake, records)
+    assert (again.ok, again.skipped) == (0, 2)
+    assert fake.count("POST", "/generate_with_activations") == posts
+    assert sorted(p.name for p in shards.iterdir()) == sorted(
+        record.shard_name(r.id) for r in records
+    )
+
+
 def test_fake_teacher_forced_without_response_is_skipped_in_one_line(
     tmp_path: Path, fast: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -111,7 +111,8 @@ class Recorder:
         self._transport = transport
 
     def plan(self, records: Sequence[Phase1Record]) -> list[Phase1Record]:
-        """Records still to do; counts the ones already recorded as skipped.
+        """Records still to do; counts the ones already recorded as skipped (and removes
+        their leftover job and part files, if a kill came after the manifest line).
 
         Raises FatalError when OUT holds records made with another mode or capture spec.
         """
@@ -131,6 +132,9 @@ class Recorder:
             entry = done.get(record.id)
             if entry is not None and shard_verifies(self.paths.out, entry):
                 self.summary.skipped += 1
+                # Killed after its manifest line but before its job file went: tidy up.
+                self.paths.job(record.id).unlink(missing_ok=True)
+                self.paths.part(record.id).unlink(missing_ok=True)
             else:
                 todo.append(record)
         return todo
