@@ -1,11 +1,10 @@
-"""Summary accumulation, its three paths side by side on the same inputs, in one run.
+"""Summary accumulation, its two paths side by side on the same inputs, in one run.
 
-`SummaryState.accumulate` adds a step's tokens into their requests' slots:
-- `graph`: what a CUDA graph records (forced here): fixed shapes, every row and ring entry
-  through `index_add_`/`index_reduce_`, a median for every row;
-- `segments`: outside graphs on a GPU (forced here): each slot's rows summed first
-  (`partials`), then one gather-add-scatter per accumulator (the CPU build's path until
-  2026-12-02, so the baseline of the ratio printed);
+`SummaryState.accumulate` adds a step's tokens into their requests' slots, after the forward
+(the connector's `wait_for_save`, outside CUDA graphs):
+- `segments`: the GPU's path (forced here): each slot's rows summed first (`partials`), then
+  one gather-add-scatter per accumulator (the CPU build's path until 2026-12-02, so the
+  baseline of the ratio printed);
 - `cpu`: the CPU build's path: in-place `index_add_` of only the rows that join the sums.
 SmolLM2's shape (30 layers, 576 channels, 61 sites), 64 slots; a decode-like step (one token
 for each of `--tokens` requests) and a prefill-like step (chunks of 64 tokens). Prints the
@@ -30,7 +29,7 @@ import torch
 from vllm_activations import summary
 from vllm_activations.cli import GLIBC_MALLOC_ENV
 
-LAYERS, HIDDEN, SLOTS, BLOCK = 30, 576, 64, 16
+LAYERS, HIDDEN, SLOTS = 30, 576, 64
 
 
 def make_state() -> summary.SummaryState:
@@ -38,11 +37,8 @@ def make_state() -> summary.SummaryState:
         SLOTS, LAYERS, HIDDEN, rows=4096, dtype=torch.bfloat16, vocab_size=49152,
         special_ids=[0, 1, 2], device="cpu",
     )  # fmt: skip
-    state.bind_blocks(num_blocks=SLOTS * 64, block_size=BLOCK)
     for slot in range(SLOTS):
         state.start_slot(slot, "all", 0, 300)
-    owner = torch.arange(SLOTS * 64 + 1) // 64  # 64 blocks per slot, the last one is trash
-    state.block_owner.copy_(owner.clamp(max=SLOTS))
     return state
 
 
@@ -53,24 +49,22 @@ def step(tokens: int, per_request: int, seed: int, candidates: float = 1.0):
     rows = torch.rand(tokens, 2 * LAYERS, generator=g) < candidates
     buffer[:, :, 7] *= torch.where(rows, 400.0, 1.0).to(torch.bfloat16)
     embedding = torch.randn(tokens, HIDDEN, generator=g).to(torch.bfloat16)
-    request = torch.arange(tokens) // per_request
+    request = torch.arange(tokens) // per_request  # its slot
     pos = 300 + torch.arange(tokens) % per_request
-    slots = (request * 64 + pos // BLOCK) * BLOCK + pos % BLOCK
-    return buffer, embedding, pos, slots
+    return buffer, embedding, pos, request
 
 
 def timed(path: str, state: summary.SummaryState, inputs) -> float:
-    buffer, embedding, pos, slots = inputs
+    buffer, embedding, pos, owner = inputs
     state.embedding[: len(pos)] = embedding
-    original = summary.capturing_graph, summary._segments_path
-    summary.capturing_graph = lambda: path == "graph"
+    original = summary._segments_path
     summary._segments_path = lambda device: path == "segments"
     try:
         start = time.perf_counter()
-        state.accumulate(buffer, pos, slots)
+        state.accumulate(buffer, torch.arange(len(pos)), pos, owner)
         return time.perf_counter() - start
     finally:
-        summary.capturing_graph, summary._segments_path = original
+        summary._segments_path = original
 
 
 def main() -> int:
@@ -97,7 +91,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"massive-rule candidates in {args.candidates:.0%} of rows")  # fmt: skip
     for name, inputs in cases.items():
-        walls: dict[str, list[float]] = {"graph": [], "segments": [], "cpu": []}
+        walls: dict[str, list[float]] = {"segments": [], "cpu": []}
         # One state per path, touched once first: the timings leave out first-use page faults.
         states = {path: make_state() for path in walls}
         for path in walls:

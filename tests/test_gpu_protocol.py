@@ -290,8 +290,13 @@ class Replay:
             sim.new_blocks.append(self.next_block)
             self.next_block += 1
 
-    def step(self, plan: dict[Sim, int], *, padded: int | None = None) -> None:
-        """One engine step: `plan` maps each scheduled request to its token count."""
+    def step(
+        self, plan: dict[Sim, int], *, padded: int | None = None,
+        stale: list[tuple[Sim, int]] = (),
+    ) -> None:  # fmt: skip
+        """One engine step: `plan` maps each scheduled request to its token count. `stale`:
+        padded rows that still hold an earlier step's (request, position) and its KV slot,
+        as a runner's persistent input buffers would without a reset to -1."""
         new_reqs, cached_ids, cached_blocks, cached_computed = [], [], [], []
         num_scheduled, layout = {}, []
         for sim, count in plan.items():
@@ -327,11 +332,15 @@ class Replay:
             finished_req_ids=set(), free_encoder_mm_hashes=[],
         )  # fmt: skip
         output.kv_connector_metadata = self.env.scheduler.build_connector_meta(output)
-        self._run(output, layout, padded or len(layout))
+        extra = [(sim, p, sim.blocks[p // BLOCK] * BLOCK + p % BLOCK) for sim, p in stale]
+        padded = max(padded or len(layout), len(layout) + len(extra))
+        self._run(output, layout, padded, extra)
 
-    def _forward(self, layout, padded: int, *, graph: bool) -> None:
-        """The capture ops of every layer, as the compiled model (or its graph) runs them."""
+    def _forward(self, layout, padded: int, *, graph: bool, extra=()) -> None:
+        """The capture ops of every layer, as the compiled model (or its graph) runs them;
+        `extra` rows follow the batch's in the padding."""
         env, n = self.env, len(layout)
+        layout = [*layout, *extra]
         positions = torch.zeros(padded, dtype=torch.long)
         slots = torch.full((padded,), -1, dtype=torch.long)
         values = torch.zeros(padded, env.num_layers, env.hidden)
@@ -379,24 +388,15 @@ class Replay:
                 torch.ops.vllm_activations.capture_residuals(
                     hidden, residual, state.buffer, 2 * layer
                 )
-        if graph:
-            summ.accumulate(state.buffer[:padded], state.row_positions, state.row_slots)
-        else:
-            torch.ops.vllm_activations.summarize(
-                state.buffer,
-                state.row_positions[:padded],
-                state.row_slots,
-                summ.sums["content"].count,
-            )
-        assert n <= padded
+        assert n <= padded  # the summary's arithmetic follows, in the connector's wait_for_save
 
-    def _run(self, output: SchedulerOutput, layout, padded: int) -> None:
+    def _run(self, output: SchedulerOutput, layout, padded: int, extra=()) -> None:
         env = self.env
         env.calls.clear()
-        self._run_protocol(output, layout, padded)
+        self._run_protocol(output, layout, padded, extra)
         assert env.calls == expected_calls(self.layout, len(layout)), env.calls
 
-    def _run_protocol(self, output: SchedulerOutput, layout, padded: int) -> None:
+    def _run_protocol(self, output: SchedulerOutput, layout, padded: int, extra=()) -> None:
         env = self.env
         if output.total_num_scheduled_tokens == 0:  # the runners' no-forward paths
             if self.layout == "v1":
@@ -404,9 +404,8 @@ class Replay:
             else:
                 self.v2.no_forward(output)
             return
-        slot_tensor = torch.tensor(
-            [s for _, _, s in layout] + [-1] * (padded - len(layout)), dtype=torch.long
-        )
+        rows = [s for _, _, s in [*layout, *extra]]
+        slot_tensor = torch.tensor(rows + [-1] * (padded - len(rows)), dtype=torch.long)
         context = {"slot_mapping": {"model.layers.0.self_attn.attn": slot_tensor}}
         req_ids = [sim.request.request_id for sim in dict.fromkeys(s for s, _, _ in layout)]
         batch = SimpleNamespace(  # the InputBatch fields ActiveKVConnector reads
@@ -418,16 +417,16 @@ class Replay:
         if self.layout == "v1":
             with set_forward_context(None, env.config, **context):
                 with KVConnectorModelRunnerMixin._get_kv_connector_output(output):
-                    self._forward(layout, padded, graph=False)
+                    self._forward(layout, padded, graph=False, extra=extra)
         elif self.layout == "v2-piecewise":
             with set_forward_context(None, env.config, **context):
                 self.v2.pre_forward(output, batch)
-                self._forward(layout, padded, graph=False)
+                self._forward(layout, padded, graph=False, extra=extra)
             self.v2.finish_forward()
             self.v2.post_forward(output.finished_req_ids)
         else:
             self.v2.pre_forward(output, batch, attn_metadata={})
-            self._forward(layout, padded, graph=True)
+            self._forward(layout, padded, graph=True, extra=extra)
             self.v2.finish_forward()
             self.v2.post_forward(output.finished_req_ids)
 
@@ -541,6 +540,25 @@ def test_summary_over_the_gpu_protocols_drops_the_extra_forward(protocol_env, la
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_padded_rows_with_an_earlier_position_and_kv_slot_join_no_capture(protocol_env, layout):
+    """Padded rows that still hold an earlier step's position and KV slot of a running
+    capture (V1 has no unpadded count; its rows are told apart by position alone): neither
+    the raw rows nor the summary take them, so the summary counts each position once and
+    equals the shard's rows (in CI a summary once counted a row its raw capture had not)."""
+    env, replay = protocol_env, Replay(protocol_env, layout)
+    a = replay.add(f"stale-a-{layout}", 20, {"summary": True})
+    b = replay.add(f"stale-b-{layout}", 9, {"summary": True, "positions": "every:4"})
+    replay.step({a: 20, b: 9})
+    replay.step({a: 1, b: 1}, padded=4, stale=[(a, 19), (b, 4)])
+    replay.step({a: 1, b: 1}, padded=8, stale=[(a, 5), (a, 20), (b, 8), (b, 0)])
+    replay.finish(a, 3)
+    replay.finish(b, 3)
+    replay.idle_step()
+    check_shard(env, a, f"stale-a-{layout}", 20, 3)
+    check_shard(env, b, f"stale-b-{layout}", 9, 3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_chunked_prefill_and_decode_rows_land_at_their_request_and_position(protocol_env, layout):
     """Two requests interleaved with chunked prefill and a CUDA-graph-padded decode batch."""
     env, replay = protocol_env, Replay(protocol_env, layout)
@@ -613,6 +631,27 @@ def test_rows_of_requests_that_do_not_capture_are_ignored(protocol_env):
     replay.finish(a, 2)
     replay.idle_step()
     check_shard(env, a, "plain-neighbour-a", 20, 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_steps_without_a_summary_request_do_no_summary_work(protocol_env, layout):
+    """The summary's arithmetic runs in `wait_for_save`, which every step calls (idle ones
+    too, after no forward), and only for a step that forwarded a summary request's tokens:
+    raw capture, a padded graph batch and an idle step leave every summary accumulator and
+    ring entry as it was, the trash slot included."""
+    env, replay = protocol_env, Replay(protocol_env, layout)
+    summ = env.state.summary
+    state = [t.clone() for p in summ.sums.values() for t in p.tensors()]
+    state += [t.clone() for t in (summ.ring_x, summ.ring_valid, summ.ring_position)]
+    sim = replay.add(f"no-summary-{layout}", 20, {"positions": "all"})
+    replay.step({sim: 20})
+    replay.step({sim: 1}, padded=4)
+    replay.finish(sim, 2)
+    replay.idle_step()
+    check_shard(env, sim, f"no-summary-{layout}", 20, 2)
+    after = [t for p in summ.sums.values() for t in p.tensors()]
+    after += [summ.ring_x, summ.ring_valid, summ.ring_position]
+    assert all(torch.equal(a, b) for a, b in zip(state, after, strict=True))
 
 
 def test_a_capture_id_stays_taken_until_its_shard_is_written(protocol_env):

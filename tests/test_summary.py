@@ -53,7 +53,7 @@ def test_device_formulas_equal_the_analyzers():
 
 @pytest.mark.parametrize("hidden", [96, 97])
 def test_massive_counting_shortcut_equals_the_median_rule(hidden):
-    """Outside graphs, massive flags decided by counting equal the rule with every median:
+    """Massive flags decided by counting equal the rule with every median:
     single and several candidates, candidates right at ratio x median, rows of ties."""
     rng = np.random.default_rng(3)
     mag = np.abs(rng.normal(size=(64, 9, hidden))).astype(np.float32)
@@ -74,44 +74,42 @@ def test_massive_counting_shortcut_equals_the_median_rule(hidden):
     assert np.array_equal(got.reshape(-1, hidden), analyzer)
 
 
-@pytest.mark.parametrize("path", ["direct", "segments", "graph"])
+@pytest.mark.parametrize("path", ["direct", "segments"])
 def test_ring_and_populations_equal_direct_sums(path, monkeypatch):
-    # "graph": the fixed-shape index_add_ path a CUDA graph records, forced here on the CPU;
-    # "segments": the per-slot partial sums used outside graphs on a GPU; "direct": the CPU's
-    # in-place index_add_ of the rows that need it.
-    monkeypatch.setattr(summary, "capturing_graph", lambda: path == "graph")
+    # "segments": the per-slot partial sums used on a GPU; "direct": the CPU's in-place
+    # index_add_ of the rows that need it.
     monkeypatch.setattr(summary, "_segments_path", lambda device: path == "segments")
-    """Chunked steps, two requests with different keep rules, an async-style extra forward:
-    the device sums (committed + valid ring) equal summing each kept token's quantities."""
-    layers, hidden, rows, block_size = 2, 32, 16, 4
+    """Chunked steps, two requests with different keep rules, an async-style extra forward,
+    each step's rows in a buffer with rows of no summary request between them: the device
+    sums (committed + valid ring) equal summing each kept token's quantities."""
+    layers, hidden, rows = 2, 32, 40
     state = summary.SummaryState.allocate(
         2, layers, hidden, rows, torch.float32, vocab_size=50, special_ids=[5]
     )
-    state.bind_blocks(num_blocks=32, block_size=block_size)
     state.block_tokens = 3  # several blocks per step
     x = torch.from_numpy(site_vectors(40, layers, hidden, seed=1))
     tokens = torch.arange(40) % 7  # token 5 is special
     plan = {0: ("all", 0, 12), 1: ("every", 3, 10)}  # slot: (mode, every, prompt length)
-    blocks = {0: list(range(0, 10)), 1: list(range(10, 20))}
     for slot, (mode, every, prompt) in plan.items():
         state.start_slot(slot, mode if mode != "every" else "all", every, prompt)
-        state.block_owner[torch.as_tensor(blocks[slot])] = slot
     steps = [{0: range(0, 9), 1: range(0, 6)}, {0: range(9, 12), 1: range(6, 11)}]
     steps += [{0: [p], 1: [p - 1]} for p in range(12, 16)]
     for step in steps:
-        pos, slot_ids, idx = [], [], []
+        pos, owner, idx = [], [], []
         for slot, ps in step.items():
             for p in ps:
                 pos.append(p)
-                slot_ids.append(blocks[slot][p // block_size] * block_size + p % block_size)
+                owner.append(slot)
                 idx.append(p + 20 * slot)  # each request its own vectors
         n = len(pos)
-        xs = x[torch.as_tensor(idx) % 40]
-        state.embedding[:n] = xs[:, 0]
-        state.tokens[:n] = tokens[torch.as_tensor(idx) % 40]
-        buffer = xs[:, 1:]
-        state.accumulate(buffer, torch.as_tensor(pos + [-1] * (rows - n)),
-                         torch.as_tensor(slot_ids + [-1] * (rows - n)))  # fmt: skip
+        # Every other buffer row belongs to no summary request (all zeros, token 0).
+        rows = torch.arange(n) * 2 + 1
+        xs = torch.zeros(2 * n + 1, *x.shape[1:])
+        xs[rows] = x[torch.as_tensor(idx) % 40]
+        state.embedding[: 2 * n + 1] = xs[:, 0]
+        state.tokens[: 2 * n + 1] = 0
+        state.tokens[rows] = tokens[torch.as_tensor(idx) % 40]
+        state.accumulate(xs[:, 1:], rows, torch.as_tensor(pos), torch.as_tensor(owner))
     # Request 0 ends at position 14 (position 15 was the extra forward); request 1 at 13.
     for slot, last_pos in ((0, 14), (1, 13)):
         result = summary.read_slot(state, slot, last_pos)

@@ -18,6 +18,10 @@ channels, and their squares, into the float32 slot of the request that owns the 
 on the device from the token's KV slot and a block -> slot table the connector refreshes before
 each forward. Raw tensors of these widths (25600 per layer for Qwen3-32B) are never stored.
 Slots are few (`VLLM_ACTIVATIONS_CHANNEL_STATS_SLOTS`, default 16; 0 turns the op off).
+
+Summary capture adds two copies to the forward (layer 0's input, the embedding, and the token
+ids); its arithmetic runs after the forward, outside CUDA graphs, in the connector's
+`wait_for_save` (summary.py), so steps without a summary request pay nothing for it.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ direct_register_custom_op(
 
 def _summary_running() -> SummaryState | None:
     summary = _STATE.summary if _STATE is not None else None
-    if summary is None or summary.block_owner is None:
+    if summary is None or not summary.bound:
         return None  # profiling and warm-up runs before the KV cache exists
     if not summary.active and not _graph_capturing():
         return None
@@ -133,17 +137,6 @@ def _record_tokens_op(input_ids: torch.Tensor, tokens: torch.Tensor) -> None:
         tokens[: input_ids.shape[0]].copy_(input_ids)
 
 
-def _summarize_op(
-    buffer: torch.Tensor, row_positions: torch.Tensor, row_slots: torch.Tensor, marker: torch.Tensor
-) -> None:
-    # After the last layer's copy: every site of every row is in the buffer. `marker` (a
-    # tensor the op mutates) keeps the compiler from dropping an op without outputs.
-    summary = _summary_running()
-    if summary is not None:
-        n = row_positions.shape[0]
-        summary.accumulate(buffer[:n], row_positions, row_slots)
-
-
 def _no_output(*args) -> None:
     return None
 
@@ -151,7 +144,6 @@ def _no_output(*args) -> None:
 for _name, _func, _mutated in (
     ("record_embedding", _record_embedding_op, "embedding"),
     ("record_tokens", _record_tokens_op, "tokens"),
-    ("summarize", _summarize_op, "marker"),
 ):
     direct_register_custom_op(
         op_name=_name,
@@ -379,13 +371,6 @@ class CapturingDecoderLayer(nn.Module):
         torch.ops.vllm_activations.capture_residuals(
             hidden_states, residual, self.capture_buffer, self.capture_slot
         )
-        if self.summary_marker is not None:  # the last layer
-            torch.ops.vllm_activations.summarize(
-                self.capture_buffer,
-                self.capture_row_positions[: hidden_states.shape[0]],
-                self.capture_row_slots,
-                self.summary_marker,
-            )
         return hidden_states, residual
 
 
@@ -563,11 +548,8 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
         )  # fmt: skip
     summary = state.summary
     for index, layer in enumerate(layers):
-        last = index == num_layers - 1
         embedding = summary.embedding if summary is not None and index == 0 else None
-        marker = summary.sums["content"].count if summary is not None and last else None
         layer.register_buffer("summary_embedding", embedding, persistent=False)
-        layer.register_buffer("summary_marker", marker, persistent=False)
     tokens = summary.tokens if summary is not None else None
     model.register_buffer("summary_tokens", tokens, persistent=False)
     set_capture_state(state)

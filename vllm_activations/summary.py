@@ -22,9 +22,16 @@ disjoint parts, `content` and `rest` (each token added once); `all` is their sum
 request is known only after async scheduling may have forwarded one token past it, so each
 slot keeps its two newest kept tokens' site vectors in a ring (index = kept-order parity) and
 adds a token to its sums only when a newer one evicts it (its quantities computed then); at
-the end the ring's valid entries are added and the newest is the `last` population. While a
-CUDA graph is recorded every shape is fixed and nothing syncs with the host; outside graphs
-only the rows that need work get it. Token blocks are bounded (`block_tokens`).
+the end the ring's valid entries are added and the newest is the `last` population. Token
+blocks are bounded (`block_tokens`).
+
+Where it runs: after the forward, in the connector's `wait_for_save` (eager, never inside a
+CUDA graph), only on steps that schedule a summary request and only on the rows that need
+work. The connector picks a request's rows with the same function that picks a raw capture's
+(its positions this step, in its KV slots), so a summary always describes the rows a raw
+capture of the same request would hold. The model's forward records just the embedding and
+the token ids (two graph-safe copies); a step with no summary request does no summary work
+at all, as in stock vLLM.
 """
 
 from __future__ import annotations
@@ -95,22 +102,15 @@ def token_quantities(x: torch.Tensor, boundary: torch.Tensor) -> dict[str, torch
     peak = mag.amax(2)
     bound = _massive_bounds(mag, peak)  # above the threshold and ratio x the median
     flag_rows = peak > bound  # the (token, site) rows with any massive activation
-    if capturing_graph():  # fixed shapes
-        flags = mag > bound[:, :, None]
-    else:  # a few rows at most: compared only there
-        flags = torch.zeros_like(mag, dtype=torch.bool)
-        at = torch.nonzero(flag_rows, as_tuple=True)
-        if at[0].numel():
-            flags[at] = mag[at] > bound[at][:, None]
+    flags = torch.zeros_like(mag, dtype=torch.bool)  # a few rows at most: compared only there
+    at = torch.nonzero(flag_rows, as_tuple=True)
+    if at[0].numel():
+        flags[at] = mag[at] > bound[at][:, None]
     return {
         "cos": cos, "angle": angle, "ratio": ratio, "sq": sq, "norms": norms,
         "kurtosis": kurtosis, "hoyer": hoyer, "x": x, "x64": x64, "mag": mag, "flags": flags,
         "flag_rows": flag_rows,
     }  # fmt: skip
-
-
-def capturing_graph() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _median(mag: torch.Tensor) -> torch.Tensor:
@@ -126,17 +126,14 @@ def _massive_bounds(mag: torch.Tensor, peak: torch.Tensor | None = None) -> torc
     """Per (token, site), a bound with `mag > bound` exactly the massive activations of Sun
     et al.'s rule, |x| > max(threshold, ratio x median |x|) (the median as numpy's).
 
-    A CUDA graph needs fixed shapes, so while one is recorded every row gets its median.
-    Outside graphs only rows whose max |x| exceeds the threshold can flag anything, and most
-    of those are decided without a median by counting: a candidate e is flagged iff the
+    Only rows whose max |x| exceeds the threshold can flag anything, and most of those are
+    decided without a median by counting: a candidate e is flagged iff the
     median is below e / ratio, and the median is below a cut c when more than half the row
     (k + 1 values, k = H // 2) is below c, and at least c when fewer than k values are. So
     when k + 1 values lie below the smallest candidate / ratio, every candidate is flagged;
     when fewer than k lie below the largest / ratio, none is (a relative margin covers
     float rounding). Only the remaining rows (about 1 in H for a single candidate) take the
     exact median. `peak`: mag's max over channels, when the caller has it."""
-    if capturing_graph():
-        return torch.clamp(MASSIVE_RATIO * _median(mag), min=MASSIVE_THRESHOLD)
     peak = mag.amax(2) if peak is None else peak
     bound = torch.full_like(peak, MASSIVE_THRESHOLD)
     cand = torch.nonzero(peak > MASSIVE_THRESHOLD, as_tuple=True)
@@ -198,12 +195,10 @@ class PopulationSums:
             self.x_sq_sum, self.absmax, self.massive_count, self.massive_tokens,
         ]  # fmt: skip
 
-    def add(self, owner: torch.Tensor, q: dict[str, torch.Tensor], sparse: bool = False) -> None:
-        """Add token quantities `q` (with `cos_sq` and `x_sq`, see `with_squares`)
-        into the slots `owner` [T] (the trash slot for others) with `index_add_`: fixed
-        shapes, no host sync (the path a CUDA graph records). `sparse` (outside graphs): the
-        massive flags, a few per row, are added where they are instead of as a dense [T, S, H]
-        count."""
+    def add(self, owner: torch.Tensor, q: dict[str, torch.Tensor]) -> None:
+        """Add token quantities `q` (with `cos_sq` and `x_sq`, see `with_squares`) into the
+        slots `owner` [T] (the trash slot for others) with `index_add_`; the massive flags, a
+        few per row, are added where they are instead of as a dense [T, S, H] count."""
         self.count.index_add_(0, owner, torch.ones_like(owner))
         self.pairs["cos_sum"].index_add_(0, owner, q["cos"])
         self.pairs["cos_sq_sum"].index_add_(0, owner, q["cos_sq"])
@@ -216,19 +211,16 @@ class PopulationSums:
         self.x_sum.index_add_(0, owner, q["x64"])
         self.x_sq_sum.index_add_(0, owner, q["x_sq"])
         self.absmax.index_reduce_(0, owner, q["mag"].float(), "amax")
-        if sparse:  # the flagged rows first (a [T, S] search), then their channels
-            t, s = torch.nonzero(q["flag_rows"], as_tuple=True)
-            if t.numel():
-                row, h = torch.nonzero(q["flags"][t, s], as_tuple=True)
-                ones = torch.ones_like(row, dtype=self.massive_count.dtype)
-                self.massive_count.index_put_((owner[t[row]], s[row], h), ones, accumulate=True)
-        else:
-            self.massive_count.index_add_(0, owner, q["flags"].int())
+        t, s = torch.nonzero(q["flag_rows"], as_tuple=True)  # the flagged rows, then channels
+        if t.numel():
+            row, h = torch.nonzero(q["flags"][t, s], as_tuple=True)
+            ones = torch.ones_like(row, dtype=self.massive_count.dtype)
+            self.massive_count.index_put_((owner[t[row]], s[row], h), ones, accumulate=True)
         self.massive_tokens.index_add_(0, owner, q["flag_rows"].long())
 
     def add_partials(self, slots: torch.Tensor, part: dict[str, torch.Tensor]) -> None:
         """Add per-slot partial sums (`partials`) into distinct `slots` [k]: gathers and
-        scatters of whole slot rows, no atomics (the fast path outside CUDA graphs)."""
+        scatters of whole slot rows, no atomics (the fast path on a GPU)."""
         self.count[slots] += part["count"]
         self.pairs["cos_sum"][slots] += part["cos"]
         self.pairs["cos_sq_sum"][slots] += part["cos_sq"]
@@ -286,9 +278,9 @@ def with_squares(q: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _segments_path(device: torch.device) -> bool:
-    """Outside graphs on a GPU, a slot's rows are summed first (`partials`): `index_add_`
-    there is one atomic add per row and element, and a prefill's rows all go to one slot.
-    On the CPU `index_add_` adds row by row in place, the cheapest way."""
+    """On a GPU a slot's rows are summed first (`partials`): `index_add_` there is one
+    atomic add per row and element, and a prefill's rows all go to one slot. On the CPU
+    `index_add_` adds row by row in place, the cheapest way."""
     return device.type == "cuda"
 
 
@@ -299,9 +291,9 @@ class SummaryState:
     Per slot: the keep rule (mode, prompt length, K), the sums of `all` and `content`, and a
     ring of its two newest kept tokens (valid, position, content flag and the token's site
     vectors in the model's dtype; its quantities are computed once, when it joins the sums or
-    is read out). `block_owner` maps each KV block to its slot (set by the connector before each
-    forward); `special` marks special token ids; `embedding` and `tokens` are filled by the
-    model (layer 0's input, the forward's token ids).
+    is read out). `special` marks special token ids; `embedding` and `tokens` are filled by the
+    model (layer 0's input, the forward's token ids) while `active` (set by the connector
+    before each forward: a summary request is scheduled) and `bound` (the KV cache exists).
     """
 
     slots: int
@@ -320,8 +312,7 @@ class SummaryState:
     embedding: torch.Tensor
     tokens: torch.Tensor
     boundary: torch.Tensor
-    block_owner: torch.Tensor | None = None
-    block_size: int = 0
+    bound: bool = False
     active: bool = False
     special_ids: list[int] = field(default_factory=list)
 
@@ -368,12 +359,6 @@ class SummaryState:
         tensors = [t for p in self.sums.values() for t in p.tensors()] + [self.ring_x]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def bind_blocks(self, num_blocks: int, block_size: int) -> None:
-        self.block_owner = torch.full(
-            (num_blocks + 1,), self.slots, dtype=torch.long, device=self.special.device
-        )
-        self.block_size = block_size
-
     def start_slot(self, slot: int, positions: str, every: int, num_prompt: int) -> None:
         """Zero `slot` for a new (or recomputed) request with this keep rule."""
         for sums in self.sums.values():
@@ -387,19 +372,14 @@ class SummaryState:
         self.num_prompt[slot] = num_prompt
 
     def accumulate(
-        self, buffer: torch.Tensor, row_positions: torch.Tensor, row_slots: torch.Tensor
+        self, buffer: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, owner: torch.Tensor
     ) -> None:
-        """Add this forward's rows (capture buffer [rows, 2L, H] + embedding) to their slots."""
-        n = buffer.shape[0]
+        """After a forward: add buffer rows `rows` [k] (capture buffer [*, 2L, H] + the
+        embedding), at positions `pos` [k], to their slots `owner` [k]. The connector picks
+        them as it picks the rows the raw copy-out keeps (each request's positions this step,
+        in its KV slots), so a summary sees exactly a raw capture's rows. The keep rule of
+        each slot applies here; only the rows that join the sums are read."""
         trash = self.slots
-        pos = row_positions[:n]
-        slot_of_row = row_slots[:n]
-        block = torch.where(
-            slot_of_row >= 0,
-            torch.div(slot_of_row, max(self.block_size, 1), rounding_mode="floor"),
-            self.block_owner.shape[0] - 1,
-        )
-        owner = self.block_owner[block]
         mode = self.mode[owner]
         prompt = self.num_prompt[owner]
         every = self.every[owner]
@@ -413,76 +393,59 @@ class SummaryState:
         newest = torch.full_like(self.ring_position, -1)
         newest.index_reduce_(0, key, torch.where(keep, pos, torch.full_like(pos, -1)), "amax")
         winner = keep & (pos == newest[key])
-        content = (pos != 0) & ~self.special[self.tokens[:n].clamp(0, len(self.special) - 1)]
+        content = (pos != 0) & ~self.special[self.tokens[rows].clamp(0, len(self.special) - 1)]
         # Ring entries a newer token replaces join the sums now (never for `last` slots,
         # whose only token is the final one).
         slot_ids = torch.arange(trash + 1, device=pos.device).repeat_interleave(2)
         evict = (newest >= 0) & self.ring_valid & (self.mode[slot_ids] != MODE_CODES["last"])
         evict[2 * trash :] = False
-        graph = capturing_graph()
-        if graph:  # fixed shapes: every entry, the others into the trash slot
-            entries = torch.arange(len(evict), device=pos.device)
-            entry_owner = torch.where(evict, slot_ids, trash)
-        else:
-            entries = torch.nonzero(evict).flatten()
-            entry_owner = slot_ids[entries]
+        entries = torch.nonzero(evict).flatten()
         for start in range(0, len(entries), self.block_tokens):
             chunk = entries[start : start + self.block_tokens]
             q = token_quantities(self.ring_x[chunk].float(), self.boundary)
-            self._add(entry_owner[start : start + len(chunk)], self.ring_content[chunk], q)
+            self._add(slot_ids[chunk], self.ring_content[chunk], q)
         # This step's kept tokens: the newest of each slot's parity goes into the ring, the
         # others join the sums now (never for `last` slots, whose only token is the final one).
-        committed = keep & ~winner & (mode != MODE_CODES["last"])
-        for start in range(0, n, self.block_tokens):
-            rows = slice(start, min(n, start + self.block_tokens))
-            x = torch.cat([self.embedding[rows, None], buffer[rows]], dim=1)
-            if graph:
-                q = token_quantities(x.float(), self.boundary)
-                self._add(torch.where(committed[rows], owner[rows], trash), content[rows], q)
-                target = torch.where(winner[rows], key[rows], 2 * trash)
-                new = {"x": x, "pos": pos[rows], "content": content[rows], "valid": winner[rows]}
-            else:  # only the rows that need it: quantities of committed rows, winners' copies
-                done = torch.nonzero(committed[rows]).flatten()
-                if done.numel():
-                    q = token_quantities(x[done].float(), self.boundary)
-                    self._add(owner[rows][done], content[rows][done], q)
-                won = torch.nonzero(winner[rows]).flatten()
-                target = key[rows][won]
-                new = {"x": x[won], "pos": pos[rows][won], "content": content[rows][won]}
-                new["valid"] = torch.ones_like(new["content"])
-            self.ring_x.index_copy_(0, target, new["x"].to(self.ring_x.dtype))
-            self.ring_position.index_copy_(0, target, new["pos"])
-            self.ring_content.index_copy_(0, target, new["content"])
-            self.ring_valid.index_copy_(0, target, new["valid"])
+        done = torch.nonzero(keep & ~winner & (mode != MODE_CODES["last"])).flatten()
+        for start in range(0, len(done), self.block_tokens):
+            picked = done[start : start + self.block_tokens]
+            q = token_quantities(self._sites(buffer, rows[picked]).float(), self.boundary)
+            self._add(owner[picked], content[picked], q)
+        won = torch.nonzero(winner).flatten()
+        target = key[won]
+        self.ring_x.index_copy_(0, target, self._sites(buffer, rows[won]).to(self.ring_x.dtype))
+        self.ring_position.index_copy_(0, target, pos[won])
+        self.ring_content.index_copy_(0, target, content[won])
+        self.ring_valid.index_copy_(0, target, torch.ones_like(content[won]))
+
+    def _sites(self, buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Site vectors [len(rows), S, H] of these buffer rows: the embedding, then the layers."""
+        return torch.cat([self.embedding[rows, None], buffer[rows]], dim=1)
 
     def _add(self, owner: torch.Tensor, content: torch.Tensor, q: dict) -> None:
-        """Add tokens' quantities into their slots (`owner`, the trash slot for none): content
-        tokens into `content`, the others into `rest`."""
+        """Add tokens' quantities into their slots (`owner`): content tokens into `content`,
+        the others into `rest`."""
         trash = self.slots
-        graph = capturing_graph()
-        if not graph and _segments_path(owner.device):
+        if _segments_path(owner.device):
             for population, mask in (("content", content), ("rest", ~content)):
                 self._add_segments(self.sums[population], torch.where(mask, owner, trash), q)
             return
         q = with_squares(q)
         for population, mask in (("content", content), ("rest", ~content)):
-            if graph:
-                self.sums[population].add(torch.where(mask, owner, trash), q)
-                continue
             picked = torch.nonzero(mask).flatten()
             if picked.numel() == 0:
                 continue
             if picked.numel() == len(mask):
-                self.sums[population].add(owner, q, sparse=True)
+                self.sums[population].add(owner, q)
             elif 2 * picked.numel() > len(mask):  # most rows: the others into the trash slot
-                self.sums[population].add(torch.where(mask, owner, trash), q, sparse=True)
+                self.sums[population].add(torch.where(mask, owner, trash), q)
             else:  # a few rows (usually `rest`): just those
                 rows = {name: value[picked] for name, value in q.items()}
-                self.sums[population].add(owner[picked], rows, sparse=True)
+                self.sums[population].add(owner[picked], rows)
 
     def _add_segments(self, sums: PopulationSums, owner: torch.Tensor, q: dict) -> None:
-        """Outside CUDA graphs on a GPU: the rows of each slot summed first (vLLM keeps a
-        request's tokens together in the batch), then one gather-add-scatter per accumulator."""
+        """On a GPU: the rows of each slot summed first (vLLM keeps a request's tokens
+        together in the batch), then one gather-add-scatter per accumulator."""
         keep = torch.nonzero(owner != self.slots).flatten()
         if keep.numel() == 0:
             return

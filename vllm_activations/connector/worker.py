@@ -63,7 +63,7 @@ class CaptureWorker:
         if self._stats is not None:
             self._stats.bind_blocks(kv_cache_config.num_blocks, self.block_size)
         if self._summary is not None:
-            self._summary.bind_blocks(kv_cache_config.num_blocks, self.block_size)
+            self._summary.bound = True
             self._writer.special_ids = list(self._summary.special_ids)
 
     def bind(self, connector_metadata: CaptureStepMetadata | None) -> None:
@@ -126,12 +126,7 @@ class CaptureWorker:
             if entry is not None:  # recomputed from its first token
                 spec = self._active[req_id].spec
                 summary.start_slot(entry.slot, spec.positions, spec.every, entry.num_prompt)
-        owned = [
-            (self._summary_slots[r].slot, table)
-            for r, table in meta.block_tables.items()
-            if r in self._summary_slots
-        ]
-        _point_blocks(summary, owned)
+        summary.active = any(r in self._summary_slots for r in meta.block_tables)
 
     def _update_channel_stats(self, meta: CaptureStepMetadata) -> None:
         """Before the forward, on every TP rank: finished slots out, new and resumed slots
@@ -211,22 +206,24 @@ class CaptureWorker:
         self._num_tokens = int(num_tokens) if num_tokens is not None else None
 
     def wait_for_save(self, meta: CaptureStepMetadata) -> None:
-        """After the forward (inside a forward context on V1, outside on V2): copy this step's
-        capture rows out, then hand finished requests to the writer."""
+        """After the forward (inside a forward context on V1, outside on V2): add this step's
+        summary rows, copy its capture rows out, then hand finished requests to the writer."""
         for req_id, new in meta.new.items():
             self._active[req_id] = WorkerRequest(new=new, spec=CaptureSpec.from_dict(new.spec))
-        if meta.scheduled:
-            self._collect_rows(meta)
+        if any(count > 0 and r in self._active for r, (_, count) in meta.scheduled.items()):
+            owned = self._owned_rows(meta)
+            self._accumulate_summaries(owned)
+            self._collect_rows(owned)
         for req_id, fin in meta.finished.items():
             state = self._active.pop(req_id, None)
             if state is not None:
                 self._writer.submit(self.shard_dir, state, fin)
 
-    def _row_owners(
-        self, meta: CaptureStepMetadata
-    ) -> list[tuple[WorkerRequest, np.ndarray, np.ndarray]]:
-        """(request, positions, buffer rows) of every capture request's kept rows this step,
-        positions ascending, from the positions and KV slots the capture op recorded."""
+    def _owned_rows(self, meta: CaptureStepMetadata) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(positions, buffer rows) of each capture request's rows this step: inside the
+        positions it computes this step and in the KV slots its block table gives them (from
+        the positions and KV slots the forward recorded; an idle step's `wait_for_save`
+        follows no forward and schedules nothing). Raw rows and summary rows are both these."""
         capture = self._capture
         slots = capture.row_slots.cpu().numpy()
         positions = capture.row_positions.cpu().numpy()
@@ -235,10 +232,9 @@ class CaptureWorker:
         rows = np.flatnonzero(slots >= 0)
         row_slot, row_pos = slots[rows], positions[rows]
         row_block, row_offset = row_slot // self.block_size, row_slot % self.block_size
-        selected = []
+        owned = {}
         for req_id, (start, count) in meta.scheduled.items():
-            state = self._active.get(req_id)
-            if state is None or count <= 0 or not state.spec.tensors:
+            if count <= 0 or req_id not in self._active:
                 continue
             table = np.asarray(meta.block_tables.get(req_id, ()), dtype=np.int64)
             inside = np.flatnonzero((row_pos >= start) & (row_pos < start + count))
@@ -248,20 +244,50 @@ class CaptureWorker:
                 (table[index] == row_block[inside])
                 & (row_offset[inside] == row_pos[inside] % self.block_size)
             ]
-            pos = row_pos[mine]
+            if len(mine):
+                order = np.argsort(row_pos[mine], kind="stable")
+                owned[req_id] = (row_pos[mine[order]], rows[mine[order]])
+        return owned
+
+    def _accumulate_summaries(self, owned: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """The summary arithmetic, after the forward and outside any CUDA graph: eager, on the
+        summary requests' own rows only (each request's rows together, as the GPU path's
+        per-slot partial sums want)."""
+        picks = [
+            (self._summary_slots[r].slot, *owned[r]) for r in owned if r in self._summary_slots
+        ]
+        if not picks:
+            return
+        device = self._capture.buffer.device
+        pos = torch.as_tensor(np.concatenate([p for _, p, _ in picks]), device=device)
+        rows = torch.as_tensor(np.concatenate([r for _, _, r in picks]), device=device)
+        owner = torch.as_tensor(
+            np.concatenate([np.full(len(p), slot, dtype=np.int64) for slot, p, _ in picks]),
+            device=device,
+        )
+        self._summary.accumulate(self._capture.buffer, rows, pos, owner)
+
+    def _row_owners(
+        self, owned: dict[str, tuple[np.ndarray, np.ndarray]]
+    ) -> list[tuple[WorkerRequest, np.ndarray, np.ndarray]]:
+        """(request, positions, buffer rows) of every tensor capture's kept rows this step,
+        positions ascending: its keep rule applied to its owned rows."""
+        selected = []
+        for req_id, (pos, rows) in owned.items():
+            state = self._active[req_id]
+            if not state.spec.tensors:
+                continue
             if state.spec.positions == "last":  # the end is not known yet: the two newest
-                newest = np.argsort(pos, kind="stable")[-2:]
-                mine, pos = mine[newest], pos[newest]
+                pos, rows = pos[-2:], rows[-2:]
             else:
                 keep = state.spec.keeps_position(pos, len(state.new.prompt_token_ids))
-                mine, pos = mine[keep], pos[keep]
-            if len(mine):
-                order = np.argsort(pos, kind="stable")
-                selected.append((state, pos[order], rows[mine[order]]))
+                pos, rows = pos[keep], rows[keep]
+            if len(rows):
+                selected.append((state, pos, rows))
         return selected
 
-    def _collect_rows(self, meta: CaptureStepMetadata) -> None:
-        selected = self._row_owners(meta)
+    def _collect_rows(self, owned: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        selected = self._row_owners(owned)
         if not selected:
             return
         buffer = self._capture.buffer
