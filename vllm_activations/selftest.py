@@ -32,9 +32,10 @@ Checks per configuration:
    (e.g. after the next layer's in-place add+RMSNorm overwrote its input) shows up here; and
    each opt-in configuration's shards equal the default's.
 9. summary == its rows: concurrent `summary: true` captures (`all`, `every:3` on the 600-token
-   prompt, `generated`) that keep their float32 rows: the sums accumulated on the device (the
-   fixed-shape path CUDA graphs record) equal the analyzer's on the same rows, every
-   population, within 1e-4 (`actclient crosscheck`, client/actclient/analysis/crosscheck.py).
+   prompt, `generated`) that keep their float32 rows: the sums accumulated on the device
+   (after each forward, on the rows the connector gives each request) equal the analyzer's on
+   the same rows, every population, within 1e-4 (`actclient crosscheck`,
+   client/actclient/analysis/crosscheck.py).
 10. stop string: a request the front end ends on a stop string (and aborts in the engine)
    still gets its shard, with rows equal to a full capture's and a summary equal to its rows.
 
@@ -501,7 +502,7 @@ def _summary_faults(paths: list[Path]) -> list[str]:
 
 
 def check_summary(s: Session, prompts: list) -> CheckResult:
-    """Summary capture on the device path (CUDA graphs, batching, chunked prefill): concurrent
+    """Summary capture on the device (CUDA graphs, batching, chunked prefill): concurrent
     `summary: true` captures that keep their rows, each with another positions rule; each
     shard's device sums must equal the analysis of its own rows (within 1e-4; float32 rows,
     so both see the same values)."""
