@@ -389,51 +389,42 @@ def test_v1_capture_answers_shard_ids_and_urls_not_paths(server):
 
 @pytest.mark.integration
 def test_v1_capture_the_connector_refuses_is_400_like_generate(server):
-    """A capture id another request holds (still running, or finished with its shard on
-    disk): the connector refuses the second request, and /v1 answers that as
-    /generate_with_activations does (400 naming the field), not as a 200 carrying the error;
-    the refused request leaves no trace."""
+    """A capture id a running request holds: the connector refuses the second request, and /v1
+    answers that as /generate_with_activations does (400 naming the field), not as a 200
+    carrying the error; the refused request leaves no trace.
+
+    The first request streams straight from vLLM, so its first token proves it is running when
+    the second is sent (timing it, by a sleep or by polling vLLM's gauge, failed on CI both
+    ways: the second came first, or the first had finished and its shard made the second 409).
+    """
     capture_id = "v1-refused-twice"
     params = {"capture": {"layers": [0], "dtype": "float32"}, "capture_id": capture_id}
-    url, opts = f"{server.url}/v1/completions", {"headers": server.headers, "timeout": 120}
-    with cf.ThreadPoolExecutor(1) as pool:
-        first = pool.submit(
-            httpx.post,
-            url,
-            json=_v1_body(max_tokens=1600, ignore_eos=True, kv_transfer_params=params),
+    first = _v1_body(max_tokens=400, ignore_eos=True, stream=True, kv_transfer_params=params)
+    opts = {"headers": server.headers, "timeout": 120}
+    with httpx.stream("POST", f"{server.vllm_url}/v1/completions", json=first, **opts) as stream:
+        assert stream.status_code == 200, stream.read()
+        lines = stream.iter_lines()
+        assert any(line.startswith("data: {") for line in lines)  # a token: it is running
+        second = httpx.post(
+            f"{server.url}/v1/completions",
+            json=_v1_body(max_tokens=2, kv_transfer_params=params),
             **opts,
         )
-        wait_until_the_engine_has(server, first)  # 1600 tokens take seconds
-        second = httpx.post(url, json=_v1_body(max_tokens=2, kv_transfer_params=params), **opts)
-        assert first.result().status_code == 200, first.result().text
+        assert "data: [DONE]" in list(lines)
     assert second.status_code == 400, second.text
     error = second.json()["error"]
     assert error["field"] == "kv_transfer_params.capture.capture_id", error
     assert "already in use" in error["message"] and str(server.shard_dir) not in second.text
-    assert (server.shard_dir / f"{capture_id}.h5").is_file()
+    wait_for_shard_file(server.shard_dir / f"{capture_id}.h5")
     assert not (server.shard_dir / f"{capture_id}.error.json").exists()
 
 
-def wait_until_the_engine_has(server, request: cf.Future, timeout: float = 120.0) -> None:
-    """Until vLLM's own gauge shows a running request, or `request` has its answer (a fixed
-    sleep let a slow machine send the second request first, which then took the shard id;
-    CI once saw the first finish before a poll of the gauge saw it running)."""
+def wait_for_shard_file(path: Path, timeout: float = 120.0) -> None:
+    """The streamed request's shard, written after its last token."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if request.done():
-            answer = request.result()
-            assert answer.status_code == 200, f"{answer.status_code} {answer.text[:300]}"
-            return
-        metrics = httpx.get(f"{server.vllm_url}/metrics", timeout=30).text
-        running = sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("vllm:num_requests_running")
-        )
-        if running >= 1:
-            return
+    while not path.is_file():
+        assert time.monotonic() < deadline, f"no shard {path.name} within {timeout:.0f} s"
         time.sleep(0.05)
-    raise AssertionError(f"no request started running within {timeout:.0f} s")
 
 
 @pytest.mark.integration
