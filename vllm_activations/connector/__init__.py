@@ -17,18 +17,21 @@ boundary, called in every runner and CUDA-graph mode, with no monkey-patching.
   activations would be missing; the request still populates the cache for others). Specs for
   `generated` or `last` positions keep their cache hits: vLLM recomputes the last prompt
   token and every generated one. `build_connector_meta` ships, each step, the
-  block table of every scheduled capture request and the requests that finished.
+  token range every scheduled capture request computes, the KV blocks those tokens go to (one
+  per request on a decode step, not its whole table) and the requests that finished.
   `request_finished` returns the shard path to the client as `kv_transfer_params`.
 - Worker side (TP rank 0 only; the residual stream is replicated across TP ranks):
   `wait_for_save` runs after each forward. It needs no forward context (Model Runner V2 calls
   it after the context has closed, and in FULL CUDA-graph mode there never is one): the
   capture op itself records each batch row's absolute position and KV slot (capture.py). A
   row belongs to the scheduled capture request whose block table holds the row's block at
-  index `position // block_size` AND whose tokens scheduled this step (computed-token offset
-  .. + scheduled count, shipped by the scheduler) include the position: a block two requests
-  share (a prefix-cache hit) is computed by one of them only, so ownership is unique by
-  construction, under any batch order, chunked prefill and preemption (rows are keyed by
-  position, so a recomputed row replaces the old one). Rows at or past a finished request's
+  index `position // block_size` (the shipped blocks start at index `start // block_size`)
+  AND whose tokens scheduled this step (computed-token offset .. + scheduled count, shipped by
+  the scheduler) include the position: a block two requests share (a prefix-cache hit) is
+  computed by one of them only, so ownership is unique by construction, under any batch
+  order, chunked prefill and preemption (rows are keyed by position, so a recomputed row
+  replaces the old one). One vectorized pass over the rows finds their owners (no loop over
+  requests). Rows at or past a finished request's
   last forwarded position P+G-2 (async scheduling forwards one more token after an EOS) are
   dropped. Finished requests are handed to a writer thread that checks every expected
   position is present and writes the shard atomically, or writes `<capture_id>.error.json`
@@ -95,7 +98,7 @@ class ActivationCaptureConnector(KVConnectorBase_V1):
         self.scheduler: CaptureScheduler | None = None
         self.worker: CaptureWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = CaptureScheduler(vllm_config, self.shard_dir, num_layers)
+            self.scheduler = CaptureScheduler(vllm_config, self.shard_dir, num_layers, block_size)
         else:
             self.worker = CaptureWorker(
                 vllm_config, kv_cache_config, self.shard_dir, block_size, num_layers

@@ -50,7 +50,9 @@ class CaptureStepMetadata(KVConnectorMetadata):
 
     block_tables and scheduled cover the capture requests scheduled this step: scheduled[r] is
     (first position computed this step, number of tokens scheduled), i.e. the request's
-    num_computed_tokens and num_scheduled_tokens.
+    num_computed_tokens and num_scheduled_tokens; block_tables[r] the KV blocks those
+    positions are written to, the request's block table from index start // block_size (a
+    decode step: one block).
     """
 
     new: dict[str, NewCapture] = field(default_factory=dict)

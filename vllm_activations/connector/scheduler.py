@@ -1,5 +1,6 @@
 """Scheduler side (engine core): validates capture specs, hands out device slots, and ships
-each step's block tables and scheduled token ranges of capture requests to the workers."""
+each step's scheduled token ranges of capture requests, with the KV blocks those tokens are
+written to, to the workers."""
 
 from __future__ import annotations
 
@@ -64,11 +65,12 @@ class _SlotPool:
 class CaptureScheduler:
     """The connector's scheduler role: one per engine core."""
 
-    def __init__(self, vllm_config, shard_dir: Path, num_layers: int) -> None:
+    def __init__(self, vllm_config, shard_dir: Path, num_layers: int, block_size: int) -> None:
         from vllm_activations.capture import channel_stats_slots, summary_slots
 
         self.shard_dir = shard_dir
         self.num_layers = num_layers
+        self.block_size = block_size
         self._requests: dict[str, _SchedulerRequest] = {}
         self._errors: dict[str, str] = {}
         self._finished: dict[str, FinishedCapture] = {}
@@ -150,7 +152,7 @@ class CaptureScheduler:
                     stats_slot=state.stats_slot,
                     summary_slot=state.summary_slot,
                 )
-            meta.block_tables[new_req.req_id] = state.block_ids
+            meta.block_tables[new_req.req_id] = self._written_blocks(state, meta, new_req.req_id)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             state = self._requests.get(req_id)
@@ -163,8 +165,18 @@ class CaptureScheduler:
                 meta.resumed.add(req_id)
             elif new_ids is not None:
                 state.block_ids.extend(new_ids[0])
-            meta.block_tables[req_id] = list(state.block_ids)
+            meta.block_tables[req_id] = self._written_blocks(state, meta, req_id)
         return meta
+
+    def _written_blocks(self, state: _SchedulerRequest, meta: CaptureStepMetadata, req_id: str):
+        """The KV blocks this step's tokens of `req_id` are written to: its block table from
+        index start // block_size, covering positions start .. start + count - 1. Only these
+        hold rows of this step (a decode step ships one block per request, not its table)."""
+        start, count = meta.scheduled[req_id]
+        if count <= 0:
+            return []
+        first, last = start // self.block_size, (start + count - 1) // self.block_size
+        return state.block_ids[first : last + 1]
 
     def request_finished(self, request):
         """Tell the client where its shard will be; the worker writes it next step."""

@@ -5,6 +5,7 @@ rows and columns they keep."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -220,34 +221,18 @@ class CaptureWorker:
                 self._writer.submit(self.shard_dir, state, fin)
 
     def _owned_rows(self, meta: CaptureStepMetadata) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """(positions, buffer rows) of each capture request's rows this step: inside the
-        positions it computes this step and in the KV slots its block table gives them (from
-        the positions and KV slots the forward recorded; an idle step's `wait_for_save`
+        """(positions, buffer rows) of each capture request's rows this step (`owned_rows`),
+        from the positions and KV slots the forward recorded (an idle step's `wait_for_save`
         follows no forward and schedules nothing). Raw rows and summary rows are both these."""
         capture = self._capture
         slots = capture.row_slots.cpu().numpy()
         positions = capture.row_positions.cpu().numpy()
         if self._num_tokens is not None:
             slots, positions = slots[: self._num_tokens], positions[: self._num_tokens]
-        rows = np.flatnonzero(slots >= 0)
-        row_slot, row_pos = slots[rows], positions[rows]
-        row_block, row_offset = row_slot // self.block_size, row_slot % self.block_size
-        owned = {}
-        for req_id, (start, count) in meta.scheduled.items():
-            if count <= 0 or req_id not in self._active:
-                continue
-            table = np.asarray(meta.block_tables.get(req_id, ()), dtype=np.int64)
-            inside = np.flatnonzero((row_pos >= start) & (row_pos < start + count))
-            index = row_pos[inside] // self.block_size
-            inside, index = inside[index < len(table)], index[index < len(table)]
-            mine = inside[
-                (table[index] == row_block[inside])
-                & (row_offset[inside] == row_pos[inside] % self.block_size)
-            ]
-            if len(mine):
-                order = np.argsort(row_pos[mine], kind="stable")
-                owned[req_id] = (row_pos[mine[order]], rows[mine[order]])
-        return owned
+        scheduled = {
+            r: span for r, span in meta.scheduled.items() if span[1] > 0 and r in self._active
+        }
+        return owned_rows(slots, positions, scheduled, meta.block_tables, self.block_size)
 
     def _accumulate_summaries(self, owned: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """The summary arithmetic, after the forward and outside any CUDA graph: eager, on the
@@ -348,6 +333,67 @@ class CaptureWorker:
 
     def shutdown(self) -> None:
         self._writer.close()
+
+
+def owned_rows(
+    slots: np.ndarray,
+    positions: np.ndarray,
+    scheduled: dict[str, tuple[int, int]],
+    blocks: dict[str, list[int]],
+    block_size: int,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(positions ascending, buffer rows) of each request's rows in a step's batch, whose rows
+    have KV slot `slots` [N] (negative: padding) and position `positions` [N]. A row is a
+    request's when the position is among those it computes this step (`scheduled[r]` = first
+    position, count) and its KV slot is that position's own: block `blocks[r][position //
+    block_size - start // block_size]` (the blocks shipped for the range), offset `position %
+    block_size`. Rows of a padded batch that repeat an earlier row's position and slot
+    (stale), padding and other requests' rows join none.
+
+    One pass over the rows, no loop over requests: the shipped blocks are sorted once, each
+    row's block is looked up in them (a block in two requests' lists, which a step never
+    writes for both, is looked up for each), and the matches are checked and grouped."""
+    if not scheduled:
+        return {}
+    rows = np.flatnonzero(slots >= 0)
+    if not len(rows):
+        return {}
+    reqs = list(scheduled)
+    spans = np.array([scheduled[r] for r in reqs], dtype=np.int64).reshape(-1, 2)
+    lists = [blocks.get(r, ()) for r in reqs]
+    sizes = np.fromiter(map(len, lists), dtype=np.int64, count=len(reqs))
+    flat = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(sizes.sum()))
+    owner = np.repeat(np.arange(len(reqs)), sizes)  # the request of each shipped block
+    first = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    # the block-table index each shipped block stands at
+    index = np.arange(len(flat)) - first + np.repeat(spans[:, 0] // block_size, sizes)
+    order = np.argsort(flat, kind="stable")
+    ordered = flat[order]
+    row_slot, row_pos = slots[rows].astype(np.int64), positions[rows].astype(np.int64)
+    row_block = row_slot // block_size
+    lo = np.searchsorted(ordered, row_block, side="left")
+    hits = np.searchsorted(ordered, row_block, side="right") - lo  # usually 0 or 1
+    candidate = np.repeat(np.arange(len(rows)), hits)  # (row, shipped block) pairs
+    at = order[np.repeat(lo - (np.cumsum(hits) - hits), hits) + np.arange(len(candidate))]
+    pos, req = row_pos[candidate], owner[at]
+    start, count = spans[req, 0], spans[req, 1]
+    mine = (
+        (pos >= start)
+        & (pos < start + count)
+        & (index[at] == pos // block_size)
+        & (row_slot[candidate] % block_size == pos % block_size)
+    )
+    candidate, pos, req = candidate[mine], pos[mine], req[mine]
+    grouped = np.lexsort((pos, req))  # by request, then position; ties keep row order
+    candidate, pos, req = candidate[grouped], pos[grouped], req[grouped]
+    cuts = np.flatnonzero(np.diff(req)) + 1
+    return {
+        reqs[int(r[0])]: (p, rows[c])
+        for r, p, c in zip(
+            np.split(req, cuts), np.split(pos, cuts), np.split(candidate, cuts), strict=True
+        )
+        if len(r)
+    }
 
 
 def _point_blocks(state, owned: list[tuple[int, list[int]]]) -> None:  # noqa: ANN001
