@@ -129,7 +129,11 @@ def protocol_env(embedded_models, tmp_path_factory):
             kv_connector_extra_config={"shard_dir": str(shard_dir)},
         ),
         additional_config={
-            "vllm_activations": {"channel_stats_slots": SLOTS, "summary_slots": SLOTS}
+            "vllm_activations": {
+                "channel_stats_slots": SLOTS,
+                "summary_slots": SLOTS,
+                "last_token_slots": SLOTS,
+            }  # fmt: skip
         },
     ).create_engine_config()
     hf = config.model_config.hf_config
@@ -170,6 +174,7 @@ def protocol_env(embedded_models, tmp_path_factory):
             SLOTS, hf.num_hidden_layers, hf.hidden_size, ROWS, torch.float32,
             vocab_size=hf.vocab_size, special_ids=[SPECIAL],
         )  # fmt: skip
+        state.last_rows = torch.zeros(2 * SLOTS, 2 * hf.num_hidden_layers, hf.hidden_size)
         capture.set_capture_state(state)
         kv_transfer_state.ensure_kv_transfer_initialized(config, kv_cache_config)
         worker = kv_transfer_state.get_kv_transfer_group()
@@ -591,6 +596,35 @@ def test_async_scheduling_extra_step_after_eos_is_dropped(protocol_env, layout, 
     replay.finish(sim, 2)  # only now does the scheduler learn of the EOS
     replay.idle_step()
     check_shard(env, sim, name, 24, 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_last_token_rows_on_the_device_and_through_the_host(protocol_env, layout):
+    """More `last` requests than device slots: the first SLOTS keep their two newest rows on
+    the device, the rest go through the host as before, all with async scheduling's extra
+    forward and a stale padded row; a request that takes a finished one's slot in the very
+    step that finished one is read out does not overwrite it first."""
+    env, replay = protocol_env, Replay(protocol_env, layout)
+    pool = env.scheduler.scheduler._requests
+    sims = [replay.add(f"last{i}-{layout}", 10 + i, {"positions": "last"}) for i in range(6)]
+    slots = [pool[s.request.request_id].last_slot for s in sims]
+    assert sorted(slots[:SLOTS]) == list(range(SLOTS)) and slots[SLOTS:] == [None, None]
+    replay.step({s: 10 + i for i, s in enumerate(sims)})  # prefills: output token 1
+    replay.step(dict.fromkeys(sims, 1))  # first decode: token 2, EOS for sims[0]
+    replay.step(dict.fromkeys(sims, 1), stale=[(sims[0], 3)])  # sims[0]'s extra forward
+    replay.finish(sims[0], 2)
+    late = replay.add(f"last-late-{layout}", 12, {"positions": "last"})
+    assert pool[late.request.request_id].last_slot == slots[0]  # the finished one's slot
+    replay.step({late: 12, **dict.fromkeys(sims[1:], 1)})  # sims[0] read out, late written
+    replay.step({late: 1, **dict.fromkeys(sims[1:], 1)})
+    for sim in [late, *sims[1:]]:  # forwarded up to P+G-2: no extra forward for these
+        replay.finish(sim, 5 if sim is not late else 2)
+    replay.idle_step()
+    check_shard(env, sims[0], f"last0-{layout}", 10, 2)
+    for i, sim in enumerate(sims[1:], start=1):
+        check_shard(env, sim, f"last{i}-{layout}", 10 + i, 5)
+    check_shard(env, late, f"last-late-{layout}", 12, 2)
+    assert env.worker.worker._last_slots == {}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

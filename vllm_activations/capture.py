@@ -39,7 +39,9 @@ from vllm_activations.contract.spec import CHANNEL_KINDS
 from vllm_activations.plugin import (
     CHANNEL_STATS_SLOTS_ENV,
     DEFAULT_CHANNEL_STATS_SLOTS,
+    DEFAULT_LAST_TOKEN_SLOTS,
     DEFAULT_SUMMARY_SLOTS,
+    LAST_TOKEN_SLOTS_ENV,
     PLUGIN_CONFIG_KEY,
     SUMMARY_SLOTS_ENV,
 )
@@ -236,6 +238,13 @@ def summary_slots(vllm_config=None) -> int:  # noqa: ANN001 - vllm's VllmConfig
     return _slot_setting(vllm_config, "summary_slots", SUMMARY_SLOTS_ENV, DEFAULT_SUMMARY_SLOTS)
 
 
+def last_token_slots(vllm_config=None) -> int:  # noqa: ANN001 - vllm's VllmConfig
+    """`positions: "last"` requests that may keep their newest rows on the device at once."""
+    return _slot_setting(
+        vllm_config, "last_token_slots", LAST_TOKEN_SLOTS_ENV, DEFAULT_LAST_TOKEN_SLOTS
+    )
+
+
 def plugin_settings(vllm_config) -> dict:  # noqa: ANN001 - vllm's VllmConfig
     """The plugin's settings in vLLM's `additional_config` (empty when not launched by us)."""
     extra = getattr(vllm_config, "additional_config", None) or {}
@@ -304,6 +313,9 @@ class CaptureState:
     host_staging: torch.Tensor | None = None
     channel_stats: ChannelStatsState | None = None
     summary: SummaryState | None = None
+    # [2 * slots, 2L, H]: per last-token slot the rows of its two newest positions (entry
+    # 2 * slot + position % 2), written after each forward, read once when the request ends.
+    last_rows: torch.Tensor | None = None
     # Per layer: whether a request scheduled this step captures it (set by the connector).
     wanted: list[bool] = field(default_factory=list)
 
@@ -326,6 +338,11 @@ class CaptureState:
                 for t in group.values()
             )
             text += f"; channel statistics {stats.slots} slots = {nbytes / 2**30:.2f} GiB"
+        if self.last_rows is not None:
+            nbytes = self.last_rows.numel() * self.last_rows.element_size()
+            text += (
+                f"; last-token rows {self.last_rows.shape[0] // 2} slots = {nbytes / 2**30:.2f} GiB"
+            )
         if self.summary is not None:
             text += (
                 f"; summaries {self.summary.slots} slots = {self.summary.nbytes() / 2**30:.2f} GiB"
@@ -536,6 +553,12 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
     slots = channel_stats_slots(vllm_config)
     if slots:
         state.channel_stats = _install_channel_stats(layers, num_layers, slots, state.buffer.device)
+    slots = last_token_slots(vllm_config)
+    if slots:
+        state.last_rows = torch.zeros(
+            (2 * slots, *state.buffer.shape[1:]), dtype=state.buffer.dtype,
+            device=state.buffer.device,
+        )  # fmt: skip
     slots = summary_slots(vllm_config)
     if slots:
         from vllm_activations.contract.tokens import special_token_ids_of

@@ -36,8 +36,10 @@ from vllm_activations.plugin import (
     CONNECTOR_MODULE,
     CONNECTOR_NAME,
     DEFAULT_CHANNEL_STATS_SLOTS,
+    DEFAULT_LAST_TOKEN_SLOTS,
     DEFAULT_SHARD_WRITERS,
     DEFAULT_SUMMARY_SLOTS,
+    LAST_TOKEN_SLOTS_ENV,
     PLUGIN_CONFIG_KEY,
     SHARD_WRITERS_ENV,
     SUMMARY_SLOTS_ENV,
@@ -199,6 +201,8 @@ def vllm_environment(args: argparse.Namespace) -> dict[str, str]:
         env[SUMMARY_SLOTS_ENV] = str(args.summary_slots)
     if args.shard_writers is not None:
         env[SHARD_WRITERS_ENV] = str(args.shard_writers)
+    if args.last_token_slots is not None:
+        env[LAST_TOKEN_SLOTS_ENV] = str(args.last_token_slots)
     return env
 
 
@@ -384,6 +388,8 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
             raise SystemExit(f"vllm-activations: {flag} must be >= 0")
     if args.shard_writers is not None and args.shard_writers < 1:
         raise SystemExit("vllm-activations: --shard-writers must be >= 1")
+    if args.last_token_slots is not None and args.last_token_slots < 0:
+        raise SystemExit("vllm-activations: --last-token-slots must be >= 0")
     shard_dir = Path(args.shard_dir).resolve()
     vllm_port = args.vllm_port or free_loopback_port()
 
@@ -566,6 +572,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may accumulate summaries at once (`summary: true`: the layer "
         "analysis' token sums on the device, per request; default "
         f"${SUMMARY_SLOTS_ENV} or {DEFAULT_SUMMARY_SLOTS}; 0 turns them off)",
+    )
+    serve.add_argument(
+        "--last-token-slots",
+        type=int,
+        default=None,
+        help='`positions: "last"` requests that keep their two newest rows on the device '
+        "(copied to the host once, when the request ends, instead of every step; requests "
+        "beyond them copy every step; 2 rows x all layers x both sites each, in the model "
+        "dtype; default "
+        f"${LAST_TOKEN_SLOTS_ENV} or {DEFAULT_LAST_TOKEN_SLOTS}; 0: every row through the host)",
     )
     serve.add_argument(
         "--shard-writers",

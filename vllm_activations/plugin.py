@@ -22,6 +22,10 @@ DEFAULT_CHANNEL_STATS_SLOTS = 16
 # How many requests may accumulate summaries at once (vllm_activations/summary.py).
 SUMMARY_SLOTS_ENV = "VLLM_ACTIVATIONS_SUMMARY_SLOTS"
 DEFAULT_SUMMARY_SLOTS = 8
+# How many `positions: "last"` requests keep their two newest rows on the device instead of
+# copying every step's row to the host (connector/worker.py); more run the host way.
+LAST_TOKEN_SLOTS_ENV = "VLLM_ACTIVATIONS_LAST_TOKEN_SLOTS"
+DEFAULT_LAST_TOKEN_SLOTS = 128
 # How many shard writer processes run at once (connector/writer.py): the shards of requests
 # that finish together are written, compressed and fsynced side by side.
 SHARD_WRITERS_ENV = "VLLM_ACTIVATIONS_SHARD_WRITERS"

@@ -34,6 +34,9 @@ class NewCapture:
     sampling_params: dict[str, Any]
     stats_slot: int | None = None
     summary_slot: int | None = None
+    # A `positions: "last"` request's device rows (capture.CaptureState.last_rows), or None:
+    # its rows go to the host each step.
+    last_slot: int | None = None
 
 
 @dataclass

@@ -41,6 +41,7 @@ class _SchedulerRequest:
     announced: bool = False
     stats_slot: int | None = None
     summary_slot: int | None = None
+    last_slot: int | None = None
 
 
 class _SlotPool:
@@ -57,6 +58,10 @@ class _SlotPool:
             raise CaptureSpecError(self.kind, busy_slots_message(self.kind, self.count))
         return self._free.pop()
 
+    def try_take(self) -> int | None:
+        """A free slot, or None (for slots that only make a request cheaper)."""
+        return self._free.pop() if self._free else None
+
     def free(self, slot: int | None) -> None:
         if slot is not None:
             self._free.append(slot)
@@ -66,7 +71,7 @@ class CaptureScheduler:
     """The connector's scheduler role: one per engine core."""
 
     def __init__(self, vllm_config, shard_dir: Path, num_layers: int, block_size: int) -> None:
-        from vllm_activations.capture import channel_stats_slots, summary_slots
+        from vllm_activations.capture import channel_stats_slots, last_token_slots, summary_slots
 
         self.shard_dir = shard_dir
         self.num_layers = num_layers
@@ -77,6 +82,7 @@ class CaptureScheduler:
         self._unpublished: dict[str, float] = {}  # capture id -> when its request finished
         self._stat_pool = _SlotPool("channel_stats", channel_stats_slots(vllm_config))
         self._summary_pool = _SlotPool("summary", summary_slots(vllm_config))
+        self._last_pool = _SlotPool("last_token", last_token_slots(vllm_config))
 
     def on_new_request(self, request) -> None:
         """Validate the capture spec and turn off prefix-cache reads for capture requests."""
@@ -107,9 +113,12 @@ class CaptureScheduler:
             return
         if spec.skips_prefix_cache:
             request.skip_reading_prefix_cache = True
+        # Last-token rows on the device when a slot is free, else through the host as before.
+        last = self._last_pool.try_take() if spec.tensors and spec.positions == "last" else None
         self._requests[request.request_id] = _SchedulerRequest(
-            capture_id, spec, layers, stats_slot=stats_slot, summary_slot=summary_slot
-        )
+            capture_id, spec, layers, stats_slot=stats_slot, summary_slot=summary_slot,
+            last_slot=last,
+        )  # fmt: skip
 
     def _taken(self, capture_id: str) -> bool:
         """A shard of that id exists, or a running or finished-but-unwritten capture has it
@@ -151,6 +160,7 @@ class CaptureScheduler:
                     sampling_params=_sampling_attrs(new_req.sampling_params),
                     stats_slot=state.stats_slot,
                     summary_slot=state.summary_slot,
+                    last_slot=state.last_slot,
                 )
             meta.block_tables[new_req.req_id] = self._written_blocks(state, meta, new_req.req_id)
         cached = scheduler_output.scheduled_cached_reqs
@@ -189,6 +199,7 @@ class CaptureScheduler:
         # The worker reads the slots out at the next step's bind, before anything new runs.
         self._stat_pool.free(state.stats_slot)
         self._summary_pool.free(state.summary_slot)
+        self._last_pool.free(state.last_slot)
         reason = request.get_finished_reason()
         self._unpublished[state.capture_id] = time.monotonic()
         self._finished[req_id] = FinishedCapture(

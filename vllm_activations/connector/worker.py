@@ -4,7 +4,7 @@ rows and columns they keep."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
@@ -25,6 +25,15 @@ class _SummarySlot:
     sites: list[int]
     boundaries: list[int]
     num_prompt: int
+
+
+@dataclass
+class _LastSlot:
+    """A `positions: "last"` request's device rows: entries 2 * slot + parity of
+    `CaptureState.last_rows`, holding the positions in `positions` (-1: none yet)."""
+
+    slot: int
+    positions: np.ndarray = field(default_factory=lambda: np.full(2, -1, dtype=np.int64))
 
 
 @dataclass
@@ -59,6 +68,7 @@ class CaptureWorker:
         self._stat_slots: dict[str, _StatSlot] = {}
         self._summary = self._capture.summary
         self._summary_slots: dict[str, _SummarySlot] = {}
+        self._last_slots: dict[str, _LastSlot] = {}
         # Unpadded batch size of this step, when the runner says (Model Runner V2).
         self._num_tokens: int | None = None
         if self._stats is not None:
@@ -209,11 +219,17 @@ class CaptureWorker:
     def wait_for_save(self, meta: CaptureStepMetadata) -> None:
         """After the forward (inside a forward context on V1, outside on V2): add this step's
         summary rows, copy its capture rows out, then hand finished requests to the writer."""
+        ring = self._capture.last_rows
         for req_id, new in meta.new.items():
             self._active[req_id] = WorkerRequest(new=new, spec=CaptureSpec.from_dict(new.spec))
+            if ring is not None and new.last_slot is not None and 2 * new.last_slot < len(ring):
+                self._last_slots[req_id] = _LastSlot(new.last_slot)
+        for req_id, fin in meta.finished.items():  # before this step's rows reuse the slots
+            self._read_last_row(req_id, fin)
         if any(count > 0 and r in self._active for r, (_, count) in meta.scheduled.items()):
             owned = self._owned_rows(meta)
             self._accumulate_summaries(owned)
+            self._keep_last_rows(owned)
             self._collect_rows(owned)
         for req_id, fin in meta.finished.items():
             state = self._active.pop(req_id, None)
@@ -252,6 +268,60 @@ class CaptureWorker:
         )
         self._summary.accumulate(self._capture.buffer, rows, pos, owner)
 
+    def _keep_last_rows(self, owned: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Last-token requests with device rows: their two newest rows of this step into
+        their entries (2 * slot + position % 2), one device copy for all; nothing leaves the
+        device until the request ends."""
+        targets, sources = [], []
+        for req_id, entry in self._last_slots.items():
+            if req_id not in owned:
+                continue
+            pos, rows = owned[req_id]
+            pos, rows = pos[-2:], rows[-2:]
+            entry.positions[pos % 2] = pos
+            targets.append(2 * entry.slot + pos % 2)
+            sources.append(rows)
+        if not targets:
+            return
+        ring, buffer = self._capture.last_rows, self._capture.buffer
+        target = torch.as_tensor(np.concatenate(targets), device=ring.device)
+        source = torch.as_tensor(np.concatenate(sources), device=buffer.device)
+        ring.index_copy_(0, target, buffer.index_select(0, source))
+
+    def _read_last_row(self, req_id: str, fin: FinishedCapture) -> None:
+        """A finished last-token request's row, from its device entry to its row store (the
+        writer reports it missing if the entry does not hold the request's last position)."""
+        entry = self._last_slots.pop(req_id, None)
+        state = self._active.get(req_id)
+        if entry is None or state is None:
+            return
+        (last,) = state.spec.expected_positions(
+            len(state.new.prompt_token_ids), len(fin.output_token_ids)
+        )
+        if entry.positions[last % 2] != last:
+            return
+        store = self._row_store(state)
+        columns = store.columns()
+        ring = self._capture.last_rows
+        row = ring[2 * entry.slot + last % 2].index_select(
+            0, torch.as_tensor(columns, device=ring.device)
+        )
+        column_of = np.full(ring.shape[1], -1, dtype=np.int64)
+        column_of[columns] = np.arange(len(columns))
+        store.add(np.array([last]), to_host(row[None], state.spec.dtype), column_of)
+
+    def _row_store(self, state: WorkerRequest) -> RowStore:
+        if state.store is None:
+            state.store = RowStore(
+                state.spec,
+                state.new.layers,
+                self.num_layers,
+                self._capture.buffer.shape[2],
+                len(state.new.prompt_token_ids),
+                state.new.sampling_params.get("max_tokens"),
+            )
+        return state.store
+
     def _row_owners(
         self, owned: dict[str, tuple[np.ndarray, np.ndarray]]
     ) -> list[tuple[WorkerRequest, np.ndarray, np.ndarray]]:
@@ -260,7 +330,7 @@ class CaptureWorker:
         selected = []
         for req_id, (pos, rows) in owned.items():
             state = self._active[req_id]
-            if not state.spec.tensors:
+            if not state.spec.tensors or req_id in self._last_slots:
                 continue
             if state.spec.positions == "last":  # the end is not known yet: the two newest
                 pos, rows = pos[-2:], rows[-2:]
@@ -277,15 +347,7 @@ class CaptureWorker:
             return
         buffer = self._capture.buffer
         for state, _, _ in selected:
-            if state.store is None:
-                state.store = RowStore(
-                    state.spec,
-                    state.new.layers,
-                    self.num_layers,
-                    buffer.shape[2],
-                    len(state.new.prompt_token_ids),
-                    state.new.sampling_params.get("max_tokens"),
-                )
+            self._row_store(state)
         # Only the columns (layer x site) some selected request keeps leave the device.
         columns = np.unique(np.concatenate([s.store.columns() for s, _, _ in selected]))
         column_of = np.full(buffer.shape[1], -1, dtype=np.int64)
