@@ -516,6 +516,16 @@ def _install_channel_stats(layers, num_layers: int, slots: int, device) -> Chann
     return stats
 
 
+def _writes_shards() -> bool:
+    """Whether this process is the tensor-parallel rank that writes shards (rank 0)."""
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    try:
+        return get_tensor_model_parallel_rank() == 0
+    except AssertionError:  # no model-parallel state (a model built outside an engine)
+        return True
+
+
 def install_capture(model: nn.Module, vllm_config) -> CaptureState:
     """Allocate the buffer and turn every decoder layer of `model` into a capturing layer.
 
@@ -554,7 +564,7 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
     if slots:
         state.channel_stats = _install_channel_stats(layers, num_layers, slots, state.buffer.device)
     slots = last_token_slots(vllm_config)
-    if slots:
+    if slots and _writes_shards():  # only TP rank 0 reads rows out
         state.last_rows = torch.zeros(
             (2 * slots, *state.buffer.shape[1:]), dtype=state.buffer.dtype,
             device=state.buffer.device,
