@@ -516,8 +516,9 @@ def _install_channel_stats(layers, num_layers: int, slots: int, device) -> Chann
     return stats
 
 
-def _writes_shards() -> bool:
-    """Whether this process is the tensor-parallel rank that writes shards (rank 0)."""
+def writes_shards() -> bool:
+    """Whether this process is the tensor-parallel rank that reads rows out and writes shards
+    (rank 0; the residual stream is replicated across ranks)."""
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
     try:
@@ -564,7 +565,7 @@ def install_capture(model: nn.Module, vllm_config) -> CaptureState:
     if slots:
         state.channel_stats = _install_channel_stats(layers, num_layers, slots, state.buffer.device)
     slots = last_token_slots(vllm_config)
-    if slots and _writes_shards():  # only TP rank 0 reads rows out
+    if slots and writes_shards():
         state.last_rows = torch.zeros(
             (2 * slots, *state.buffer.shape[1:]), dtype=state.buffer.dtype,
             device=state.buffer.device,

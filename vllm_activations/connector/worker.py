@@ -53,14 +53,12 @@ class CaptureWorker:
     def __init__(
         self, vllm_config, kv_cache_config, shard_dir: Path, block_size: int, num_layers: int
     ) -> None:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        from vllm_activations.capture import capture_state
+        from vllm_activations.capture import capture_state, writes_shards
 
         self.shard_dir = shard_dir
         self.block_size = block_size
         self.num_layers = num_layers
-        self.is_writer = get_tensor_model_parallel_rank() == 0
+        self.is_writer = writes_shards()
         self._active: dict[str, WorkerRequest] = {}
         self._writer = ShardWriterThread(vllm_config, model_attrs(vllm_config))
         self._capture = capture_state()
@@ -306,8 +304,7 @@ class CaptureWorker:
         row = ring[2 * entry.slot + last % 2].index_select(
             0, torch.as_tensor(columns, device=ring.device)
         )
-        column_of = np.full(ring.shape[1], -1, dtype=np.int64)
-        column_of[columns] = np.arange(len(columns))
+        column_of = _column_index(columns, ring.shape[1])
         store.add(np.array([last]), to_host(row[None], state.spec.dtype), column_of)
 
     def _row_store(self, state: WorkerRequest) -> RowStore:
@@ -350,8 +347,7 @@ class CaptureWorker:
             self._row_store(state)
         # Only the columns (layer x site) some selected request keeps leave the device.
         columns = np.unique(np.concatenate([s.store.columns() for s, _, _ in selected]))
-        column_of = np.full(buffer.shape[1], -1, dtype=np.int64)
-        column_of[columns] = np.arange(len(columns))
+        column_of = _column_index(columns, buffer.shape[1])
         all_rows = np.concatenate([r for _, _, r in selected])
         bounds = np.cumsum([0] + [len(r) for _, _, r in selected])
         for stage_start, staged in self._staged_rows(all_rows, columns):
@@ -395,6 +391,14 @@ class CaptureWorker:
 
     def shutdown(self) -> None:
         self._writer.close()
+
+
+def _column_index(columns: np.ndarray, width: int) -> np.ndarray:
+    """Per capture-buffer column (2 * layer + site, `width` of them) its index among the
+    gathered `columns`, -1 where not gathered (RowStore.add's `column_of`)."""
+    column_of = np.full(width, -1, dtype=np.int64)
+    column_of[columns] = np.arange(len(columns))
+    return column_of
 
 
 def owned_rows(
