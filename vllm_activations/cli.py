@@ -311,6 +311,24 @@ def vllm_max_logprobs(extra: list[str]) -> int:
         raise SystemExit(f"vllm-activations: --max-logprobs {value!r} is not an integer") from None
 
 
+# `vllm serve` flags that change the tokenizer or the chat template vLLM uses: with any of
+# them the sidecar asks vLLM's /tokenize instead of tokenizing with the model's own files.
+TOKENIZER_FLAGS = (
+    "--tokenizer", "--tokenizer-mode", "--tokenizer-revision", "--chat-template",
+    "--chat-template-content-format", "--default-chat-template-kwargs", "--skip-tokenizer-init",
+    "--trust-remote-code", "--hf-overrides", "--hf-config-path",
+)  # fmt: skip
+
+
+def sidecar_tokenizer(args: argparse.Namespace, extra: list[str]) -> str | None:
+    """The model whose tokenizer the sidecar may use itself (checked against vLLM's at
+    start), or None when a passed-through flag changes how vLLM tokenizes."""
+    for flag in TOKENIZER_FLAGS:
+        if any(arg == flag or arg.startswith(flag + "=") for arg in extra):
+            return None
+    return args.model
+
+
 def _sidecar_settings(
     args: argparse.Namespace, shard_dir: Path, vllm_url: str, extra: list[str] | None = None
 ):
@@ -341,6 +359,8 @@ def _sidecar_settings(
         max_logprobs=vllm_max_logprobs(extra or []),
         # the engine's slot counts, as vLLM gets them: the sidecar admits no more at once
         device_slots={kind: plugin[f"{kind}_slots"] for kind in SLOT_FLAGS},
+        tokenizer=sidecar_tokenizer(args, extra or []),
+        tokenizer_revision=args.revision,
     )
 
 

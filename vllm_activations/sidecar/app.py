@@ -162,9 +162,11 @@ def create_app(settings: Settings) -> FastAPI:
             announcements = Announcements(store.root)
             if announcements.start():
                 app.state.runner.announcements = announcements
+            tokenizer = asyncio.create_task(app.state.runner.enable_local_tokenizer())
             try:
                 yield
             finally:
+                tokenizer.cancel()
                 await jobs.cancel_all()
                 announcements.close()
 
@@ -188,14 +190,21 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health(request: Request) -> Any:
-        """Ready (200) only when vLLM behind the sidecar answers its own /health."""
+        """Ready (200) only when vLLM behind the sidecar answers its own /health and the
+        sidecar has settled who tokenizes (its own copy of the tokenizer, or vLLM)."""
         client: httpx.AsyncClient = request.app.state.client
+        runner: CaptureRunner = request.app.state.runner
         try:
             r = await client.get(f"{settings.vllm_url}/health", timeout=5.0)
-            ready = r.status_code == 200
+            vllm_ready = r.status_code == 200
         except httpx.HTTPError:
-            ready = False
-        body = Health(status="ok" if ready else "starting", vllm="ready" if ready else "not ready")
+            vllm_ready = False
+        ready = vllm_ready and runner.tokenizer != "checking"
+        body = Health(
+            status="ok" if ready else "starting",
+            vllm="ready" if vllm_ready else "not ready",
+            tokenizer=runner.tokenizer,
+        )
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @api.post(

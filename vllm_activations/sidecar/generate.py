@@ -1,11 +1,12 @@
 """The capture pipeline behind POST /generate_with_activations: prepare, then execute.
 
 `prepare` does everything that can reject a request before any work or file exists: it
-tokenizes through vLLM's /tokenize (the same tokenizer and chat template the engine uses, and
-exact token ids for teacher forcing), validates the capture spec against the model, and
-checks the token and capture-byte limits. `execute` sends the token ids to /v1/completions
-with the spec in `kv_transfer_params`, waits for the connector's shard, then reads its
-tokens and positions and hashes it in a worker thread.
+tokenizes (with the sidecar's own copy of the model's tokenizer once it has given vLLM's ids
+for every probe, `sidecar/tokenizer.py`, else through vLLM's /tokenize: the same tokenizer
+and chat template the engine uses, and exact token ids for teacher forcing), validates the
+capture spec against the model, and checks the token and capture-byte limits. `execute`
+sends the token ids to /v1/completions with the spec in `kv_transfer_params`, waits for the
+connector's shard, then reads its tokens and positions and hashes it in a worker thread.
 """
 
 from __future__ import annotations
@@ -35,15 +36,18 @@ from vllm_activations.openai_capture import (
     ended_on_stop_string,
     wait_for_shard_async,
 )
-from vllm_activations.sidecar.errors import ApiError
+from vllm_activations.sidecar.errors import ApiError, logger
 from vllm_activations.sidecar.jobs import DiskBudget, DiskFull
 from vllm_activations.sidecar.schemas import GenerateRequest, GenerateResponse, ShardInfo, Timings
 from vllm_activations.sidecar.settings import LIMIT_FLAGS, Settings
 from vllm_activations.sidecar.store import ShardStore
+from vllm_activations.sidecar.tokenizer import PROBES, LocalTokenizer, disagreements, local_shape
 from vllm_activations.teacher import TeacherDataError, finish_teacher_shard, teacher_request_fields
 
 # HDF5 superblock, attributes, chunk indexes and the token arrays of a long request.
 SHARD_OVERHEAD_BYTES = 1 << 20
+# Prompts longer than this (characters) are tokenized in a worker thread, off the event loop.
+INLINE_TOKENIZE_CHARS = 20_000
 
 
 @dataclass
@@ -138,6 +142,11 @@ class CaptureRunner:
         self._model_name = settings.model_name
         # The writer's "shard in place" datagrams (announce.py); None: poll the disk.
         self.announcements: Announcements | None = None
+        # Who tokenizes: "checking" (the local tokenizer is being compared with vLLM's until
+        # vLLM is up), "local" or "vllm" (`enable_local_tokenizer`).
+        self.tokenizer = "checking" if settings.tokenizer else "vllm"
+        self.local_tokenizer: LocalTokenizer | None = None
+        self._max_model_len: int | None = None
 
     async def model_name(self) -> str:
         if self._model_name is None:
@@ -163,7 +172,65 @@ class CaptureRunner:
         `field`)."""
         return await self._tokenize(payload, field)
 
+    async def enable_local_tokenizer(self, poll_s: float = 1.0) -> str:
+        """Once vLLM answers /health: load the model's tokenizer here and use it from then on
+        if it gives vLLM's ids for every probe (`sidecar/tokenizer.py`); else keep asking
+        vLLM. Returns who tokenizes ("local" or "vllm")."""
+        name = self.settings.tokenizer
+        if name is None:
+            return self.tokenizer
+        while True:
+            try:
+                r = await self.client.get(f"{self.settings.vllm_url}/health", timeout=5.0)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(poll_s)
+        try:
+            local = await asyncio.to_thread(
+                LocalTokenizer.load, name, self.settings.tokenizer_revision
+            )
+            answers: list[list[int] | None] = []
+            for probe in PROBES:
+                try:
+                    answers.append((await self._vllm_tokenize(dict(probe), "probe"))[0])
+                except ApiError:
+                    answers.append(None)
+            max_model_len = await self.max_model_len()
+            problems = disagreements(local, answers)
+        except Exception as exc:  # any failure: vLLM keeps tokenizing
+            problems = [f"{type(exc).__name__}: {exc}"]
+        if problems:
+            logger.warning(
+                "tokenizing through vLLM's /tokenize: the local tokenizer of %s does not agree "
+                "with vLLM's (%s)",
+                name,
+                "; ".join(problems),
+            )
+            self.tokenizer = "vllm"
+            return self.tokenizer
+        self._max_model_len, self.local_tokenizer = max_model_len, local
+        self.tokenizer = "local"
+        return self.tokenizer
+
     async def _tokenize(self, payload: dict[str, Any], field: str) -> tuple[list[int], int]:
+        """Token ids and the context length: the local tokenizer's when it is in use and
+        covers this shape of request, else vLLM's (and vLLM's errors)."""
+        local = self.local_tokenizer
+        if local is not None and self._max_model_len is not None and local_shape(payload):
+            size = len(str(payload.get("prompt", payload.get("messages"))))
+            try:
+                if size > INLINE_TOKENIZE_CHARS:
+                    ids = await asyncio.to_thread(local.encode, payload)
+                else:
+                    ids = local.encode(payload)
+                return ids, self._max_model_len
+            except Exception:  # vLLM answers, in its own words
+                pass
+        return await self._vllm_tokenize(payload, field)
+
+    async def _vllm_tokenize(self, payload: dict[str, Any], field: str) -> tuple[list[int], int]:
         payload = {"model": await self.model_name(), **payload}
         try:
             r = await self.client.post(f"{self.settings.vllm_url}/tokenize", json=payload)

@@ -238,3 +238,7 @@ class ShardList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "starting"]
     vllm: str
+    # Who tokenizes capture requests: the sidecar's own copy of the model's tokenizer
+    # ("local", after it gave vLLM's ids for every probe), vLLM's /tokenize ("vllm"), or
+    # not settled yet ("checking").
+    tokenizer: Literal["local", "vllm", "checking"] = "vllm"

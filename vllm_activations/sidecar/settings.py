@@ -77,7 +77,9 @@ class Settings:
     capture.teacher_logprobs a request may ask. device_slots: per capture-spec field of
     `contract.spec.SLOT_FLAGS`, the engine's slot count (the sidecar admits no more such
     captures at once, answering 429 instead of a generation the connector would refuse at its
-    end); a field not named is not bounded here.
+    end); a field not named is not bounded here. tokenizer / tokenizer_revision: the model
+    (a folder or hub id) whose tokenizer the sidecar may use itself once it gives vLLM's ids
+    (`sidecar/tokenizer.py`); None: always ask vLLM's /tokenize.
     """
 
     vllm_url: str
@@ -93,6 +95,8 @@ class Settings:
     retry_after_s: int = 2
     max_logprobs: int = DEFAULT_MAX_LOGPROBS
     device_slots: dict[str, int] = field(default_factory=dict)
+    tokenizer: str | None = None
+    tokenizer_revision: str | None = None
 
 
 def key_matches(presented: str, keys: Sequence[str]) -> bool:
